@@ -1,0 +1,119 @@
+"""The one place that defines The Payne's labels, their units, training ranges and the result flag bits.
+
+Everything repetitive (database fields ``e_*``, ``raw_e_*``, ``rho_*``, output columns, documentation tables) is
+generated from :data:`LABELS` and :data:`RESULT_FLAGS`; nothing else in the package spells out the label list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+__all__ = [
+    "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
+    "flag_result", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
+]
+
+
+@dataclass(frozen=True)
+class Label:
+    """A stellar label of the standard APOGEE Payne network.
+
+    Attributes
+    ----------
+    name : str
+        Name in the network, in output columns and in the database (``teff``, ``fe_h``, ...).
+    unit : str
+        Physical unit ("K", "dex", "km/s", "" for dimensionless ratios).
+    lower, upper : float
+        Training range of the production (DR19) network; used by the demonstration network too.
+    description : str
+        One-line description for documentation and FITS column comments.
+    """
+
+    name: str
+    unit: str
+    lower: float
+    upper: float
+    description: str
+
+
+def _abundance(element: str, lower: float = -1.0, upper: float = 1.2) -> Label:
+    return Label(f"{element.lower()}_h", "dex", lower, upper, f"[{element}/H] abundance")
+
+
+#: The 25 labels of the APOGEE Payne network, in network order (Ting et al. 2019; SDSS DR19 Astra).
+LABELS: tuple[Label, ...] = (
+    Label("teff", "K", 3000.0, 8000.0, "Effective temperature"),
+    Label("logg", "dex", 0.0, 5.0, "Surface gravity, log10(g / cm s^-2)"),
+    Label("v_turb", "km/s", 0.0, 3.0, "Microturbulent velocity"),
+    _abundance("C"), _abundance("N"), _abundance("O"), _abundance("Na"), _abundance("Mg"), _abundance("Al"),
+    _abundance("Si"), _abundance("P"), _abundance("S"), _abundance("K"), _abundance("Ca"), _abundance("Ti"),
+    _abundance("V"), _abundance("Cr"), _abundance("Mn"),
+    Label("fe_h", "dex", -1.5, 0.5, "[Fe/H] metallicity"),
+    _abundance("Co"), _abundance("Ni"), _abundance("Cu"), _abundance("Ge"),
+    Label("c12_c13", "", 0.02, 100.0, "12C/13C isotopic ratio"),
+    Label("v_macro", "km/s", 0.1, 30.0, "Macroturbulent broadening"),
+)
+
+LABEL_NAMES: tuple[str, ...] = tuple(label.name for label in LABELS)
+
+
+def label_pairs(names=LABEL_NAMES) -> list[tuple[str, str]]:
+    """All (a, b) pairs with a before b in network order: 300 pairs for 25 labels."""
+    return list(combinations(names, 2))
+
+
+def rho_name(a: str, b: str) -> str:
+    """Column name of the correlation coefficient between labels ``a`` and ``b``."""
+    return f"rho_{a}_{b}"
+
+
+@dataclass(frozen=True)
+class ResultFlag:
+    """One bit of ``result_flags``. Bits 0-4 keep the values of the Astra ThePayne seed."""
+
+    name: str
+    bit: int
+    description: str
+    bad: bool = False
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+RESULT_FLAGS: tuple[ResultFlag, ...] = (
+    ResultFlag("fitting_failure", 0, "The fit failed; labels are NaN", bad=True),
+    ResultFlag("warn_teff", 1, "teff < 3100 K or teff > 7900 K (near the edge of the training grid)"),
+    ResultFlag("warn_logg", 2, "logg < 0.1 or logg > 5.2"),
+    ResultFlag("warn_fe_h", 3, "fe_h > 0.4 or fe_h < -1.4"),
+    ResultFlag("low_snr", 4, "S/N < 70"),
+    ResultFlag("label_at_bound", 5, "At least one label ended on the bound of the fit (edge of the training grid)"),
+)
+_FLAG = {flag.name: flag.value for flag in RESULT_FLAGS}
+
+#: APOGEE_PIXMASK bits 0-7 and 14 (BADPIX ... NOSKY, NOT_ENOUGH_PSF): pixels treated as bad by default.
+APOGEE_BAD_PIXEL_MASK = 16639
+LOW_SNR_THRESHOLD = 70.0
+
+
+def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound: bool = False) -> int:
+    """Compute ``result_flags`` from fitted labels (physical units) and the spectrum's S/N.
+
+    Labels the network does not have (e.g. no ``logg``) raise no warning for that label.
+    """
+    flags = 0
+    if failed:
+        flags |= _FLAG["fitting_failure"]
+    teff, logg, fe_h = labels.get("teff"), labels.get("logg"), labels.get("fe_h")
+    if teff is not None and (teff < 3100 or teff > 7900):
+        flags |= _FLAG["warn_teff"]
+    if logg is not None and (logg < 0.1 or logg > 5.2):
+        flags |= _FLAG["warn_logg"]
+    if fe_h is not None and (fe_h > 0.4 or fe_h < -1.4):
+        flags |= _FLAG["warn_fe_h"]
+    if snr is None or not snr == snr or snr < LOW_SNR_THRESHOLD:
+        flags |= _FLAG["low_snr"]
+    if at_bound:
+        flags |= _FLAG["label_at_bound"]
+    return flags
