@@ -1,0 +1,121 @@
+"""The result of fitting one spectrum, and its flat row form (the same keys for successes and failures)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .grid import APSTAR_NPIX
+from .labels import RESULT_FLAGS, label_pairs, rho_name
+
+__all__ = ["FitResult", "row_keys"]
+
+_BAD_BITS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+
+
+def row_keys(label_names) -> list[str]:
+    """Column names of a result row for a network with these labels, in output order."""
+    names = list(label_names)
+    return (["v_rel", "e_v_rel"] + names + [f"e_{n}" for n in names] + [f"raw_e_{n}" for n in names]
+            + [rho_name(a, b) for a, b in label_pairs(names)]
+            + ["chi2", "reduced_chi2", "dof", "snr", "result_flags", "flag_warn", "flag_bad"])
+
+
+@dataclass
+class FitResult:
+    """Labels, uncertainties, statistics and model spectra for one spectrum.
+
+    Attributes
+    ----------
+    label_names : tuple of str, length K
+    labels : ndarray, shape (K,)
+        Best-fit labels in physical units (NaN after a failure).
+    raw_e : ndarray, shape (K,)
+        Formal 1-sigma errors from the covariance.
+    e : ndarray, shape (K,)
+        Errors after the noise model (equal to ``raw_e`` until one is applied).
+    covariance : ndarray, shape (K, K)
+        Label covariance in physical units.
+    v_rel, e_v_rel : float
+        Fitted radial velocity (km/s, > 0 = redshifted relative to the model) and its error; NaN when not fitted.
+    chi2 : float
+        Sum of squared normalised residuals over the pixels used.
+    dof : int
+        Degrees of freedom: pixels used minus free parameters (labels, plus v_rel when fitted).
+    reduced_chi2 : float
+        ``chi2 / dof``.
+    snr : float
+    result_flags : int
+        Bits of :data:`astra_thepayne.labels.RESULT_FLAGS`.
+    continuum, rectified_model_flux : ndarray, shape (8575,)
+        On the apStar grid, NaN in chip gaps and for failures; model flux = continuum * rectified_model_flux.
+    message : str
+        Why the fit failed (empty on success).
+    """
+
+    label_names: tuple
+    labels: np.ndarray
+    raw_e: np.ndarray
+    covariance: np.ndarray
+    v_rel: float = float("nan")
+    e_v_rel: float = float("nan")
+    chi2: float = float("nan")
+    dof: int = 0
+    reduced_chi2: float = float("nan")
+    snr: float = float("nan")
+    result_flags: int = 0
+    continuum: np.ndarray = field(default_factory=lambda: np.full(APSTAR_NPIX, np.nan))
+    rectified_model_flux: np.ndarray = field(default_factory=lambda: np.full(APSTAR_NPIX, np.nan))
+    e: np.ndarray | None = None
+    message: str = ""
+    n_iterations: int = 0
+
+    def __post_init__(self):
+        if self.e is None:
+            self.e = np.array(self.raw_e, dtype=float, copy=True)
+
+    @classmethod
+    def failure(cls, label_names, message: str, snr=float("nan"), result_flags: int = 1) -> FitResult:
+        """A result with NaN labels and the fitting-failure bit set (plus any other bits given)."""
+        k = len(label_names)
+        nan = np.full(k, np.nan)
+        return cls(tuple(label_names), nan, nan.copy(), np.full((k, k), np.nan), snr=snr,
+                   result_flags=int(result_flags) | 1, message=message)
+
+    @property
+    def flag_warn(self) -> bool:
+        return self.result_flags > 0
+
+    @property
+    def flag_bad(self) -> bool:
+        return bool(self.result_flags & _BAD_BITS)
+
+    @property
+    def success(self) -> bool:
+        return not self.flag_bad
+
+    @property
+    def model_flux(self) -> np.ndarray:
+        return self.continuum * self.rectified_model_flux
+
+    @property
+    def rho(self) -> np.ndarray:
+        """Correlation matrix ``C_ab / sqrt(C_aa C_bb)`` of the labels, shape (K, K)."""
+        sigma = np.sqrt(np.diag(self.covariance))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.covariance / np.outer(sigma, sigma)
+
+    def as_row(self) -> dict:
+        """Flat ``{column: value}`` with the keys of :func:`row_keys`, identical for successes and failures."""
+        row = {"v_rel": float(self.v_rel), "e_v_rel": float(self.e_v_rel)}
+        names = list(self.label_names)
+        row.update({n: float(v) for n, v in zip(names, self.labels)})
+        row.update({f"e_{n}": float(v) for n, v in zip(names, self.e)})
+        row.update({f"raw_e_{n}": float(v) for n, v in zip(names, self.raw_e)})
+        rho = self.rho
+        index = {n: i for i, n in enumerate(names)}
+        row.update({rho_name(a, b): float(rho[index[a], index[b]]) for a, b in label_pairs(names)})
+        row.update(chi2=float(self.chi2), reduced_chi2=float(self.reduced_chi2), dof=int(self.dof),
+                   snr=float(self.snr), result_flags=int(self.result_flags), flag_warn=self.flag_warn,
+                   flag_bad=self.flag_bad)
+        return row
