@@ -1,0 +1,1 @@
+"""Database layer: connection (:mod:`.database`), models (:mod:`.models`) and schema migrations (:mod:`.migrate`)."""

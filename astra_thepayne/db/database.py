@@ -1,0 +1,131 @@
+"""Connecting to the results database.
+
+Every model binds to :data:`database_proxy`; :func:`connect` resolves a URL (CONTRACT.md order: argument,
+``$THEPAYNE_DATABASE_URL``, ``$ASTRA_DATABASE_PATH`` as SQLite, ``sqlite:///thepayne.db``), opens it through
+:mod:`playhouse.db_url` and initialises the proxy. Importing this module never connects.
+
+PostgreSQL schemas: ``postgresql://user@host/db?schema=NAME`` puts ``NAME`` first on the connection's
+``search_path``, so every statement (including migrations) works on the plugin's tables in that schema without
+qualifying table names. :func:`ensure_schema` creates the schema; ``thepayne init`` calls it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+from peewee import DatabaseProxy, PostgresqlDatabase, SqliteDatabase
+from playhouse import db_url
+
+from ..config import resolve_database_url
+from ..errors import ConfigurationError
+
+__all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgres", "is_sqlite", "redact"]
+
+#: The database every model of :mod:`astra_thepayne.db.models` is bound to, until :func:`connect` initialises it.
+database_proxy = DatabaseProxy()
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# SQLite settings for several writer processes: WAL lets readers run beside one writer, busy_timeout makes a writer
+# wait for the lock instead of failing at once, foreign_keys enforces the foreign keys the models declare.
+_SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 60_000, "synchronous": "normal"}
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages)."""
+    parsed = urlparse(url)
+    if parsed.password:
+        netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+        return urlunparse(parsed._replace(netloc=netloc))
+    return url
+
+
+def _open(url: str):
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    database_class = db_url.schemes.get(scheme)
+    if database_class is None:
+        raise ConfigurationError(
+            f"unreadable database URL {redact(url)!r}: scheme {parsed.scheme!r} is not one of sqlite, postgresql "
+            "(use sqlite:///path.db or postgresql://user:pass@host:port/dbname[?schema=NAME])"
+        )
+    try:
+        kwargs = db_url.parse(url, unquote_password=True, unquote_user=True)
+    except ValueError as exc:
+        raise ConfigurationError(f"unreadable database URL {redact(url)!r}: {exc}") from None
+    schema = kwargs.pop("schema", None)
+    if not kwargs.get("database"):
+        raise ConfigurationError(f"unreadable database URL {redact(url)!r}: no database name (local databases take "
+                                 "three slashes, sqlite:///path.db; remote ones postgresql://host/dbname)")
+    if "sqlite" in scheme:
+        if schema:
+            raise ConfigurationError(f"database URL {redact(url)!r}: ?schema= is only supported on PostgreSQL")
+        if set(kwargs) - {"database", "timeout"}:
+            raise ConfigurationError(f"database URL {redact(url)!r}: SQLite takes only a path (and ?timeout=)")
+        kwargs["pragmas"] = _SQLITE_PRAGMAS
+        path = kwargs["database"]
+        if path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif schema:
+        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+            raise ConfigurationError(f"database URL {redact(url)!r}: schema name {schema!r} is not a plain identifier")
+        kwargs["options"] = f"-c search_path={schema},public"
+    try:
+        database = database_class(**kwargs)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigurationError(f"unreadable database URL {redact(url)!r}: {exc}") from None
+    database.thepayne_schema = schema
+    database.thepayne_url = redact(url)
+    return database
+
+
+def connect(url: str | None = None, bind: bool = True):
+    """Open the results database and bind every model of the plugin to it.
+
+    Parameters
+    ----------
+    url : str, optional
+        ``sqlite:///path.db`` or ``postgresql://user:pass@host:port/dbname[?schema=NAME]``. Default: CONTRACT.md
+        order (``$THEPAYNE_DATABASE_URL``, then ``$ASTRA_DATABASE_PATH`` as SQLite, then ``sqlite:///thepayne.db``).
+    bind : bool
+        Initialise :data:`database_proxy` (True, default) so that the models use this database.
+
+    Returns
+    -------
+    peewee.Database
+        Not yet connected: peewee opens the connection on first use.
+
+    Raises
+    ------
+    ConfigurationError
+        The URL cannot be understood.
+    """
+    database = _open(resolve_database_url(url))
+    if bind:
+        database_proxy.initialize(database)
+    return database
+
+
+def _unwrap(database):
+    return database.obj if isinstance(database, DatabaseProxy) else database
+
+
+def is_postgres(database) -> bool:
+    return isinstance(_unwrap(database), PostgresqlDatabase)
+
+
+def is_sqlite(database) -> bool:
+    return isinstance(_unwrap(database), SqliteDatabase)
+
+
+def schema_of(database) -> str | None:
+    """The ``?schema=`` of the URL the database was opened with (None for SQLite or the default schema)."""
+    return getattr(_unwrap(database), "thepayne_schema", None)
+
+
+def ensure_schema(database) -> None:
+    """Create the PostgreSQL schema named in the URL if it does not exist (no-op otherwise)."""
+    schema = schema_of(database)
+    if schema and is_postgres(database):
+        _unwrap(database).execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')

@@ -1,0 +1,282 @@
+"""Peewee models: sources, spectra (one row per file/HDU/row) and The Payne results (table ``the_payne``).
+
+The result model is generated from the label table (:data:`astra_thepayne.labels.LABELS`) and the flag table
+(:data:`astra_thepayne.labels.RESULT_FLAGS`): for every label ``x`` a value ``x``, ``e_x`` (after the noise model)
+and ``raw_e_x`` (formal), for every pair ``a`` before ``b`` a correlation ``rho_a_b``, and for every flag bit a named
+peewee flag ``flag_<name>`` on ``result_flags``. ``flag_warn`` (any bit) and ``flag_bad`` (a bad bit, i.e. the fit
+failed) are hybrid properties: they work on a loaded row and inside ``where()``.
+
+Foreign keys use the Astra 0.8 column names ``source_pk`` and ``spectrum_pk`` (the field names are the same, so
+``row.spectrum_pk`` is the related row and ``row.spectrum_pk_id`` the integer). A result is unique per
+(spectrum, model file hash, tag): a re-run cannot duplicate rows.
+
+Arrays are not stored in the database: ``wavelength``, ``continuum``, ``rectified_model_flux`` and ``model_flux``
+load lazily from the intermediate pickle (see :mod:`astra_thepayne.intermediate`) and are NaN for failed fits.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+
+import numpy as np
+from peewee import (
+    AutoField, BigIntegerField, BitField, BooleanField, DateTimeField, FloatField, ForeignKeyField, IntegerField,
+    Model, TextField,
+)
+from playhouse.hybrid import hybrid_property
+
+from ..labels import LABELS, RESULT_FLAGS, label_pairs, rho_name
+from .database import database_proxy
+
+__all__ = [
+    "BaseModel", "Source", "SpectrumRecord", "ThePayne", "make_result_model", "result_field_names", "SPECTRUM_TYPES",
+    "COADD_TYPES", "VISIT_TYPES", "version_to_int", "row_to_fields", "ALL_MODELS",
+]
+
+#: Spectrum types a row of ``spectrum`` can have (the readers' ``Spectrum.spectrum_type``).
+SPECTRUM_TYPES = ("apstar_coadd", "apstar_visit", "apvisit", "mwmstar", "mwmvisit", "aspcapstar")
+COADD_TYPES = ("apstar_coadd", "mwmstar", "aspcapstar")
+VISIT_TYPES = ("apstar_visit", "apvisit", "mwmvisit")
+
+_BAD_BITS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+
+
+def version_to_int(version: str) -> int:
+    """Astra 0.8's integer version: ``"0.8.0" -> 8000`` (major * 10**6 + minor * 10**3 + patch)."""
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(version).split(".")[:3]]
+    parts += [0] * (3 - len(parts))
+    return parts[0] * 1_000_000 + parts[1] * 1_000 + parts[2]
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database_proxy
+
+
+class Source(BaseModel):
+    """An astronomical source (a star): spectra of the same object share one source."""
+
+    pk = AutoField()
+    sdss4_apogee_id = TextField(null=True, unique=True, help_text="APOGEE object id (2MASS style), e.g. 2M17335483-2753043")
+    sdss_id = BigIntegerField(null=True, index=True, help_text="SDSS-V identifier, when the file gives one")
+    ra = FloatField(null=True, help_text="Right ascension (deg)")
+    dec = FloatField(null=True, help_text="Declination (deg)")
+    created = DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "source"
+
+
+class SpectrumRecord(BaseModel):
+    """One spectrum in a file: the file, the HDU and row inside it, its source and its type."""
+
+    pk = AutoField()
+    source_pk = ForeignKeyField(Source, column_name="source_pk", null=True, index=True, backref="spectra",
+                                on_delete="CASCADE")
+    path = TextField(help_text="Absolute path of the file")
+    hdu = IntegerField(help_text="HDU index inside the file")
+    row = IntegerField(help_text="Image or table row inside the HDU")
+    spectrum_type = TextField(index=True, help_text="One of " + ", ".join(SPECTRUM_TYPES))
+    obj = TextField(default="", help_text="Object identifier from the file")
+    telescope = TextField(default="", help_text="apo25m, lco25m, apo1m or empty")
+    snr = FloatField(null=True, help_text="S/N reported by the file")
+    mjd = IntegerField(null=True, help_text="MJD of a visit, when known")
+    created = DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "spectrum"
+        indexes = ((("path", "hdu", "row"), True),)
+
+    def read(self):
+        """Read this spectrum from its file (:class:`astra_thepayne.spectrum.Spectrum`)."""
+        from ..io import read_spectra
+
+        for spectrum in read_spectra(self.path):
+            if spectrum.hdu == self.hdu and spectrum.row == self.row:
+                return spectrum
+        raise LookupError(f"{self.path}: no spectrum at HDU {self.hdu}, row {self.row} any more")
+
+
+def result_field_names(label_names=None) -> list[str]:
+    """Names of the per-label fields (values, e_, raw_e_, rho_) in output order."""
+    names = [label.name for label in LABELS] if label_names is None else list(label_names)
+    return (names + [f"e_{n}" for n in names] + [f"raw_e_{n}" for n in names]
+            + [rho_name(a, b) for a, b in label_pairs(names)])
+
+
+def _label_fields() -> dict:
+    fields = {}
+    for label in LABELS:
+        unit = f" ({label.unit})" if label.unit else ""
+        fields[label.name] = FloatField(null=True, help_text=f"{label.description}{unit}")
+    for label in LABELS:
+        fields[f"e_{label.name}"] = FloatField(null=True, help_text=f"Error on {label.name} after the noise model")
+    for label in LABELS:
+        fields[f"raw_e_{label.name}"] = FloatField(null=True, help_text=f"Formal error on {label.name}")
+    for a, b in label_pairs([label.name for label in LABELS]):
+        fields[rho_name(a, b)] = FloatField(null=True, help_text=f"Correlation coefficient of {a} and {b}")
+    return fields
+
+
+class _ThePayneMixin:
+    """Behaviour shared by every variant of the result model (own database or Astra's)."""
+
+    @hybrid_property
+    def flag_warn(self):
+        """Any bit of ``result_flags`` is set."""
+        return (self.result_flags or 0) > 0
+
+    @flag_warn.expression
+    def flag_warn(cls):
+        return cls.result_flags > 0
+
+    @hybrid_property
+    def flag_bad(self):
+        """A bad bit (the fitting failure) is set: the labels are not usable."""
+        return bool((self.result_flags or 0) & _BAD_BITS)
+
+    @flag_bad.expression
+    def flag_bad(cls):
+        return cls.result_flags.bin_and(_BAD_BITS) != 0
+
+    # -- intermediate arrays ------------------------------------------------------------------------------------
+    @property
+    def intermediate_path(self):
+        """Path of this result's intermediate pickle (see :mod:`astra_thepayne.intermediate`)."""
+        from ..intermediate import intermediate_path
+
+        return intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne)
+
+    def _arrays(self):
+        cached = self.__dict__.get("_intermediate")
+        if cached is None:
+            from ..grid import APSTAR_NPIX
+            from ..intermediate import read_intermediate
+
+            if self.flag_bad:
+                nan = np.full(APSTAR_NPIX, np.nan)
+                cached = (nan, nan.copy())
+            else:
+                cached = read_intermediate(self.intermediate_path)
+            self.__dict__["_intermediate"] = cached
+        return cached
+
+    def set_arrays(self, continuum, rectified_model_flux):
+        """Cache the model arrays on the row (the task does this after writing the pickle)."""
+        self.__dict__["_intermediate"] = (np.asarray(continuum, float), np.asarray(rectified_model_flux, float))
+
+    @property
+    def wavelength(self):
+        """Vacuum wavelength (Angstrom) of the apStar grid, shape (8575,)."""
+        from ..grid import apstar_wavelength
+
+        return apstar_wavelength()
+
+    @property
+    def continuum(self):
+        """Fitted continuum on the apStar grid, shape (8575,); NaN for a failed fit."""
+        return self._arrays()[0]
+
+    @property
+    def rectified_model_flux(self):
+        """Normalised model flux on the apStar grid, shape (8575,); NaN for a failed fit."""
+        return self._arrays()[1]
+
+    @property
+    def model_flux(self):
+        """``continuum * rectified_model_flux``, shape (8575,); NaN for a failed fit."""
+        continuum, rectified = self._arrays()
+        return continuum * rectified
+
+
+def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, spectrum_model=SpectrumRecord,
+                      table_name="the_payne", meta=None):
+    """Build the result model class from the label and flag tables.
+
+    Parameters
+    ----------
+    name : str
+        Class name.
+    bases : tuple of classes
+        Peewee base model(s): this package's :class:`BaseModel`, or Astra's ``BaseModel`` (plus its
+        ``PipelineOutputMixin``) when the plugin runs inside Astra.
+    source_model, spectrum_model : peewee models
+        Targets of the ``source_pk`` and ``spectrum_pk`` foreign keys.
+    table_name : str
+    meta : dict, optional
+        Extra ``Meta`` attributes (e.g. ``schema``).
+    """
+    from .. import __version__
+
+    attrs = {
+        "__module__": __name__,
+        "__doc__": "A result of The Payne for one spectrum (table ``the_payne``).",
+        "task_pk": AutoField(help_text="Primary key of the result"),
+        "source_pk": ForeignKeyField(source_model, column_name="source_pk", null=True, index=True, lazy_load=False,
+                                     on_delete="CASCADE", help_text="Source the spectrum belongs to"),
+        "spectrum_pk": ForeignKeyField(spectrum_model, column_name="spectrum_pk", index=True, lazy_load=False,
+                                       on_delete="CASCADE", help_text="Spectrum that was fitted"),
+        "v_astra": IntegerField(default=lambda: version_to_int(__version__),
+                                help_text="Version as an integer, Astra 0.8 style (0.8.0 -> 8000)"),
+        "v_thepayne": TextField(default=__version__, help_text="astra_thepayne version that produced the row"),
+        "created": DateTimeField(default=_now, help_text="When the row was created (UTC)"),
+        "t_elapsed": FloatField(null=True, help_text="Seconds spent on this result, including its overhead share"),
+        "t_overhead": FloatField(null=True, help_text="Seconds of shared overhead attributed to this result"),
+        "tag": TextField(default="", help_text="Free-form tag separating runs (part of the uniqueness key)"),
+        "model_sha256": TextField(help_text="SHA-256 of the network file"),
+        "model_path": TextField(null=True, help_text="Path of the network file when the fit ran"),
+        "demonstration": BooleanField(default=False, help_text="Made with the demonstration network: not science"),
+        "noise_model_sha256": TextField(null=True, help_text="SHA-256 of the corrections file applied to e_*"),
+        "snr": FloatField(null=True, help_text="Signal-to-noise ratio of the spectrum"),
+        "v_rel": FloatField(null=True, help_text="Fitted radial velocity (km/s); NULL when not fitted"),
+        "e_v_rel": FloatField(null=True, help_text="Error on v_rel (km/s)"),
+    }
+    attrs.update(_label_fields())
+    attrs.update({
+        "chi2": FloatField(null=True, help_text="Chi-square over the pixels used"),
+        "reduced_chi2": FloatField(null=True, help_text="chi2 / dof"),
+        "dof": IntegerField(null=True, help_text="Degrees of freedom"),
+    })
+    # Created after chi2 so that it follows them in the column order (peewee orders fields by creation).
+    attrs["result_flags"] = result_flags = BitField(default=0, help_text="Result flag bits (see flag_* fields)")
+    for flag in RESULT_FLAGS:
+        attrs[f"flag_{flag.name}"] = result_flags.flag(flag.value)
+    meta_attrs = {"table_name": table_name,
+                  "indexes": ((("spectrum_pk", "model_sha256", "tag"), True),)}
+    meta_attrs.update(meta or {})
+    attrs["Meta"] = type("Meta", (), meta_attrs)
+    return type(name, (_ThePayneMixin, *bases), attrs)
+
+
+ThePayne = make_result_model()
+
+ALL_MODELS = (Source, SpectrumRecord, ThePayne)
+
+# flag_warn and flag_bad of FitResult.as_row() are derived from result_flags (hybrid properties here).
+_DERIVED = {"flag_warn", "flag_bad"}
+
+
+def row_to_fields(row: dict, model=ThePayne) -> dict:
+    """Map a :meth:`FitResult.as_row` dict onto model field names.
+
+    NaN becomes NULL (SQLite would do so anyway; PostgreSQL would keep NaN, and one convention for both backends
+    keeps queries portable). Unknown keys raise: peewee would silently drop a misspelled keyword.
+    """
+    fields = model._meta.fields
+    unknown = sorted(k for k in row if k not in fields and k not in _DERIVED)
+    if unknown:
+        raise KeyError(f"result keys without a {model.__name__} field: {', '.join(unknown)}")
+    out = {}
+    for key, value in row.items():
+        if key in _DERIVED:
+            continue
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            value = None
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
