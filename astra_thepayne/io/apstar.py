@@ -1,0 +1,153 @@
+"""apStar files (SDSS-IV DR17 and SDSS-V): combined and visit spectra of one star on the apStar log-lambda grid.
+
+Layout: HDU1 flux, HDU2 flux error, HDU3 APOGEE_PIXMASK bitmask, each ``(nrow, npix)`` (or ``(npix,)`` in old
+single-visit files), HDU9 the visit RV table. The wavelength is ``10**(CRVAL1 + CDELT1 * (i + 1 - CRPIX1))``,
+in the rest frame.
+
+Rows: with NVISITS > 1, row 0 is the pixel-weighted coadd, row 1 the global-weighted coadd and rows 2.. the
+visits. With NVISITS = 1 only row 0 is read: DR17 files then still hold two rows, but row 1 is an all-zero
+placeholder (flux, error and mask are 0 everywhere in apStar-dr17-2M19485057+5005279.fits), and the coadd of
+one visit is that visit.
+
+Identification: HDU1-HDU3 are images, HDU3 holds integers (the bitmask) and a log-linear wavelength solution
+(CRVAL1/CDELT1) sits in HDU1 or the primary header. apVisit files have no CRVAL1; aspcapStar files have a float
+HDU3 (the best fit).
+
+Telescope: the TELESCOP card when present. DR17 apStar files lack it, so it is inferred from the visit file names:
+``asVisit`` files come from LCO (``lco25m``), ``apVisit`` files from APO (``apo25m``). The few DR17 stars observed
+only with the APO 1-m telescope would be labelled ``apo25m`` by this rule; the header holds nothing better.
+
+Visit S/N: the ``snr`` column of the HDU9 visit table, which is the apVisit file's own S/N (so a visit read from
+the apStar and from its apVisit file carries the same value); NaN when the table is missing. The header's
+``SNRVIS<n>`` (median S/N per apStar pixel) is kept in ``meta["snr_apstar_pixel"]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..spectrum import Spectrum
+from .base import (
+    SpectrumFileError, SpectrumReader, header_float, header_str, header_value, is_image_hdu, is_table_hdu,
+    ivar_from_error, register, to_python,
+)
+
+__all__ = ["ApStarReader", "log_linear_wavelength"]
+
+
+def log_linear_wavelength(header, npix: int, fallback=None):
+    """Wavelength (Angstrom) of a log-linear solution: ``10**(CRVAL1 + CDELT1 * (i + 1 - CRPIX1))``, shape (npix,).
+
+    Cards are taken from ``header``, then from ``fallback``; returns None when neither has CRVAL1 and CDELT1.
+    """
+    for h in (header, fallback):
+        if h is None:
+            continue
+        crval, cdelt = header_float(h, "CRVAL1"), header_float(h, "CDELT1")
+        if np.isfinite(crval) and np.isfinite(cdelt):
+            crpix = header_float(h, "CRPIX1", 1.0)
+            return 10 ** (crval + cdelt * (np.arange(npix) + 1.0 - crpix))
+    return None
+
+
+def _telescope(primary) -> str:
+    telescope = header_str(primary, "TELESCOP")
+    if telescope:
+        return telescope.lower()
+    sfile = header_str(primary, "SFILE1")
+    if sfile.startswith("asVisit"):
+        return "lco25m"
+    if sfile.startswith("apVisit"):
+        return "apo25m"
+    return ""
+
+
+@register
+class ApStarReader(SpectrumReader):
+    """Reader of apStar files: the coadd (row 0, ``apstar_coadd``) and every visit row (``apstar_visit``)."""
+
+    format_name = "apStar"
+
+    @classmethod
+    def identify(cls, hdul) -> bool:
+        if len(hdul) < 4 or not all(is_image_hdu(hdul[i]) for i in (1, 2, 3)):
+            return False
+        if hdul[3].header.get("BITPIX", -32) < 0 or hdul[1].header.get("BITPIX", 8) > 0:
+            return False
+        for h in (hdul[1].header, hdul[0].header):
+            if "CRVAL1" in h and "CDELT1" in h:
+                return True
+        return False
+
+    @classmethod
+    def read(cls, hdul, path, coadd_only=False):
+        primary = hdul[0].header
+        flux = np.atleast_2d(np.asarray(hdul[1].data, dtype=np.float64))
+        error = np.atleast_2d(np.asarray(hdul[2].data, dtype=np.float64))
+        mask = np.atleast_2d(np.asarray(hdul[3].data))
+        if flux.ndim != 2 or flux.shape != error.shape or flux.shape != mask.shape:
+            raise SpectrumFileError(
+                path, f"apStar flux {flux.shape}, error {error.shape} and bitmask {mask.shape} shapes differ"
+            )
+        nrow, npix = flux.shape
+        if npix < 2:
+            raise SpectrumFileError(path, f"apStar spectra have {npix} pixels")
+        wavelength = log_linear_wavelength(hdul[1].header, npix, fallback=primary)
+        if wavelength is None:
+            raise SpectrumFileError(path, "apStar file has no numeric CRVAL1/CDELT1 wavelength solution")
+        nwave = header_value(primary, "NWAVE")
+        if nwave is not None and int(nwave) != npix:
+            raise SpectrumFileError(path, f"apStar header says NWAVE={nwave} but the spectra have {npix} pixels")
+
+        nvisits = header_value(primary, "NVISITS")
+        nvisits = int(nvisits) if nvisits is not None else (nrow - 2 if nrow > 2 else 1)
+        if nvisits > 1 and nrow < 3:
+            raise SpectrumFileError(path, f"apStar header says NVISITS={nvisits} but HDU1 has {nrow} row(s)")
+        rows = [0] if (coadd_only or nvisits <= 1) else [0, *range(2, nrow)]
+
+        visit_table = _visit_table(hdul)
+        common = {
+            "ra": header_float(primary, "RA"),
+            "dec": header_float(primary, "DEC"),
+            "field": header_str(primary, "FIELD"),
+            "nvisits": nvisits,
+        }
+        obj = header_str(primary, "OBJID")
+        telescope = _telescope(primary)
+        spectra = []
+        for row in rows:
+            f, ivar = ivar_from_error(flux[row], error[row])
+            meta = dict(common)
+            if row == 0:
+                snr = header_float(primary, "SNR")
+                spectrum_type = "apstar_coadd"
+                meta["vhelio"] = header_float(primary, "VHELIO")
+            else:
+                visit = row - 2  # 0-based visit index; header cards count from 1
+                spectrum_type = "apstar_visit"
+                meta["visit"] = visit + 1
+                meta["sfile"] = header_str(primary, f"SFILE{visit + 1}")
+                meta["jd"] = header_float(primary, f"JD{visit + 1}")
+                meta["fiber"] = header_value(primary, f"FIBER{visit + 1}")
+                meta["vhelio"] = header_float(primary, f"VHELIO{visit + 1}")
+                meta["bc"] = header_float(primary, f"BC{visit + 1}")
+                meta["snr_apstar_pixel"] = header_float(primary, f"SNRVIS{visit + 1}")
+                snr = float("nan")
+                if visit_table is not None and visit < len(visit_table):
+                    names = {n.lower(): n for n in visit_table.names}
+                    if "snr" in names:
+                        snr = float(visit_table[names["snr"]][visit])
+                    if "filename" in names and not meta["sfile"]:
+                        meta["sfile"] = to_python(visit_table[names["filename"]][visit])
+            spectra.append(Spectrum(
+                wavelength=wavelength, flux=f, ivar=ivar, pixel_flags=mask[row].astype(np.int64), obj=obj,
+                snr=snr, telescope=telescope, path=str(path), hdu=1, row=row, spectrum_type=spectrum_type,
+                rest_frame=True, meta={k: to_python(v) for k, v in meta.items()},
+            ))
+        return spectra
+
+
+def _visit_table(hdul):
+    """The HDU9 visit RV table, or None when the file has none."""
+    if len(hdul) > 9 and is_table_hdu(hdul[9]):
+        return hdul[9].data
+    return None
