@@ -23,11 +23,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Importing the format modules registers their readers. Registration order would matter only if two formats could
+# claim one file, which the identification rules avoid (the tests check that each file is claimed by one reader).
+from . import apstar, apvisit, aspcap, mwm  # noqa: F401
 from .base import SpectrumFileError, SpectrumReader, open_fits, register, registered_readers
-
-# Importing the format modules registers their readers; order matters only if two formats could claim one file,
-# which the identification rules avoid (the tests check that each real file is claimed by exactly one reader).
-from . import mwm, apstar, apvisit, aspcap  # noqa: E402, F401, I001
 
 __all__ = [
     "read_spectra", "detect_format", "iter_spectrum_files", "SpectrumFileError", "SpectrumReader", "register",

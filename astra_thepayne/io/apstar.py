@@ -27,8 +27,16 @@ import numpy as np
 
 from ..spectrum import Spectrum
 from .base import (
-    SpectrumFileError, SpectrumReader, header_float, header_str, header_value, is_image_hdu, is_table_hdu,
-    ivar_from_error, register, to_python,
+    SpectrumFileError,
+    SpectrumReader,
+    header_float,
+    header_str,
+    header_value,
+    is_image_hdu,
+    is_table_hdu,
+    ivar_from_error,
+    register,
+    to_python,
 )
 
 __all__ = ["ApStarReader", "log_linear_wavelength"]

@@ -19,8 +19,15 @@ import numpy as np
 from ..grid import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength
 from ..spectrum import Spectrum
 from .base import (
-    SpectrumFileError, SpectrumReader, header_float, header_str, is_image_hdu, is_table_hdu, ivar_from_error,
-    register, to_python,
+    SpectrumFileError,
+    SpectrumReader,
+    header_float,
+    header_str,
+    is_image_hdu,
+    is_table_hdu,
+    ivar_from_error,
+    register,
+    to_python,
 )
 
 __all__ = ["AspcapStarReader"]

@@ -19,8 +19,15 @@ import numpy as np
 
 from ..spectrum import Spectrum
 from .base import (
-    SpectrumFileError, SpectrumReader, clean_flux_ivar, header_float, header_str, header_value, is_table_hdu,
-    register, to_python,
+    SpectrumFileError,
+    SpectrumReader,
+    clean_flux_ivar,
+    header_float,
+    header_str,
+    header_value,
+    is_table_hdu,
+    register,
+    to_python,
 )
 
 __all__ = ["MWMStarReader", "MWMVisitReader", "apogee_hdus"]
@@ -60,7 +67,7 @@ def _filetype(hdul) -> str | None:
     columns = [_column_names(hdul[i]) for i in indices]
     if not any({"flux", "ivar"} <= c for c in columns):
         return None
-    for index, names in zip(indices, columns):
+    for index, names in zip(indices, columns, strict=True):
         if "filetype" in names and hdul[index].header.get("NAXIS2", 0) > 0:
             value = to_python(hdul[index].data["filetype"][0])
             if value in ("mwmStar", "mwmVisit"):
