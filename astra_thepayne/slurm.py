@@ -320,7 +320,7 @@ def render_script(options: SlurmOptions, node_index: int, commands: Sequence[Seq
     launches = [
         _LAUNCH_TEMPLATE.format(log_dir=shlex.quote(log_dir), job_name=options.job_name, index=i,
                                 command=shlex.join(command), key_range=shlex.quote(str(key_range)))
-        for i, (command, key_range) in enumerate(zip(commands, ranges))
+        for i, (command, key_range) in enumerate(zip(commands, ranges, strict=True))
     ]
     return _SCRIPT_TEMPLATE.format(
         directives="\n".join(_directives(options, node_index, len(commands))),

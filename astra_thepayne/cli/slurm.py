@@ -1,0 +1,150 @@
+"""``thepayne slurm``: split the pending spectra into stable key ranges and run them as SLURM batch jobs."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .. import slurm as _slurm
+from ..errors import ConfigurationError
+
+__all__ = ["slurm"]
+
+
+def _absolute(path):
+    # "none" and "demo" are keywords of the run options, not paths
+    if path is None or str(path).lower() in ("none", "demo"):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def _pending_keys(database_url: str, model_path: str, tag: str) -> list[int]:
+    """Primary keys of the registered spectra without a result for this model and tag, ascending."""
+    from ..db import pending_spectrum_keys
+
+    return pending_spectrum_keys(database_url, model_path, tag)
+
+
+def _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size) -> list[str]:
+    options = ["--model", model]
+    for flag, value in (("--tag", tag), ("--mask", _absolute(mask)),
+                        ("--continuum-pixels", _absolute(continuum_pixels)), ("--v-rad-tolerance", v_rad_tolerance),
+                        ("--opt-tolerance", opt_tolerance), ("--batch-size", batch_size)):
+        if value is not None:
+            options += [flag, str(value)]
+    return options
+
+
+def _options(profile, **given) -> _slurm.SlurmOptions:
+    """Command-line values over the profile's over the defaults."""
+    settings = _slurm.load_profile(profile) if profile else {}
+    settings.update({key: value for key, value in given.items() if value not in (None, ())})
+    return _slurm.SlurmOptions(**settings)
+
+
+@click.command("slurm")
+@click.option("--nodes", type=click.IntRange(min=1), default=None, help="Batch jobs to submit, one per node [1].")
+@click.option("--procs-per-node", type=click.IntRange(min=1), default=None,
+              help="`thepayne run` processes per job, each with its own slice [1].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="OMP/OPENBLAS/MKL threads per process [1].")
+@click.option("--account", default=None, help="sbatch --account.")
+@click.option("--partition", default=None, help="sbatch --partition.")
+@click.option("--time", "walltime", default=None, metavar="HH:MM:SS", help="sbatch --time (wall-clock limit).")
+@click.option("--mem", default=None, help="sbatch --mem per node (e.g. 16G; 0 = all of it).")
+@click.option("--gres", default=None, help="sbatch --gres (e.g. gpu:1).")
+@click.option("--profile", default=None,
+              help="Named profile [slurm.profiles.NAME] of $THEPAYNE_CONFIG or ~/.config/thepayne/config.toml; "
+                   "options given here override it.")
+@click.option("--job-name", default="thepayne", show_default=True, help="Prefix of job names and log files.")
+@click.option("--log-dir", default="thepayne-slurm", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for scripts and logs (visible from the compute nodes).")
+@click.option("--dry-run", is_flag=True, help="Print the scripts; submit nothing.")
+@click.option("--wait", is_flag=True, help="Return when the jobs end; exit 1 if any failed.")
+@click.option("--poll-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds between job-state checks with --wait.")
+@click.option("--model", default=None, help="Model file or 'demo' (default: $THEPAYNE_MODEL, $MWM_ASTRA/...).")
+@click.option("--tag", default="", show_default=True, help="Tag of the results.")
+@click.option("--mask", default=None, help="Pixel mask (.npy) or 'none'.")
+@click.option("--continuum-pixels", default=None, help="Continuum pixel list (.npy) or 'none'.")
+@click.option("--v-rad-tolerance", type=float, default=None, help="Radial velocity bound (km/s); 0 = not fitted.")
+@click.option("--opt-tolerance", type=float, default=None, help="Optimiser xtol/ftol.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Spectra claimed and committed at once.")
+@click.pass_context
+def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
+          dry_run, wait, poll_interval, model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance,
+          batch_size):
+    """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
+
+    The pending spectra (registered, without a result for this model and tag) are cut into nodes x
+    procs-per-node ranges of nearly equal size. Each job runs procs-per-node `thepayne run --pk-min A --pk-max B`
+    processes; ranges of keys do not shift while results are written, so no spectrum is fitted twice or skipped.
+    Prints one job id per line.
+    """
+    from ..config import resolve_database_url, resolve_model_path
+
+    options = _options(profile, nodes=nodes, procs_per_node=procs_per_node, threads=threads, account=account,
+                       partition=partition, time=walltime, mem=mem, gres=gres, job_name=job_name, log_dir=log_dir,
+                       workdir=os.getcwd())
+    database_url = _slurm.absolute_database_url(resolve_database_url((ctx.obj or {}).get("database_url")))
+    model = _absolute(resolve_model_path(model))
+    if not dry_run:
+        _slurm._require("sbatch")  # fail before the database work when this is no SLURM login node
+
+    keys = _pending_keys(database_url, model, tag)
+    ranges = _slurm.split_key_ranges(keys, options.slices)
+    if not ranges:
+        click.echo("thepayne slurm: no pending spectra; nothing to submit", err=True)
+        return 0
+    if database_url.startswith("sqlite") and len(ranges) > 1:
+        click.echo("thepayne slurm: note: several processes share one SQLite file; PostgreSQL scales better",
+                   err=True)
+
+    prefix = _slurm.thepayne_command(sys.executable)
+    run_options = _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size)
+    scripts = []
+    for index, node_ranges in enumerate(_slurm.group_by_node(ranges, options.procs_per_node)):
+        commands = [_slurm.run_command(prefix, database_url, key_range, run_options) for key_range in node_ranges]
+        scripts.append(_slurm.render_script(options, index, commands, node_ranges))
+    click.echo(f"thepayne slurm: {len(keys)} pending spectra in {len(ranges)} slices, {len(scripts)} job(s)",
+               err=True)
+
+    if dry_run:
+        for index, script in enumerate(scripts):
+            click.echo(f"# ----- job {index} of {len(scripts)} -----")
+            click.echo(script)
+        return 0
+
+    folder = Path(options.workdir) / options.log_dir
+    folder.mkdir(parents=True, exist_ok=True)  # sbatch does not create the folder of --output
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    job_ids = []
+    for index, script in enumerate(scripts):
+        path = folder / f"{options.job_name}-{stamp}-{index}.sbatch"
+        path.write_text(script)
+        try:
+            job_ids.append(_slurm.submit(path))
+        except _slurm.SubmissionError as exc:
+            already = f" (already submitted: {', '.join(job_ids)})" if job_ids else ""
+            raise ConfigurationError(f"{exc}{already}") from None
+        click.echo(job_ids[-1])
+
+    if not wait:
+        return 0
+
+    def report(status):
+        click.echo(f"thepayne slurm: job {status.job_id} {status.state}", err=True)
+
+    final = _slurm.wait_for_jobs(job_ids, poll_interval=poll_interval, on_change=report)
+    failed = [status for status in final.values() if status.failed]
+    for status in failed:
+        where = f"; log {status.stdout}" if status.stdout else f"; logs in {folder}"
+        click.echo(f"thepayne slurm: job {status.job_id} ended {status.state} (exit {status.exit_code or '?'}){where}",
+                   err=True)
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(job_ids)} job(s) failed")
+    click.echo(f"thepayne slurm: all {len(job_ids)} job(s) completed", err=True)
+    return 0
