@@ -241,7 +241,7 @@ def write_mwm_file(path, apstar_file, kind="mwmStar", apo_rows=(0,), lco_rows=()
     return _write(hdul, Path(path))
 
 
-def write_aspcapstar_file(path, apstar_file, npix=len(MODEL_TO_APSTAR), telescope="apo25m"):
+def write_aspcapstar_file(path, apstar_file, npix=7214, telescope="apo25m"):
     """Write an aspcapStar-like file from row 0 of a real apStar file.
 
     HDU1 is the flux divided by its median (a crude pseudo-continuum normalisation), HDU2 its error, HDU3 a
