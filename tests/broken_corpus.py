@@ -134,8 +134,9 @@ def _apstar_row(apstar_file, row=0):
 
 
 def _ivar(error):
+    # Astra's mwm products hold ivar 0 where the apStar had no information (NaN, chip gaps with errors >= 1e10)
     with np.errstate(all="ignore"):
-        return np.where(np.isfinite(error) & (error > 0), 1.0 / error**2, 0.0)
+        return np.where(np.isfinite(error) & (error > 0) & (error < 1e10), 1.0 / error**2, 0.0)
 
 
 def write_mwm_file(path, apstar_file, kind="mwmStar", apo_rows=(0,), lco_rows=(), empty_rows=0, sdss_id=12345678):
