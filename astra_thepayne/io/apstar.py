@@ -102,13 +102,15 @@ class ApStarReader(SpectrumReader):
         wavelength = log_linear_wavelength(hdul[1].header, npix, fallback=primary)
         if wavelength is None:
             raise SpectrumFileError(path, "apStar file has no numeric CRVAL1/CDELT1 wavelength solution")
+        if not (np.all(np.isfinite(wavelength)) and np.all(np.diff(wavelength) > 0)):
+            raise SpectrumFileError(path, "apStar CRVAL1/CDELT1 do not give an increasing, finite wavelength grid")
         nwave = header_value(primary, "NWAVE")
         if nwave is not None and int(nwave) != npix:
             raise SpectrumFileError(path, f"apStar header says NWAVE={nwave} but the spectra have {npix} pixels")
 
         nvisits = header_value(primary, "NVISITS")
         nvisits = int(nvisits) if nvisits is not None else (nrow - 2 if nrow > 2 else 1)
-        if nvisits > 1 and nrow < 3:
+        if nvisits > 1 and nrow < 3 and not coadd_only:
             raise SpectrumFileError(path, f"apStar header says NVISITS={nvisits} but HDU1 has {nrow} row(s)")
         rows = [0] if (coadd_only or nvisits <= 1) else [0, *range(2, nrow)]
 

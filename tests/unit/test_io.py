@@ -257,3 +257,54 @@ def test_iter_spectrum_files_mixes_files_and_folders_without_repeats(tmp_path):
 def test_iter_spectrum_files_missing_path(tmp_path):
     with pytest.raises(SpectrumFileError, match="no such file"):
         list(iter_spectrum_files([tmp_path / "nowhere"]))
+
+
+# --- extension point ----------------------------------------------------------------------------------------------
+
+def test_a_new_format_is_one_registered_subclass(monkeypatch, tmp_path):
+    from astra_thepayne.io import base
+    from astra_thepayne.spectrum import Spectrum
+
+    monkeypatch.setattr(base, "_REGISTRY", list(base._REGISTRY))  # keep the real registry untouched
+
+    @base.register
+    class ToyReader(base.SpectrumReader):
+        format_name = "toySpectrum"
+
+        @classmethod
+        def identify(cls, hdul):
+            return hdul[0].header.get("INSTRUME") == "TOY"
+
+        @classmethod
+        def read(cls, hdul, path, coadd_only=False):
+            flux = np.asarray(hdul[0].data, dtype=float)
+            return [Spectrum(wavelength=np.arange(flux.size) + 15000.0, flux=flux, ivar=np.ones(flux.size),
+                             path=path, spectrum_type="toy")]
+
+    with pytest.raises(ValueError, match="already registered"):
+        base.register(ToyReader)
+    hdu = fits.PrimaryHDU(np.ones(10))
+    hdu.header["INSTRUME"] = "TOY"
+    hdu.writeto(tmp_path / "toy.fits")
+    assert detect_format(tmp_path / "toy.fits") == "toySpectrum"
+    assert read_spectra(tmp_path / "toy.fits")[0].spectrum_type == "toy"
+
+
+def test_reader_bugs_become_spectrum_file_errors(monkeypatch, apogee_data_dir):
+    from astra_thepayne.io.apstar import ApStarReader
+
+    def broken_read(cls, hdul, path, coadd_only=False):
+        raise KeyError("SOMECARD")
+
+    monkeypatch.setattr(ApStarReader, "read", classmethod(broken_read))
+    with pytest.raises(SpectrumFileError, match=r"could not read apStar data \(KeyError"):
+        read_spectra(apogee_data_dir / MULTI)
+
+
+def test_apstar_with_bad_wavelength_solution(apogee_data_dir, tmp_path):
+    with fits.open(apogee_data_dir / SINGLE) as hdul:
+        hdul = fits.HDUList([hdu.copy() for hdu in hdul])
+    hdul[1].header["CDELT1"] = 0.0
+    hdul.writeto(tmp_path / "flat.fits")
+    with pytest.raises(SpectrumFileError, match="increasing"):
+        read_spectra(tmp_path / "flat.fits")
