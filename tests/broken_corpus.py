@@ -26,7 +26,8 @@ __all__ = [
 
 #: Cases that ``read_spectra`` rejects with ``SpectrumFileError``.
 UNREADABLE = frozenset({
-    "truncated", "truncated_header", "wrong_shapes", "empty", "other_instrument", "text_as_fits", "header_only",
+    "truncated", "truncated_header", "truncated_gzip", "wrong_shapes", "empty", "other_instrument", "text_as_fits",
+    "header_only",
 })
 #: Cases that read fine but whose every spectrum has ivar 0 everywhere.
 NO_INFORMATION = frozenset({"nan_flux", "zero_ivar", "nan_error"})
@@ -61,11 +62,12 @@ def make_broken_corpus(folder, good_file) -> dict[str, Path]:
     -------
     dict of str to Path
         ``nan_flux``: every flux NaN. ``zero_ivar``: every error 0 in even rows and +inf in odd rows.
-        ``nan_error``: every error NaN. ``truncated``: the first half of the file's bytes. ``truncated_header``:
-        cut inside the primary header. ``wrong_shapes``: the error HDU has fewer pixels than the flux HDU.
-        ``empty``: 0 bytes. ``other_instrument``: a valid FITS image and table of another instrument (HST/WFC3
-        headers). ``text_as_fits``: a text file named .fits. ``header_only``: a valid FITS file with a primary
-        header that looks like an apStar's and no extensions.
+        ``nan_error``: every error NaN. ``truncated``: the first half of the file's bytes.
+        ``truncated_header``: cut inside the primary header. ``truncated_gzip``: the first half of the gzipped
+        file. ``wrong_shapes``: the error HDU has fewer pixels than the flux HDU. ``empty``: 0 bytes.
+        ``other_instrument``: a valid FITS image and table of another instrument (HST/WFC3 headers).
+        ``text_as_fits``: a text file named .fits. ``header_only``: a valid FITS file with a primary header that
+        looks like an apStar's and no extensions.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,9 @@ def make_broken_corpus(folder, good_file) -> dict[str, Path]:
     files["truncated"].write_bytes(data[: len(data) // 2])
     files["truncated_header"] = folder / f"{stem}-truncated-header.fits"
     files["truncated_header"].write_bytes(data[:1000])
+    packed = gzip.compress(data, mtime=0)
+    files["truncated_gzip"] = folder / f"{stem}-truncated.fits.gz"
+    files["truncated_gzip"].write_bytes(packed[: len(packed) // 2])
     files["empty"] = folder / "apStar-empty.fits"
     files["empty"].write_bytes(b"")
     files["text_as_fits"] = folder / "apStar-text.fits"

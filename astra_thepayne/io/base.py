@@ -9,10 +9,12 @@ A reader is a small subclass of :class:`SpectrumReader` that answers two questio
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
 import re
 import warnings
+import zlib
 
 import numpy as np
 
@@ -113,13 +115,12 @@ def open_fits(path):
         raise SpectrumFileError(path, f"cannot read file: {exc.strerror or exc}") from exc
     if size == 0:
         raise SpectrumFileError(path, "empty file (0 bytes)")
+    _check_gzip(path)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             hdul = fits.open(path, memmap=False)
-        except SpectrumFileError:
-            raise
         except Exception as exc:
             if "SIMPLE" in str(exc):
                 # astropy's advice (ignore_missing_simple=True) is for FITS writers, not for users here
@@ -128,7 +129,6 @@ def open_fits(path):
         try:
             with np.errstate(all="ignore"):
                 yield hdul
-            _raise_on_truncation(path, caught)
         except Exception as exc:
             # A truncated file fails in many ways (missing HDUs, reshape errors); when astropy warned about
             # truncation, that is the cause to report.
@@ -136,11 +136,30 @@ def open_fits(path):
             if isinstance(exc, SpectrumFileError):
                 raise
             raise SpectrumFileError(path, f"could not read the file's data ({_describe(exc)})") from exc
+        else:
+            _raise_on_truncation(path, caught)
         finally:
             hdul.close()
             for warning in caught:
                 if not _TRUNCATED.search(str(warning.message)):
                     log.debug("%s: %s: %s", path, warning.category.__name__, warning.message)
+
+
+def _check_gzip(path):
+    """Raise for a gzipped file whose stream is cut or corrupt.
+
+    astropy stops looking for HDUs at the end of a truncated gzip stream without a warning, so such a file would
+    otherwise look like a valid file with fewer HDUs. Decompressing once more costs milliseconds per file.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise SpectrumFileError(path, f"truncated or corrupt gzip file ({_describe(exc)})") from exc
 
 
 def _raise_on_truncation(path, caught, cause=None):

@@ -202,7 +202,8 @@ def test_unreadable_files_raise_one_line_naming_the_file(corpus, case):
 
 
 @pytest.mark.parametrize(("case", "words"), [
-    ("truncated", "truncated"), ("empty", "empty"), ("text_as_fits", "not a FITS file"),
+    ("truncated", "truncated"), ("truncated_gzip", "truncated"), ("empty", "empty"),
+    ("text_as_fits", "not a FITS file"),
     ("other_instrument", "not a recognised APOGEE"), ("wrong_shapes", "shapes differ"),
     ("header_only", "not a recognised APOGEE"),
 ])
