@@ -11,7 +11,8 @@ no rows; a row whose flux and ivar are zero everywhere is a placeholder and is s
 
 ``ivar`` is used as written (pixels with non-finite flux or ivar, or ivar <= 0, get ivar 0).
 
-Which of the two: the ``filetype`` column when present, else the columns (``mjd`` and ``fiber`` mean mwmVisit).
+Identification: binary tables named ``APOGEE/APO`` or ``APOGEE/LCO`` (or with ``INSTRMNT = 'APOGEE'``). Which of
+the two products: the ``filetype`` column when present, else the columns (``mjd`` and ``fiber`` mean mwmVisit).
 """
 from __future__ import annotations
 
@@ -65,8 +66,6 @@ def _filetype(hdul) -> str | None:
     if not indices:
         return None
     columns = [_column_names(hdul[i]) for i in indices]
-    if not any({"flux", "ivar"} <= c for c in columns):
-        return None
     for index, names in zip(indices, columns, strict=True):
         if "filetype" in names and hdul[index].header.get("NAXIS2", 0) > 0:
             value = to_python(hdul[index].data["filetype"][0])

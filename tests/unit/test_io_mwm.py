@@ -151,3 +151,14 @@ def test_aspcapstar_unexpected_length(apstar, tmp_path):
     fits.HDUList(hdus).writeto(tmp_path / "short.fits")
     with pytest.raises(SpectrumFileError, match="7000 pixels"):
         read_spectra(tmp_path / "short.fits")
+
+
+def test_mwm_file_whose_apogee_tables_have_no_columns(tmp_path):
+    hdus = [fits.PrimaryHDU()]
+    for extname in ("BOSS/APO", "BOSS/LCO", "APOGEE/APO", "APOGEE/LCO"):
+        hdu = fits.BinTableHDU.from_columns(fits.ColDefs([]), nrows=0)
+        hdu.header["EXTNAME"] = extname
+        hdus.append(hdu)
+    fits.HDUList(hdus).writeto(tmp_path / "mwmStar-nothing.fits")
+    assert detect_format(tmp_path / "mwmStar-nothing.fits") == "mwmStar"
+    assert read_spectra(tmp_path / "mwmStar-nothing.fits") == []
