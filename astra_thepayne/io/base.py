@@ -51,6 +51,10 @@ class SpectrumFileError(ValueError):
         self.reason = re.sub(r"\s+", " ", str(reason)).strip()
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self):
+        # Rebuild from (path, reason), so that the error survives being sent between processes.
+        return type(self), (self.path, self.reason)
+
 
 class SpectrumReader:
     """Base class of the spectrum readers: one subclass per file format.

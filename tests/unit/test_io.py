@@ -309,3 +309,13 @@ def test_apstar_with_bad_wavelength_solution(apogee_data_dir, tmp_path):
     hdul.writeto(tmp_path / "flat.fits")
     with pytest.raises(SpectrumFileError, match="increasing"):
         read_spectra(tmp_path / "flat.fits")
+
+
+def test_spectrum_file_error_survives_pickling(corpus):
+    import pickle
+
+    with pytest.raises(SpectrumFileError) as info:
+        read_spectra(corpus["empty"])
+    copy = pickle.loads(pickle.dumps(info.value))  # worker processes send errors back pickled
+    assert type(copy) is SpectrumFileError
+    assert str(copy) == str(info.value) and copy.path == info.value.path and copy.reason == info.value.reason
