@@ -1,1 +1,38 @@
 """Database layer: connection (:mod:`.database`), models (:mod:`.models`) and schema migrations (:mod:`.migrate`)."""
+from __future__ import annotations
+
+__all__ = ["pending_spectrum_keys", "require_schema"]
+
+
+def require_schema(database) -> None:
+    """Raise ConfigurationError with a hint when the schema is missing or behind the package's migrations."""
+    from ..errors import ConfigurationError
+    from .database import redact
+    from .migrate import pending_migrations
+
+    try:
+        pending = pending_migrations(database)
+    except Exception as exc:  # cannot even reach the database
+        url = getattr(database, "thepayne_url", None) or redact(str(getattr(database, "database", "")))
+        raise ConfigurationError(f"cannot use database {url}: {str(exc).strip().splitlines()[0]}") from None
+    if pending:
+        raise ConfigurationError(f"database schema is missing or out of date ({len(pending)} pending migration(s)): "
+                                 "run `thepayne init` first")
+
+
+def pending_spectrum_keys(database_url, model_path, tag="") -> list[int]:
+    """Primary keys of the registered spectra without a result for this network and tag, ascending.
+
+    Used by ``thepayne slurm`` to cut the pending work into stable ``[pk_min, pk_max]`` ranges.
+    """
+    from ..config import resolve_model_path
+    from ..emulator import PayneEmulator
+    from ..runner import pending_spectra
+    from .database import connect
+    from .models import SpectrumRecord
+
+    database = connect(database_url)
+    require_schema(database)
+    sha256 = PayneEmulator.load(resolve_model_path(model_path)).sha256
+    query = pending_spectra(sha256, tag or "").select(SpectrumRecord.pk)
+    return [pk for (pk,) in query.tuples()]

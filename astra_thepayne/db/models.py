@@ -20,8 +20,16 @@ import math
 
 import numpy as np
 from peewee import (
-    AutoField, BigIntegerField, BitField, BooleanField, DateTimeField, FloatField, ForeignKeyField, IntegerField,
-    Model, TextField,
+    AutoField,
+    BigIntegerField,
+    BitField,
+    BooleanField,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
 )
 from playhouse.hybrid import hybrid_property
 
@@ -61,7 +69,7 @@ class Source(BaseModel):
     """An astronomical source (a star): spectra of the same object share one source."""
 
     pk = AutoField()
-    sdss4_apogee_id = TextField(null=True, unique=True, help_text="APOGEE object id (2MASS style), e.g. 2M17335483-2753043")
+    sdss4_apogee_id = TextField(null=True, unique=True, help_text="APOGEE object id (2MASS style)")
     sdss_id = BigIntegerField(null=True, index=True, help_text="SDSS-V identifier, when the file gives one")
     ra = FloatField(null=True, help_text="Right ascension (deg)")
     dec = FloatField(null=True, help_text="Declination (deg)")
@@ -194,7 +202,7 @@ class _ThePayneMixin:
 
 
 def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, spectrum_model=SpectrumRecord,
-                      table_name="the_payne", meta=None):
+                      table_name="the_payne", meta=None, v_astra_field=None):
     """Build the result model class from the label and flag tables.
 
     Parameters
@@ -209,6 +217,8 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
     table_name : str
     meta : dict, optional
         Extra ``Meta`` attributes (e.g. ``schema``).
+    v_astra_field : peewee.Field, optional
+        Replaces the integer ``v_astra`` (Astra before 0.8 stores it as text).
     """
     from .. import __version__
 
@@ -220,8 +230,8 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
                                      on_delete="CASCADE", help_text="Source the spectrum belongs to"),
         "spectrum_pk": ForeignKeyField(spectrum_model, column_name="spectrum_pk", index=True, lazy_load=False,
                                        on_delete="CASCADE", help_text="Spectrum that was fitted"),
-        "v_astra": IntegerField(default=lambda: version_to_int(__version__),
-                                help_text="Version as an integer, Astra 0.8 style (0.8.0 -> 8000)"),
+        "v_astra": v_astra_field or IntegerField(default=lambda: version_to_int(__version__),
+                                                 help_text="Version as an integer, Astra 0.8 style (0.8.0 -> 8000)"),
         "v_thepayne": TextField(default=__version__, help_text="astra_thepayne version that produced the row"),
         "created": DateTimeField(default=_now, help_text="When the row was created (UTC)"),
         "t_elapsed": FloatField(null=True, help_text="Seconds spent on this result, including its overhead share"),

@@ -1,0 +1,164 @@
+"""Database commands: ``init``, ``ingest``, ``run``, ``export`` and ``noise-model apply``.
+
+Each is a thin layer over the library (:mod:`astra_thepayne.db`, :mod:`astra_thepayne.ingest`,
+:mod:`astra_thepayne.runner`, :mod:`astra_thepayne.catalogue`, :mod:`astra_thepayne.noise_model`); the database
+comes from the global ``--database`` option, else CONTRACT.md's lookup order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigurationError
+
+__all__ = ["init", "ingest", "run", "export", "noise_model"]
+
+
+def _database(ctx, check_schema=True):
+    from ..db import require_schema
+    from ..db.database import connect
+
+    database = connect(ctx.obj.get("database_url") if ctx.obj else None)
+    if check_schema:
+        require_schema(database)
+    return database
+
+
+@click.command("init")
+@click.pass_context
+def init(ctx):
+    """Create or upgrade the database schema (idempotent)."""
+    from ..db.migrate import available_migrations, upgrade
+
+    database = _database(ctx, check_schema=False)
+    try:
+        applied = upgrade(database)
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"cannot initialise {database.thepayne_url}: {str(exc).strip().splitlines()[0]}") \
+            from None
+    latest = available_migrations()[-1]
+    if applied:
+        click.echo(f"{database.thepayne_url}: applied {', '.join(applied)}; schema at {latest}")
+    else:
+        click.echo(f"{database.thepayne_url}: schema up to date ({latest})")
+
+
+@click.command("ingest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.pass_context
+def ingest(ctx, paths):
+    """Register the spectra in PATHS (files, or folders searched recursively for *.fits[.gz]) and their sources.
+
+    Re-ingesting a file adds nothing. Unreadable files are reported and skipped.
+    """
+    from ..ingest import ingest as _ingest
+
+    _database(ctx)
+    summary = _ingest(paths, progress=True)
+    if summary.skipped and not summary.files:
+        raise ConfigurationError(f"none of the {len(summary.skipped)} file(s) is a readable spectrum file "
+                                 f"(first: {summary.skipped[0][1]})")
+    click.echo(str(summary))
+
+
+def _fit_options(function):
+    for decorator in reversed([
+        click.option("--model", default=None, help="Network file or 'demo' (default: $THEPAYNE_MODEL, then "
+                                                    "$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl)."),
+        click.option("--mask", default=None, help="Pixel mask .npy (True = ignore) or 'none'."),
+        click.option("--continuum-pixels", default=None, help="Continuum pixel list .npy or 'none'."),
+        click.option("--v-rad-tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Radial velocity bound in km/s; 0 = not fitted."),
+        click.option("--opt-tolerance", type=click.FloatRange(min=0, min_open=True), default=5e-4,
+                     show_default=True, help="Optimiser xtol and ftol."),
+    ]):
+        function = decorator(function)
+    return function
+
+
+@click.command("run")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Fit at most N spectra (the page size with --page).")
+@click.option("--page", type=click.IntRange(min=1), default=None,
+              help="1-based page of --limit registered spectra, in primary-key order (stable slices).")
+@click.option("--tag", default="", show_default=True, help="Tag of the results (part of their uniqueness key).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Spectra claimed, fitted and committed together.")
+@click.option("--pk-min", type=int, default=None, help="Smallest spectrum primary key to consider.")
+@click.option("--pk-max", type=int, default=None, help="Largest spectrum primary key to consider.")
+@_fit_options
+@click.pass_context
+def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, model, mask, continuum_pixels,
+        v_rad_tolerance, opt_tolerance):
+    """Fit the registered spectra that have no result yet for this model and tag.
+
+    Stores one row per spectrum and its intermediate pickle; safe to run from several processes at once.
+    """
+    from ..runner import run_pending
+    from ..task import load_fitter
+
+    if page is not None and limit is None:
+        raise click.UsageError("--page needs --limit (the page size)")
+    _database(ctx)
+    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance)
+    if fitter.emulator.is_demo:
+        click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "
+                   "not for science", err=True)
+    summary = run_pending(fitter, tag=tag, limit=limit, page=page, pk_min=pk_min, pk_max=pk_max,
+                          batch_size=batch_size, processes=processes, progress=True)
+    click.echo(f"thepayne run: {summary}")
+
+
+@click.command("export")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--visits", is_flag=True, help="All-visit catalogue (one row per visit spectrum) instead of all-star.")
+@click.option("--tag", default="", show_default=True, help="Export results with this tag.")
+@click.option("--any-tag", is_flag=True, help="Export results of every tag (the most recent per source/spectrum).")
+@click.option("--model", default=None, help="Only results of this network file (or 'demo').")
+@click.pass_context
+def export(ctx, path, visits, tag, any_tag, model):
+    """Write an astraAllStarThePayne-style FITS catalogue to PATH (HDU1 BOSS empty, HDU2 APOGEE)."""
+    from ..catalogue import export_catalogue
+    from ..emulator import PayneEmulator
+
+    _database(ctx)
+    sha256 = PayneEmulator.load(model).sha256 if model else None
+    n = export_catalogue(path, visits=visits, tag=None if any_tag else tag, model_sha256=sha256)
+    click.echo(f"wrote {n} {'visit' if visits else 'star'} row(s) to {path}")
+
+
+@click.group("noise-model")
+def noise_model():
+    """Apply a noise model (Astra corrections file) to the stored errors."""
+
+
+@noise_model.command("apply")
+@click.argument("corrections_path", metavar="CORRECTIONS.pkl", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tag", default=None, help="Only rows with this tag (default: all rows).")
+@click.option("--model", default=None, help="Only rows of this network file (or 'demo').")
+@click.pass_context
+def apply(ctx, corrections_path, tag, model):
+    """Set e_x = scale * raw_e_x + offset for every label in CORRECTIONS.pkl ((corrections, reference) pickle)."""
+    from ..db.models import ThePayne
+    from ..emulator import PayneEmulator
+    from ..noise_model import apply_corrections_to_database, load_corrections
+
+    if not corrections_path.is_file():
+        raise ConfigurationError(f"corrections file {corrections_path}: does not exist")
+    corrections, _reference, sha256 = load_corrections(corrections_path)
+    _database(ctx)
+    where = None
+    if tag is not None:
+        where = ThePayne.tag == tag
+    if model:
+        condition = ThePayne.model_sha256 == PayneEmulator.load(model).sha256
+        where = condition if where is None else where & condition
+    outcome = apply_corrections_to_database(corrections, sha256=sha256, where=where)
+    rows = max(outcome["updated"].values(), default=0)
+    click.echo(f"noise model {corrections_path.name}: e_* set for {len(outcome['updated'])} label(s) on {rows} row(s)")
+    if outcome["skipped"]:
+        click.echo(f"skipped labels without columns: {', '.join(outcome['skipped'])}", err=True)

@@ -1,0 +1,153 @@
+"""The noise model: from formal errors ``raw_e_x`` to errors that match the scatter of repeat observations.
+
+Astra's corrections file (``$MWM_ASTRA/<version>/aux/ThePayne_corrections.pkl``) is a pickle of
+``(corrections, reference)`` with ``corrections[label] = {"offset": o, "scale": s}``, and ``e_x = s * raw_e_x + o``.
+:func:`calibrate_pair_errors` estimates ``(offset, scale)`` for one label from pairs of observations of the same
+star: the difference of two independent measurements has variance ``e_1**2 + e_2**2`` when the errors are right,
+so ``z = dx / sqrt(e_1**2 + e_2**2)`` has unit variance; we fit ``s`` and ``o`` by maximising the Gaussian
+likelihood of ``dx`` with variance ``(s e_1 + o)**2 + (s e_2 + o)**2``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigurationError
+
+__all__ = ["apply_correction", "calibrate_pair_errors", "pair_z_scores", "load_corrections", "save_corrections",
+           "apply_corrections_to_database"]
+
+
+def apply_correction(raw_e, offset: float, scale: float):
+    """``scale * raw_e + offset`` (array or scalar)."""
+    return scale * np.asarray(raw_e, dtype=float) + offset
+
+
+def pair_z_scores(x1, e1, x2, e2):
+    """``(x1 - x2) / sqrt(e1**2 + e2**2)`` for pairs of measurements of the same quantity, shape (N,)."""
+    x1, e1, x2, e2 = (np.asarray(a, dtype=float) for a in (x1, e1, x2, e2))
+    return (x1 - x2) / np.sqrt(e1**2 + e2**2)
+
+
+def calibrate_pair_errors(x1, e1, x2, e2) -> dict:
+    """Fit ``{"offset": o, "scale": s}`` so that ``s * e + o`` explains the differences of repeat pairs.
+
+    Parameters
+    ----------
+    x1, e1, x2, e2 : array_like, shape (N,)
+        Two measurements of the same star and their formal errors. Non-finite entries are ignored.
+
+    Returns
+    -------
+    dict
+        ``offset`` (same unit as the label, >= 0) and ``scale`` (> 0).
+    """
+    from scipy.optimize import minimize
+
+    x1, e1, x2, e2 = (np.asarray(a, dtype=float) for a in (x1, e1, x2, e2))
+    good = np.isfinite(x1) & np.isfinite(x2) & np.isfinite(e1) & np.isfinite(e2) & (e1 > 0) & (e2 > 0)
+    if good.sum() < 3:
+        raise ValueError(f"need at least 3 finite pairs to calibrate, got {int(good.sum())}")
+    dx, e1, e2 = (x1 - x2)[good], e1[good], e2[good]
+    typical = float(np.median(np.hypot(e1, e2)))
+
+    def nll(params):
+        log_scale, offset_scaled = params
+        scale, offset = math.exp(log_scale), abs(offset_scaled) * typical
+        var = (scale * e1 + offset) ** 2 + (scale * e2 + offset) ** 2
+        return 0.5 * np.sum(dx**2 / var + np.log(var))
+
+    z = dx / np.hypot(e1, e2)
+    start = [math.log(max(1.4826 * float(np.median(np.abs(z - np.median(z)))), 1e-3)), 0.0]
+    best = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
+    return {"offset": float(abs(best.x[1]) * typical), "scale": float(math.exp(best.x[0]))}
+
+
+def load_corrections(path):
+    """Read ``(corrections, reference)`` with the array-only unpickler; check every entry has offset and scale.
+
+    Returns
+    -------
+    corrections : dict
+        ``label -> {"offset": float, "scale": float}``.
+    reference : object
+        Whatever the file holds as its reference (kept for provenance).
+    sha256 : str
+    """
+    from .emulator import ModelFileError, load_pickle_arrays
+
+    path = Path(path)
+    try:
+        content = load_pickle_arrays(path)
+    except ModelFileError as exc:
+        raise ConfigurationError(str(exc).replace("model file", "corrections file", 1)) from None
+    if not (isinstance(content, (tuple, list)) and len(content) == 2 and isinstance(content[0], dict)):
+        raise ConfigurationError(f"corrections file {path}: expected a pickled (corrections, reference) tuple")
+    corrections, reference = content
+    checked = {}
+    for label, entry in corrections.items():
+        try:
+            checked[str(label)] = {"offset": float(entry["offset"]), "scale": float(entry["scale"])}
+        except (KeyError, TypeError, ValueError):
+            raise ConfigurationError(f"corrections file {path}: entry {label!r} lacks a numeric offset and scale") \
+                from None
+    return checked, reference, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_corrections(path, corrections: dict, reference=None) -> Path:
+    """Write ``(corrections, reference)`` in Astra's format, atomically."""
+    path = Path(path)
+    payload = ({k: {"offset": float(v["offset"]), "scale": float(v["scale"])} for k, v in corrections.items()},
+               reference)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(payload, fh, protocol=4)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def apply_corrections_to_database(corrections: dict, sha256: str | None = None, where=None) -> dict:
+    """Set ``e_x = scale * raw_e_x + offset`` in ``the_payne`` with one UPDATE per label, in one transaction.
+
+    Parameters
+    ----------
+    corrections : dict
+        ``label -> {"offset", "scale"}``; labels without ``e_``/``raw_e_`` columns are skipped (and returned).
+    sha256 : str, optional
+        Recorded in ``noise_model_sha256`` of the updated rows.
+    where : peewee expression, optional
+        Restrict the rows (e.g. ``ThePayne.tag == "x"``).
+
+    Returns
+    -------
+    dict
+        ``{"updated": {label: rows}, "skipped": [labels]}``.
+    """
+    from .db.models import ThePayne
+
+    fields = ThePayne._meta.fields
+    updated, skipped = {}, []
+    with ThePayne._meta.database.atomic():
+        for label, entry in corrections.items():
+            if f"e_{label}" not in fields or f"raw_e_{label}" not in fields:
+                skipped.append(label)
+                continue
+            e, raw = fields[f"e_{label}"], fields[f"raw_e_{label}"]
+            values = {e: raw * float(entry["scale"]) + float(entry["offset"])}
+            if sha256:
+                values[ThePayne.noise_model_sha256] = sha256
+            query = ThePayne.update(values)
+            if where is not None:
+                query = query.where(where)
+            updated[label] = query.execute()
+    return {"updated": updated, "skipped": skipped}

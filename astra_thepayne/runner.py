@@ -1,0 +1,251 @@
+"""Running a task generator and saving its results in batches, timed the way Astra times them.
+
+A task is a generator that yields result rows, and ``...`` (Ellipsis) whenever it has spent time on work shared by
+all results (loading the network, building masks). :class:`Timer` gives every result the time since the previous
+yield (``t_elapsed``) and spreads the shared overhead evenly (``t_overhead``, also added to ``t_elapsed``), exactly
+as Astra's task decorator does; :func:`save_in_batches` inserts the rows every ``batch_size`` results or
+``seconds`` seconds, whichever comes first, with on-conflict-ignore so that a duplicate (a re-run, or a concurrent
+process) never fails the batch. This module is the project's own stand-in for Astra's runner when sdss-astra is not
+installed.
+"""
+from __future__ import annotations
+
+import time
+
+from peewee import chunked
+
+__all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
+
+
+class Timer:
+    """Iterate over a task generator, timing each result.
+
+    The interval between two yields is measured inside the generator's own execution (the consumer's time spent
+    saving is not counted, because a generator does not run between a ``yield`` and the next ``next()``).
+    """
+
+    def __init__(self, iterable):
+        self._iterable = iterable
+        self.overheads = 0.0
+        self.n_results = 0
+
+    def __iter__(self):
+        iterator = iter(self._iterable)
+        last = time.perf_counter()
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                self.overheads += time.perf_counter() - last  # time after the last result is shared overhead
+                return
+            interval = time.perf_counter() - last
+            if item is Ellipsis:
+                self.overheads += interval
+            else:
+                self.n_results += 1
+                if getattr(item, "t_elapsed", None) is None:  # a task may time its results itself
+                    item.t_elapsed = interval
+                yield item
+            last = time.perf_counter()
+
+    @property
+    def mean_overhead(self) -> float:
+        return self.overheads / self.n_results if self.n_results else 0.0
+
+    def add_overheads(self, items) -> None:
+        """Give each item the mean overhead so far (``t_overhead``) and add it to its ``t_elapsed``."""
+        overhead = self.mean_overhead
+        for item in items:
+            item.t_overhead = overhead
+            item.t_elapsed = (item.t_elapsed or 0.0) + overhead
+
+
+def insert_rows(rows, database=None) -> None:
+    """Insert model instances of one class with on-conflict-ignore, in statements small enough for SQLite."""
+    rows = list(rows)
+    if not rows:
+        return
+    model = type(rows[0])
+    pk = model._meta.primary_key.name
+    names = [f.name for f in model._meta.sorted_fields if f.name != pk]
+    data = [{name: row.__data__.get(name) for name in names} for row in rows]
+    per_statement = max(1, 30_000 // len(names))  # SQLite allows 32766 bound variables per statement
+    database = database or model._meta.database
+    with database.atomic():
+        for chunk in chunked(data, per_statement):
+            model.insert_many(chunk).on_conflict_ignore().execute()
+
+
+def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows):
+    """Consume a task generator, saving its results every ``batch_size`` results or ``seconds`` seconds.
+
+    Yields the results once they are saved (in order), with ``t_elapsed`` and ``t_overhead`` filled.
+    """
+    timer = Timer(results)
+    batch, last_save = [], time.monotonic()
+    for item in timer:
+        batch.append(item)
+        if len(batch) >= batch_size or time.monotonic() - last_save >= seconds:
+            timer.add_overheads(batch)
+            save(batch)
+            yield from batch
+            batch, last_save = [], time.monotonic()
+    timer.add_overheads(batch)  # only now is the total overhead known
+    save(batch)
+    yield from batch
+
+
+def execute(results, batch_size: int = 1000, seconds: float = 300.0) -> list:
+    """Run a task generator to the end, saving everything; returns the saved results."""
+    return list(save_in_batches(results, batch_size=batch_size, seconds=seconds))
+
+
+# -- `thepayne run`: fit the spectra that have no result yet ------------------------------------------------------
+
+class RunSummary:
+    """Counts and timing of one :func:`run_pending` call."""
+
+    def __init__(self):
+        self.fitted = self.flagged = self.failed = 0
+        self.seconds = 0.0
+
+    def add(self, rows):
+        for row in rows:
+            self.fitted += 1
+            if row.flag_bad:
+                self.failed += 1
+            elif row.flag_warn:
+                self.flagged += 1
+
+    @property
+    def rate(self) -> float:
+        return self.fitted / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self):
+        return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} failed) in "
+                f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
+
+
+def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None):
+    """Query of the spectra without a result for this network and tag, in primary-key order."""
+    from peewee import fn
+
+    from .db.models import SpectrumRecord, ThePayne
+
+    done = ThePayne.select(ThePayne.task_pk).where(
+        (ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256) & (ThePayne.tag == tag)
+    )
+    query = SpectrumRecord.select().where(~fn.EXISTS(done))
+    if pk_min is not None:
+        query = query.where(SpectrumRecord.pk >= int(pk_min))
+    if pk_max is not None:
+        query = query.where(SpectrumRecord.pk <= int(pk_max))
+    if spectrum_types:
+        query = query.where(SpectrumRecord.spectrum_type.in_(list(spectrum_types)))
+    return query.order_by(SpectrumRecord.pk)
+
+
+def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
+    """``(pk_min, pk_max)`` of the ``page``-th (1-based) block of ``per_page`` registered spectra, by primary key.
+
+    Pages are defined over all registered spectra, not over the pending ones, so they stay the same while results
+    are written (Astra's pages shrink as work completes, which skips or repeats spectra). Returns None for a page
+    past the end.
+    """
+    from .db.models import SpectrumRecord
+
+    query = SpectrumRecord.select(SpectrumRecord.pk)
+    if pk_min is not None:
+        query = query.where(SpectrumRecord.pk >= int(pk_min))
+    if pk_max is not None:
+        query = query.where(SpectrumRecord.pk <= int(pk_max))
+    pks = [row.pk for row in query.order_by(SpectrumRecord.pk).paginate(int(page), int(per_page))]
+    return (pks[0], pks[-1]) if pks else None
+
+
+def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_max=None, batch_size: int = 100,
+                processes: int = 1, progress: bool = False, spectrum_types=None) -> RunSummary:
+    """Fit every registered spectrum without a result for ``fitter``'s network and ``tag``; save rows and pickles.
+
+    Work is claimed in batches of ``batch_size`` spectra. On PostgreSQL each batch is one transaction:
+    ``SELECT ... FOR UPDATE SKIP LOCKED`` claims spectra that no concurrent process holds, they are fitted, their
+    pickles written, their rows inserted, and the commit releases them; a process killed mid-batch leaves no row of
+    that batch. On SQLite (one writer at a time, no row locks) the batch is read, fitted, and inserted in a short
+    transaction; a duplicate from a concurrent process is ignored by the unique index.
+
+    Parameters
+    ----------
+    fitter : PayneFitter
+        See :func:`astra_thepayne.task.load_fitter`.
+    tag : str
+    limit : int, optional
+        Fit at most this many spectra; with ``page``, the page size.
+    page : int, optional
+        1-based page of ``limit`` registered spectra (stable slices, see :func:`page_range`).
+    pk_min, pk_max : int, optional
+        Inclusive primary-key range of the spectra considered (``thepayne slurm`` gives each process one range).
+    batch_size : int
+    processes : int
+    progress : bool
+        Show a progress bar (only on a terminal).
+    spectrum_types : sequence of str, optional
+        Restrict to these spectrum types.
+    """
+    from .db.database import is_postgres
+    from .db.models import SpectrumRecord
+    from .task import fit_rows
+
+    summary = RunSummary()
+    start = time.perf_counter()
+    if page is not None:
+        if not limit:
+            raise ValueError("--page needs --limit (the page size)")
+        bounds = page_range(page, limit, pk_min, pk_max)
+        if bounds is None:
+            return summary
+        pk_min, pk_max = bounds
+    database = SpectrumRecord._meta.database
+    postgres = is_postgres(database)
+    pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types)
+    total = pending.count()
+    if limit:
+        total = min(total, int(limit))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="spectrum", desc="thepayne run", disable=None)
+    remaining = int(limit) if limit else None
+    try:
+        while remaining is None or remaining > 0:
+            n = batch_size if remaining is None else min(batch_size, remaining)
+            if postgres:
+                with database.atomic():
+                    records = list(pending.limit(n).for_update("FOR UPDATE SKIP LOCKED"))
+                    if not records:
+                        break
+                    rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes))
+                    insert_rows(rows, database)
+            else:
+                records = list(pending.limit(n))
+                if not records:
+                    break
+                rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes))
+                insert_rows(rows, database)
+            summary.add(rows)
+            if remaining is not None:
+                remaining -= len(records)
+            if bar is not None:
+                bar.update(len(records))
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _fit_batch(results):
+    timer = Timer(results)
+    rows = list(timer)
+    timer.add_overheads(rows)
+    return rows

@@ -1,0 +1,297 @@
+"""The Payne as a task: a generator yielding one :class:`~astra_thepayne.db.models.ThePayne` row per spectrum.
+
+``the_payne(spectra, ...)`` accepts database rows of this package (:class:`~astra_thepayne.db.models.SpectrumRecord`),
+Astra spectrum rows (anything with ``flux``, ``ivar`` and ``wavelength`` arrays and a ``spectrum_pk``) or
+:class:`~astra_thepayne.spectrum.Spectrum` objects read from files, and yields, in input order, one unsaved result
+row for each. It yields ``...`` after loading the network, which marks that time as overhead shared by all results
+(Astra's convention). For a spectrum with a primary key, the intermediate pickle is written atomically before its
+row is yielded, so a row can never be committed before its arrays are on disk.
+
+Running it:
+
+* without Astra, :func:`astra_thepayne.runner.execute` (or ``thepayne run``) saves the rows in batches and fills
+  ``t_elapsed`` / ``t_overhead``;
+* when ``import astra`` succeeds, :data:`the_payne` is additionally wrapped by Astra's ``@task`` decorator with an
+  output model bound to Astra's database and base model (:func:`astra_model`), so that
+  ``astra execute astra_thepayne.the_payne <SpectrumModel>`` works. Set ``THEPAYNE_NO_ASTRA=1`` to keep the plain
+  generator even where Astra is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+from .db.models import SpectrumRecord, ThePayne, row_to_fields
+from .errors import ConfigurationError
+
+__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "ASTRA_AVAILABLE"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_float(value, name):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _load_optional_array(path, what):
+    if path is None or str(path).lower() == "none":
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ConfigurationError(f"{what} {path}: cannot read it ({exc})") from None
+
+
+def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
+                v_rad_tolerance=0.0):
+    """Load the network and build a :class:`~astra_thepayne.fitting.PayneFitter` (shared by task and CLI).
+
+    ``model_path`` may be a path, ``"demo"``, None (CONTRACT.md lookup) or an already loaded
+    :class:`~astra_thepayne.emulator.PayneEmulator`.
+    """
+    from .config import resolve_model_path
+    from .emulator import PayneEmulator
+    from .fitting import PayneFitter
+
+    if isinstance(model_path, PayneEmulator):
+        emulator = model_path
+    else:
+        emulator = PayneEmulator.load(resolve_model_path(model_path))
+    if not emulator.sha256:  # built in memory: hash its arrays so that results still name their network
+        digest = hashlib.sha256()
+        for array in (*emulator.weights, *emulator.biases, emulator.x_min, emulator.x_max):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        emulator.sha256 = digest.hexdigest()
+    return PayneFitter(emulator, mask=_load_optional_array(mask_path, "mask"),
+                       continuum_pixels=_load_optional_array(continuum_pixels_path, "continuum pixel list"),
+                       opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
+                       v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"))
+
+
+class _SpectrumSource:
+    """Turns task inputs into Spectrum objects, reading each file once for consecutive rows of the same file."""
+
+    def __init__(self):
+        self._path = None
+        self._spectra = {}
+
+    def __call__(self, item):
+        """Return ``(spectrum, spectrum_pk, source_pk, error message)``."""
+        from .spectrum import Spectrum
+
+        if isinstance(item, Spectrum):
+            return item, None, None, ""
+        if isinstance(item, SpectrumRecord):
+            try:
+                return self._read_record(item), item.pk, item.source_pk_id, ""
+            except Exception as exc:  # unreadable file: the row becomes a flagged failure
+                return None, item.pk, item.source_pk_id, f"{type(exc).__name__}: {exc}"
+        spectrum_pk = getattr(item, "spectrum_pk", None)
+        spectrum_pk = getattr(spectrum_pk, "pk", spectrum_pk)
+        source_pk = getattr(item, "source_pk", None)
+        source_pk = getattr(source_pk, "pk", source_pk)
+        try:  # an Astra spectrum row: arrays as attributes
+            spectrum = Spectrum(np.asarray(item.wavelength), np.asarray(item.flux), np.asarray(item.ivar),
+                                getattr(item, "pixel_flags", None), snr=float(getattr(item, "snr", None) or np.nan),
+                                path=str(getattr(item, "path", "") or ""), obj=str(getattr(item, "obj", "") or ""))
+            return spectrum, spectrum_pk, source_pk, ""
+        except Exception as exc:
+            return None, spectrum_pk, source_pk, f"{type(exc).__name__}: {exc}"
+
+    def _read_record(self, record):
+        if record.path != self._path:
+            from .io import read_spectra
+
+            self._path, self._spectra = record.path, {}
+            spectra = read_spectra(record.path)
+            self._spectra = {(s.hdu, s.row): s for s in spectra}
+        try:
+            return self._spectra[(record.hdu, record.row)]
+        except KeyError:
+            raise LookupError(f"{record.path}: no spectrum at HDU {record.hdu}, row {record.row}") from None
+
+
+def _paired(fitter, inputs, processes, initial_labels):
+    """Yield ``(input, spectrum_pk, source_pk, spectrum, FitResult)`` in input order."""
+    from .result import FitResult
+
+    names = fitter.emulator.label_names
+    to_spectrum = _SpectrumSource()
+
+    def failure(spectrum, item, message):
+        log.warning("%s: cannot fit: %s", getattr(spectrum, "label", None) or _describe(item), message)
+        return FitResult.failure(names, message)
+
+    if processes <= 1:
+        for item in inputs:
+            spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
+            result = fitter.fit(spectrum, initial_labels) if spectrum is not None else failure(spectrum, item, error)
+            yield item, spectrum_pk, source_pk, spectrum, result
+        return
+    pending = deque()  # (item, spectrum, pks, error) in input order; the pool's feeder thread appends
+
+    def feed():
+        for item in inputs:
+            spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
+            pending.append((item, spectrum, spectrum_pk, source_pk, error))
+            if spectrum is not None:
+                yield spectrum
+
+    for result in fitter.fit_many(feed(), processes=processes, initial_labels=initial_labels):
+        while pending[0][1] is None:  # unreadable inputs before this fit keep their place in the order
+            item, spectrum, spectrum_pk, source_pk, error = pending.popleft()
+            yield item, spectrum_pk, source_pk, None, failure(None, item, error)
+        item, spectrum, spectrum_pk, source_pk, _ = pending.popleft()
+        yield item, spectrum_pk, source_pk, spectrum, result
+    while pending:
+        item, spectrum, spectrum_pk, source_pk, error = pending.popleft()
+        yield item, spectrum_pk, source_pk, None, failure(None, item, error)
+
+
+def _describe(item):
+    if isinstance(item, SpectrumRecord):
+        return f"{os.path.basename(item.path)}[{item.hdu},{item.row}] (spectrum {item.pk})"
+    return repr(item)
+
+
+def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum_pixels_path=None,
+             opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None):
+    """The task body: yield ``...`` once set up, then one unsaved ``model`` row per input spectrum, in order.
+
+    Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
+    :class:`~astra_thepayne.db.models.ThePayne`, or Astra's variant from :func:`astra_model`), ``fitter`` an
+    already built fitter (the ``thepayne run`` command reuses one across batches).
+    """
+    from . import __version__
+    from .intermediate import intermediate_path, write_intermediate
+
+    if fitter is None:
+        fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance)
+    emulator = fitter.emulator
+    missing = [name for name in emulator.label_names if name not in model._meta.fields]
+    if missing:
+        raise ConfigurationError(f"model {emulator.path}: labels {', '.join(missing)} have no column in "
+                                 f"{model._meta.table_name}; only the standard APOGEE labels can be stored")
+    tag = str(tag or "")
+    intermediate_path(1, tag=tag)  # validates the tag before any work is done
+    processes = int(processes or 1)
+    if initial_labels is not None:
+        initial_labels = np.asarray(initial_labels, dtype=float)
+    provenance = {"model_sha256": emulator.sha256, "model_path": str(emulator.path) if emulator.path else None,
+                  "demonstration": bool(emulator.is_demo), "tag": tag, "v_thepayne": __version__}
+    yield ...  # loading the network and building masks is overhead shared by every result
+
+    for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
+        fields = row_to_fields(result.as_row(), model)
+        if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
+            fields["snr"] = float(spectrum.snr)
+        row = model(spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance, **fields)
+        if result.message:
+            row.message = result.message
+        if spectrum_pk is not None and not row.flag_bad:
+            # the pickle is complete on disk before the row exists anywhere but in memory
+            write_intermediate(intermediate_path(spectrum_pk, tag=tag, version=__version__), result.continuum,
+                               result.rectified_model_flux)
+        row.set_arrays(result.continuum, result.rectified_model_flux)
+        yield row
+
+
+def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
+              v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1) -> Iterable[ThePayne]:
+    """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
+
+    Parameters
+    ----------
+    spectra : iterable
+        :class:`~astra_thepayne.db.models.SpectrumRecord` rows, Astra spectrum rows, or
+        :class:`~astra_thepayne.spectrum.Spectrum` objects.
+    model_path : str or PayneEmulator, optional
+        Network file (Astra pickle or The_Payne .npz), ``"demo"``, or None for ``$THEPAYNE_MODEL`` /
+        ``$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl``.
+    mask_path : str, optional
+        ``.npy`` of booleans per model pixel (True = ignore); None or ``"none"`` for no mask.
+    continuum_pixels_path : str, optional
+        ``.npy`` list of continuum pixels; None for pixels chosen from the network.
+    opt_tolerance : float
+        ``xtol`` and ``ftol`` of the optimiser (default 5e-4).
+    v_rad_tolerance : float
+        Largest |v_rel| fitted in km/s; 0 (default) does not fit the radial velocity.
+    initial_labels : array_like, shape (K,), optional
+        Starting labels (physical units); default mid-grid.
+    tag : str
+        Stored with each row and part of its uniqueness key.
+    processes : int
+        Worker processes for the fits.
+
+    Yields
+    ------
+    ``...`` once after setup (overhead marker), then one unsaved ThePayne row per spectrum. Rows of spectra with a
+    primary key have their intermediate pickle written. Failed fits are rows with ``flag_bad`` set.
+    """
+    return fit_rows(spectra, ThePayne, model_path, mask_path, continuum_pixels_path, opt_tolerance,
+                    v_rad_tolerance, initial_labels, tag, processes)
+
+
+# -- Astra integration -----------------------------------------------------------------------------------------
+
+def astra_model():
+    """The result model bound to Astra's database and base model (requires sdss-astra).
+
+    Its foreign keys point at Astra's ``Source`` and ``Spectrum`` models; ``v_astra`` follows the installed Astra
+    (text before 0.8, integer from 0.8 on); the table is ``the_payne`` in Astra's schema, or
+    ``$THEPAYNE_ASTRA_TABLE`` when Astra's own ThePayne already uses that name in the database.
+    """
+    import astra
+    from astra.models.base import BaseModel as AstraBaseModel
+    from astra.models.source import Source as AstraSource
+    from astra.models.spectrum import Spectrum as AstraSpectrum
+    from peewee import IntegerField, TextField
+
+    from .db.models import make_result_model, version_to_int
+
+    bases = (AstraBaseModel,)
+    try:
+        from astra.models.pipeline import PipelineOutputMixin
+
+        bases = (AstraBaseModel, PipelineOutputMixin)
+    except ImportError:
+        pass
+    if version_to_int(astra.__version__) >= 8000:
+        v_astra = IntegerField(default=version_to_int(astra.__version__))
+    else:
+        v_astra = TextField(default=astra.__version__)
+    return make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
+                             table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), v_astra_field=v_astra)
+
+
+ASTRA_AVAILABLE = False
+if not os.environ.get("THEPAYNE_NO_ASTRA"):
+    try:
+        import astra as _astra
+    except ImportError:
+        _astra = None
+    if _astra is not None:
+        try:
+            AstraThePayne = astra_model()
+        except Exception as _exc:  # a broken Astra installation must not break the plugin's own runner
+            log.warning("sdss-astra is installed but its models could not be used (%s); the_payne stays a plain "
+                        "generator", _exc)
+        else:
+            def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
+                                 opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
+                                 processes=1) -> Iterable[AstraThePayne]:
+                yield from fit_rows(spectra, AstraThePayne, model_path, mask_path, continuum_pixels_path,
+                                    opt_tolerance, v_rad_tolerance, initial_labels, tag, int(processes or 1))
+
+            _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
+            _the_payne_astra.__doc__ = the_payne.__doc__
+            the_payne = _astra.task(_the_payne_astra)  # noqa: F811 - the Astra task replaces the plain generator
+            ASTRA_AVAILABLE = True
