@@ -1,0 +1,86 @@
+"""``thepayne slurm`` without a cluster: --dry-run over a real database, and its scripts run by bash."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
+
+
+@pytest.fixture
+def sqlite_setup(tmp_path, toy_emulator):
+    """A SQLite database with 12 registered synthetic spectra (3 files x 4), 3 of them already fitted."""
+    model = tmp_path / "toy.pkl"
+    toy_emulator.save(model)
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=3, visits=3, seed=11)
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", tmp_path / "spectra", env=env)
+    thepayne(url, "run", "--model", model, "--limit", 3, *FAST_FIT, env=env)
+    return url, model, env
+
+
+def _scripts(stdout):
+    return [part for part in re.split(r"^# ----- job \d+ of \d+ -----$", stdout, flags=re.M) if part.strip()]
+
+
+def test_dry_run_prints_one_script_per_node_with_disjoint_ranges(tmp_path, sqlite_setup):
+    url, model, env = sqlite_setup
+    proc = thepayne(url, "slurm", "--nodes", 2, "--procs-per-node", 2, "--threads", 3, "--account", "sdss",
+                    "--partition", "np", "--time", "01:00:00", "--mem", "8G", "--model", model, "--tag", "",
+                    "--dry-run", env=env, cwd=tmp_path)
+    assert "9 pending spectra in 4 slices, 2 job(s)" in proc.stderr
+    scripts = _scripts(proc.stdout)
+    assert len(scripts) == 2
+    for script in scripts:
+        for directive in ("--account=sdss", "--partition=np", "--time=01:00:00", "--mem=8G", "--cpus-per-task=6"):
+            assert f"#SBATCH {directive}" in script
+        assert "export OMP_NUM_THREADS=3 OPENBLAS_NUM_THREADS=3 MKL_NUM_THREADS=3" in script
+    ranges = [tuple(map(int, m)) for m in re.findall(r"--pk-min (\d+) --pk-max (\d+)", proc.stdout)]
+    assert len(ranges) == 4
+    done = {pk for pk, _flags, _tag in results(url)}
+    pending = [pk for pk in registered_keys(url) if pk not in done]
+    # every pending spectrum in exactly one range, no fitted one counted, ranges balanced
+    assert all(sum(lo <= pk <= hi for lo, hi in ranges) == 1 for pk in pending)
+    sizes = [sum(lo <= pk <= hi for pk in pending) for lo, hi in ranges]
+    assert sorted(sizes) == [2, 2, 2, 3]
+    assert not (tmp_path / "thepayne-slurm").exists()  # a dry run writes nothing
+
+
+def test_dry_run_scripts_run_to_completion_with_bash(tmp_path, sqlite_setup):
+    """The printed scripts are real: run them with bash (no scheduler) and every pending spectrum is fitted once."""
+    url, model, env = sqlite_setup
+    proc = thepayne(url, "slurm", "--nodes", 1, "--procs-per-node", 2, "--model", model, *FAST_FIT, "--dry-run",
+                    env=env, cwd=tmp_path)
+    (script,) = _scripts(proc.stdout)
+    (tmp_path / "job.sh").write_text(script)
+    job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    logs = sorted((tmp_path / "thepayne-slurm").glob("thepayne-local-*.log"))
+    assert job.returncode == 0, job.stderr + "".join(p.read_text()[-2000:] for p in logs)
+    assert job.stdout.count(" done") == 2
+    rows = results(url)
+    assert sorted(pk for pk, _flags, _tag in rows) == registered_keys(url)  # each once
+
+
+def test_slurm_without_sbatch_is_a_one_line_configuration_error(tmp_path, sqlite_setup):
+    url, model, env = sqlite_setup
+    env = dict(env, PATH=str(tmp_path / "no-slurm-here"))
+    proc = thepayne(url, "slurm", "--model", model, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "sbatch" in proc.stderr and "--dry-run" in proc.stderr
+
+
+def test_unknown_profile_is_a_configuration_error(tmp_path, sqlite_setup):
+    url, model, env = sqlite_setup
+    (tmp_path / "config.toml").write_text('[slurm.profiles.np]\naccount = "sdss"\n')
+    env = dict(env, THEPAYNE_CONFIG=str(tmp_path / "config.toml"))
+    proc = thepayne(url, "slurm", "--profile", "nope", "--model", model, "--dry-run", env=env, cwd=tmp_path,
+                    check=False)
+    assert proc.returncode == 2 and "profiles there: np" in proc.stderr
+    proc = thepayne(url, "slurm", "--profile", "np", "--partition", "p2", "--model", model, "--dry-run", env=env,
+                    cwd=tmp_path)
+    assert "#SBATCH --account=sdss" in proc.stdout and "#SBATCH --partition=p2" in proc.stdout
