@@ -141,7 +141,7 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
     models = sorted(set(data["model_sha256"]))
     header["NMODELS"] = (len(models), "Distinct networks in the APOGEE HDU")
     for i, sha in enumerate(models, start=1):
-        header[f"MODEL{i}"] = (sha, "SHA-256 of a network file")
+        header[f"MODEL{i}"] = sha  # SHA-256 of a network file (no room left on the card for a comment)
         paths = ThePayne.select(ThePayne.model_path).where(ThePayne.model_sha256 == sha).limit(1)
         header[f"MPATH{i}"] = (os.path.basename(next(iter(paths)).model_path or "") if paths.exists() else "",
                                "Network file name")

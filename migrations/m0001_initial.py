@@ -9,8 +9,16 @@ from __future__ import annotations
 import datetime
 
 from peewee import (
-    AutoField, BigIntegerField, BitField, BooleanField, DateTimeField, FloatField, ForeignKeyField, IntegerField,
-    Model, TextField,
+    AutoField,
+    BigIntegerField,
+    BitField,
+    BooleanField,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
 )
 
 from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
