@@ -1,9 +1,9 @@
 """Helpers of the scale tests (SLURM, crash safety, concurrency, bad input) and the throughput benchmark.
 
-Synthetic apStar files: a file written here is an apStar file as the readers see it (HDU1 flux, HDU2 error, HDU3 APOGEE_PIXMASK, each
-``(nrow, 8575)``, log-lambda grid in CRVAL1/CDELT1, OBJID/SNR/NVISITS in the primary header): with ``n`` visits
-it holds the pixel-weighted coadd in row 0, a global-weighted coadd in row 1 and the visits in rows 2.., so the
-readers return ``n + 1`` spectra (row 1 is not fitted), as for real DR17 files.
+Synthetic apStar files: a file written here is an apStar file as the readers see it (HDU1 flux, HDU2 error,
+HDU3 APOGEE_PIXMASK, each ``(nrow, 8575)``, log-lambda grid in CRVAL1/CDELT1, OBJID/SNR/NVISITS in the primary
+header): with ``n`` visits it holds the pixel-weighted coadd in row 0, a global-weighted coadd in row 1 and the
+visits in rows 2.., so the readers return ``n + 1`` spectra (row 1 is not fitted), as for real DR17 files.
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def slurm_environment() -> dict:
                               env={**os.environ, **extra})
         if proc.returncode != 0 or "up" not in proc.stdout.split():
             first = (proc.stderr.strip().splitlines() or ["no partition is up"])[-1]
-            reason = f"no SLURM cluster answers ({first}); start one with `bash .ci/start_slurm.sh` and export SLURM_CONF"
+            reason = (f"no SLURM cluster answers ({first}); start one with `bash .ci/start_slurm.sh` and "
+                      "export SLURM_CONF")
     if reason:
         if IN_CI:
             pytest.fail(reason + " (CI=true: the SLURM tests must run)")
