@@ -181,7 +181,10 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
         raise ConfigurationError(f"model {emulator.path}: labels {', '.join(missing)} have no column in "
                                  f"{model._meta.table_name}; only the standard APOGEE labels can be stored")
     tag = str(tag or "")
-    intermediate_path(1, tag=tag)  # validates the tag before any work is done
+    try:
+        intermediate_path(1, tag=tag)  # the tag names a folder: check it before any work is done
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     processes = int(processes or 1)
     if initial_labels is not None:
         initial_labels = np.asarray(initial_labels, dtype=float)

@@ -1,0 +1,145 @@
+"""The task generator and the project's own runner (Astra's semantics without Astra), and concurrent runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from astra_thepayne import ThePayne, connect, the_payne
+from astra_thepayne.cli import main
+from astra_thepayne.db.migrate import upgrade
+from astra_thepayne.db.models import SpectrumRecord
+from astra_thepayne.runner import Timer, execute, save_in_batches
+from astra_thepayne.synthetic import synthetic_spectrum
+
+
+def test_the_payne_yields_overhead_then_one_row_per_spectrum_in_order(toy_emulator, toy_model_path):
+    mid = (toy_emulator.x_min + toy_emulator.x_max) / 2
+    spectra = [synthetic_spectrum(toy_emulator, mid, snr=snr, rng=i) for i, snr in enumerate((150, 30))]
+    broken = synthetic_spectrum(toy_emulator, mid, rng=9)
+    broken.ivar[:] = 0
+    items = list(the_payne([spectra[0], broken, spectra[1]], model_path=str(toy_model_path)))
+    assert items[0] is Ellipsis and len(items) == 4
+    good, bad, low = items[1:]
+    assert all(isinstance(r, ThePayne) for r in (good, bad, low))
+    assert (good.flag_bad, bad.flag_bad, low.flag_bad) == (False, True, False)
+    assert low.flag_low_snr and not good.flag_low_snr
+    assert good.spectrum_pk_id is None and good.snr == pytest.approx(150, rel=0.2)
+    # no database and no pickle: arrays come from memory, NaN for the failure
+    assert np.isfinite(good.model_flux).sum() > 7000 and np.isnan(bad.model_flux).all()
+    assert abs(good.teff - mid[0]) < 5 * good.e_teff
+
+
+def test_the_payne_honours_its_parameters(toy_emulator, toy_model_path, tmp_path):
+    spectrum = synthetic_spectrum(toy_emulator, (toy_emulator.x_min + toy_emulator.x_max) / 2, rng=1)
+    mask = np.zeros(7214, dtype=bool)
+    mask[:3000] = True
+    np.save(tmp_path / "mask.npy", mask)
+    (plain,) = list(the_payne([spectrum], model_path=str(toy_model_path)))[1:]
+    (masked,) = list(the_payne([spectrum], model_path=str(toy_model_path), mask_path=str(tmp_path / "mask.npy"),
+                               tag="masked", opt_tolerance=1e-3))[1:]
+    assert masked.dof < plain.dof - 2500 and masked.tag == "masked"
+    from astra_thepayne.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="tag"):
+        list(the_payne([spectrum], model_path=str(toy_model_path), tag="../escape"))
+    with pytest.raises(ConfigurationError):
+        list(the_payne([spectrum], model_path=str(tmp_path / "missing.pkl")))
+
+
+class _Slow:
+    """A fake result row: the runner only sets t_elapsed and t_overhead on what it is given."""
+
+    t_elapsed = None
+    t_overhead = None
+
+
+def _task(n, work=0.02, overhead=0.05):
+    time.sleep(overhead)
+    yield ...
+    for _ in range(n):
+        time.sleep(work)
+        yield _Slow()
+    time.sleep(overhead)  # trailing shared work is overhead too
+
+
+def test_timer_spreads_overhead_like_astra():
+    timer = Timer(_task(4))
+    items = list(timer)
+    assert timer.n_results == 4 and timer.overheads == pytest.approx(0.10, abs=0.03)
+    timer.add_overheads(items)
+    for item in items:
+        assert item.t_overhead == pytest.approx(0.025, abs=0.008)
+        assert item.t_elapsed == pytest.approx(0.02 + item.t_overhead, abs=0.015)
+
+
+def test_save_in_batches_by_count_and_by_time():
+    saved = []
+    out = list(save_in_batches(_task(5, work=0.0, overhead=0.0), batch_size=2, seconds=1e9,
+                               save=lambda batch: saved.append(len(batch))))
+    assert len(out) == 5 and saved == [2, 2, 1]
+    saved.clear()
+    list(save_in_batches(_task(3, work=0.06, overhead=0.0), batch_size=100, seconds=0.05,
+                         save=lambda batch: saved.append(len(batch))))
+    assert saved[:3] == [1, 1, 1]
+
+
+def test_own_runner_saves_task_rows_with_timing(tmp_path, monkeypatch, spectra_dir, toy_model_path):
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
+    database = connect(f"sqlite:///{tmp_path / 'x.db'}")
+    upgrade(database)
+    from astra_thepayne.ingest import ingest
+
+    ingest([spectra_dir / "apStar-A.fits"])
+    records = list(SpectrumRecord.select().order_by(SpectrumRecord.pk))
+    rows = execute(the_payne(records, model_path=str(toy_model_path)), batch_size=2)
+    assert [r.spectrum_pk_id for r in rows] == [r.pk for r in records]
+    stored = list(ThePayne.select().order_by(ThePayne.spectrum_pk))
+    assert len(stored) == 3 and all(r.t_elapsed > r.t_overhead > 0 for r in stored)
+    # running the same task again inserts nothing new (unique per spectrum, model and tag)
+    execute(the_payne(records, model_path=str(toy_model_path)))
+    assert ThePayne.select().count() == 3
+    database.close()
+
+
+def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monkeypatch, spectra_dir, toy_model_path):
+    from _spectra_files import corrupt_file_d
+
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
+    data = shutil.copytree(spectra_dir, tmp_path / "spectra")
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["--database", url, "init"]) == 0
+    assert main(["--database", url, "ingest", str(data)]) == 0
+    corrupt_file_d(data)
+    assert main(["--database", url, "run", "--model", str(toy_model_path), "--processes", "2"]) == 0
+    connect(url)
+    rows = {r.spectrum_pk.path.rsplit("/", 1)[1] + f"[{r.spectrum_pk.row}]": r
+            for r in ThePayne.select(ThePayne, SpectrumRecord).join(SpectrumRecord)}
+    assert len(rows) == 6
+    assert rows["apStar-D.fits[0]"].flag_bad and rows["apStar-C.fits[0]"].flag_bad
+    assert not rows["apStar-A.fits[2]"].flag_bad and not rows["apStar-B.fits[0]"].flag_bad
+
+
+def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tmp_path, spectra_dir, toy_model_path):
+    assert main(["--database", postgres_url, "init"]) == 0
+    assert main(["--database", postgres_url, "ingest", str(spectra_dir)]) == 0
+    env = dict(os.environ, THEPAYNE_OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    command = [sys.executable, "-c", "import sys; from astra_thepayne.cli import main; sys.exit(main())",
+               "--database", postgres_url, "run", "--model", str(toy_model_path), "--batch-size", "1"]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], [err for _, err in outputs]
+    fitted = [int(out.split("thepayne run: ")[1].split()[0]) for out, _ in outputs]
+    assert sum(fitted) == 6  # each spectrum claimed by exactly one process
+    assert sum(1 for n in fitted if n > 0) >= 2  # the work really was shared
+    database = connect(postgres_url)
+    assert ThePayne.select().count() == 6
+    assert ThePayne.select(ThePayne.spectrum_pk).distinct().count() == 6
+    database.close()
