@@ -152,7 +152,8 @@ class PayneEmulator:
 
     def _validate(self):
         if len(self.weights) != 3 or len(self.biases) != 3:
-            raise ModelFileError(f"expected 3 weight and 3 bias arrays, found {len(self.weights)} and {len(self.biases)}")
+            raise ModelFileError(
+                f"expected 3 weight and 3 bias arrays, found {len(self.weights)} and {len(self.biases)}")
         w0, w1, w2 = self.weights
         k = len(self.label_names)
         expected = [("weights[0]", w0.shape, (w0.shape[0], k)), ("weights[1]", w1.shape, (w0.shape[0],) * 2),

@@ -109,9 +109,9 @@ class FitResult:
         """Flat ``{column: value}`` with the keys of :func:`row_keys`, identical for successes and failures."""
         row = {"v_rel": float(self.v_rel), "e_v_rel": float(self.e_v_rel)}
         names = list(self.label_names)
-        row.update({n: float(v) for n, v in zip(names, self.labels)})
-        row.update({f"e_{n}": float(v) for n, v in zip(names, self.e)})
-        row.update({f"raw_e_{n}": float(v) for n, v in zip(names, self.raw_e)})
+        row.update({n: float(v) for n, v in zip(names, self.labels, strict=True)})
+        row.update({f"e_{n}": float(v) for n, v in zip(names, self.e, strict=True)})
+        row.update({f"raw_e_{n}": float(v) for n, v in zip(names, self.raw_e, strict=True)})
         rho = self.rho
         index = {n: i for i, n in enumerate(names)}
         row.update({rho_name(a, b): float(rho[index[a], index[b]]) for a, b in label_pairs(names)})

@@ -41,10 +41,12 @@ class _LazyGroup(click.Group):
         module, attr = _COMMANDS[name]
         try:
             return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-        except (ImportError, AttributeError) as exc:  # a command still being built must not break the others
-            @click.command(name, help=f"(unavailable: {exc})")
+        except (ImportError, AttributeError) as exc:  # one broken command must not break the others
+            reason = str(exc)
+
+            @click.command(name, help=f"(unavailable: {reason})")
             def _unavailable():
-                raise click.ClickException(f"`thepayne {name}` is unavailable: {exc}")
+                raise click.ClickException(f"`thepayne {name}` is unavailable: {reason}")
 
             return _unavailable
 

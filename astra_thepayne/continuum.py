@@ -1,0 +1,82 @@
+"""Continuum normalisation: an inverse-variance weighted Chebyshev polynomial per APOGEE chip region, fitted on
+continuum pixels with iterative sigma clipping, and the default choice of continuum pixels from the network."""
+from __future__ import annotations
+
+import numpy as np
+from numpy.polynomial import chebyshev
+
+from .grid import CONTINUUM_REGIONS
+
+__all__ = ["fit_continuum", "continuum_pixels_from_model"]
+
+
+def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONTINUUM_REGIONS, n_clip=3,
+                  clip_sigma=3.0):
+    """Fit the continuum of one spectrum.
+
+    Parameters
+    ----------
+    wavelength, flux, ivar : ndarray, shape (P,)
+        Pixels with ``ivar == 0`` carry no weight.
+    continuum_mask : ndarray of bool, shape (P,)
+        Pixels allowed to define the continuum.
+    degree : int
+        Chebyshev degree per region (4, as in the Astra seed).
+    n_clip, clip_sigma : int, float
+        Rounds of clipping: continuum pixels further than ``clip_sigma`` from the current fit (in units of their
+        own noise) are dropped and the fit repeated. This keeps cosmic rays, unflagged bad pixels and weak lines
+        that fall on nominal continuum pixels from pulling the polynomial.
+
+    Returns
+    -------
+    continuum : ndarray, shape (P,)
+        NaN outside the regions and in regions with too few usable continuum pixels.
+    """
+    wavelength = np.asarray(wavelength, dtype=float)
+    continuum = np.full(wavelength.shape, np.nan)
+    for lo, hi in regions:
+        in_region = (wavelength >= lo) & (wavelength <= hi)
+        if not in_region.any():
+            continue
+        x = 2 * (wavelength - lo) / (hi - lo) - 1  # Chebyshev domain [-1, 1] across the region
+        use = in_region & continuum_mask & (ivar > 0) & np.isfinite(flux)
+        coefficients = None
+        for _ in range(n_clip + 1):
+            if use.sum() < 3 * (degree + 1):
+                coefficients = None
+                break
+            coefficients = chebyshev.chebfit(x[use], flux[use], degree, w=np.sqrt(ivar[use]))
+            residual = (flux - chebyshev.chebval(x, coefficients)) * np.sqrt(ivar)
+            keep = use & (np.abs(residual) < clip_sigma)
+            if keep.sum() == use.sum():
+                break
+            use = keep
+        if coefficients is not None:
+            continuum[in_region] = chebyshev.chebval(x[in_region], coefficients)
+    return continuum
+
+
+def continuum_pixels_from_model(emulator, tolerance=0.01, min_fraction=0.05, n_samples=256, seed=0):
+    """Model pixels whose flux stays within ``tolerance`` of 1 across the network's label space.
+
+    The network is evaluated at ``n_samples`` label vectors drawn uniformly over its training box (scaled labels in
+    [-0.45, 0.45]); a pixel qualifies when ``max |flux - 1|`` over the draws is below ``tolerance``. Where a chip
+    region would keep fewer than ``min_fraction`` of its pixels, the tolerance is relaxed for that region to the
+    ``min_fraction`` quantile of the deviation, so every region keeps enough pixels to fit a polynomial.
+
+    Returns
+    -------
+    ndarray of bool, shape (P,)
+    """
+    rng = np.random.default_rng(seed)
+    draws = rng.uniform(-0.45, 0.45, (n_samples, emulator.n_labels))
+    deviation = np.zeros(emulator.n_pixels)
+    for chunk in np.array_split(draws, max(1, n_samples // 64)):
+        deviation = np.maximum(deviation, np.abs(emulator.predict(chunk) - 1).max(axis=0))
+    selected = deviation < tolerance
+    for lo, hi in CONTINUUM_REGIONS:
+        region = (emulator.wavelength >= lo) & (emulator.wavelength <= hi)
+        if region.any() and selected[region].mean() < min_fraction:
+            threshold = np.quantile(deviation[region], min_fraction)
+            selected[region] = deviation[region] <= threshold
+    return selected

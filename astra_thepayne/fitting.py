@@ -1,0 +1,381 @@
+"""Fit The Payne to one spectrum: continuum normalisation, bounded least squares with the analytic Jacobian,
+covariance, statistics and flags.
+
+The optimisation follows the Astra seed (scipy's Trust Region Reflective method, scaled labels bounded to
+[-0.5, 0.5], tolerance 5e-4, start at 0 or given labels, absolute sigma) but supplies the exact Jacobian of the
+network, so one iteration costs one forward pass plus one matrix product instead of K + 1 forward passes, and it
+applies the tolerance to chi2 in absolute terms (see ``fit``), so fits end at the minimum rather than near it.
+With ``v_rad_tolerance > 0`` the radial velocity is a free parameter: the rectified model is Doppler shifted
+(linear interpolation in log-lambda within each chip) and its derivative with respect to the shift enters the
+Jacobian, after a coarse grid search over the allowed velocities to start the optimiser near the global minimum.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from .continuum import continuum_pixels_from_model, fit_continuum
+from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
+from .preprocess import to_apstar_grid
+from .result import FitResult
+
+__all__ = ["PayneFitter", "PreparedSpectrum", "load_pixel_array"]
+
+log = logging.getLogger(__name__)
+
+_APSTAR_WAVELENGTH = apstar_wavelength()
+_AT_BOUND = 0.5 - 1e-3  # scaled-label distance from the bound that counts as "on the bound"
+_MIN_PIXELS_PER_PARAMETER = 5
+
+
+@dataclass
+class PreparedSpectrum:
+    """A spectrum ready for fitting, all on the apStar grid (8575): flux and ivar after masking, continuum,
+    and the continuum-normalised flux and ivar (0 where a pixel is not used)."""
+
+    flux: np.ndarray
+    ivar: np.ndarray
+    continuum: np.ndarray
+    norm_flux: np.ndarray
+    norm_ivar: np.ndarray
+    snr: float
+
+
+def load_pixel_array(path, n_model_pixels):
+    """Read a continuum-pixel list or model mask (.npy, never pickled objects): a boolean array over the apStar grid
+    (8575) or the model grid, or integer indices into the apStar grid (the convention of Astra's
+    ``cannon_apogee_pixels.npy``). Returns a boolean array over the apStar grid."""
+    from .errors import ConfigurationError
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ConfigurationError(f"pixel file {path}: not a readable .npy array ({exc})") from None
+    return as_apstar_mask(array, n_model_pixels, str(path))
+
+
+def as_apstar_mask(array, n_model_pixels, what="pixel array"):
+    from .errors import ConfigurationError
+
+    array = np.asarray(array)
+    mask = np.zeros(APSTAR_NPIX, dtype=bool)
+    if array.dtype == bool:
+        if array.shape == (APSTAR_NPIX,):
+            return array.copy()
+        if array.shape == (n_model_pixels,) and n_model_pixels == len(MODEL_TO_APSTAR):
+            mask[MODEL_TO_APSTAR] = array
+            return mask
+        raise ConfigurationError(f"{what}: boolean array of shape {array.shape}, expected ({APSTAR_NPIX},) or "
+                                 f"({n_model_pixels},)")
+    if np.issubdtype(array.dtype, np.integer) and array.ndim == 1:
+        if array.size and (array.min() < 0 or array.max() >= APSTAR_NPIX):
+            raise ConfigurationError(f"{what}: pixel indices must lie in 0..{APSTAR_NPIX - 1}")
+        mask[array] = True
+        return mask
+    raise ConfigurationError(f"{what}: expected a boolean mask or integer pixel indices, found {array.dtype} "
+                             f"{array.shape}")
+
+
+class PayneFitter:
+    """Fits one Payne network to many spectra.
+
+    Parameters
+    ----------
+    emulator : PayneEmulator
+        Its wavelength must be the 7214-pixel APOGEE model grid or the 8575-pixel apStar grid.
+    mask : ndarray of bool, optional
+        Model pixels to ignore (True = ignore), over the model grid or the apStar grid.
+    continuum_pixels : ndarray, optional
+        Continuum pixels (see :func:`load_pixel_array`); default :func:`continuum_pixels_from_model`.
+    opt_tolerance : float
+        ``xtol`` and ``ftol`` of the optimiser.
+    v_rad_tolerance : float
+        Largest |v_rel| (km/s) fitted; 0 disables the radial velocity.
+    pixel_flag_mask : int
+        APOGEE_PIXMASK bits that make a pixel bad (default bits 0-7 and 14).
+    """
+
+    def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
+                 pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4):
+        self.emulator = emulator
+        if emulator.n_pixels == len(MODEL_TO_APSTAR):
+            self.model_to_apstar = MODEL_TO_APSTAR
+        elif emulator.n_pixels == APSTAR_NPIX:
+            self.model_to_apstar = np.arange(APSTAR_NPIX)
+        else:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"model {emulator.path}: {emulator.n_pixels} pixels; expected the 7214-pixel "
+                                     f"APOGEE model grid or the {APSTAR_NPIX}-pixel apStar grid")
+        if not np.allclose(emulator.wavelength, _APSTAR_WAVELENGTH[self.model_to_apstar], rtol=1e-6):
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"model {emulator.path}: its wavelength grid is not the APOGEE model grid")
+        self.ignore = np.zeros(APSTAR_NPIX, dtype=bool)
+        if mask is not None:
+            self.ignore = as_apstar_mask(mask, emulator.n_pixels, "model mask")
+        if continuum_pixels is None:
+            model_continuum = continuum_pixels_from_model(emulator)
+            continuum_pixels = np.zeros(APSTAR_NPIX, dtype=bool)
+            continuum_pixels[self.model_to_apstar] = model_continuum
+        self.continuum_pixels = as_apstar_mask(continuum_pixels, emulator.n_pixels, "continuum pixels")
+        self.opt_tolerance = float(opt_tolerance)
+        self.v_rad_tolerance = float(v_rad_tolerance or 0.0)
+        self.pixel_flag_mask = int(pixel_flag_mask)
+        self.continuum_degree = int(continuum_degree)
+        self._segments = self._model_segments()
+
+    def _model_segments(self):
+        """(start, stop) slices of the model pixels that are contiguous on the apStar grid (one per chip)."""
+        breaks = np.flatnonzero(np.diff(self.model_to_apstar) != 1) + 1
+        edges = np.concatenate([[0], breaks, [len(self.model_to_apstar)]])
+        return list(zip(edges[:-1], edges[1:], strict=True))
+
+    # -- preprocessing ------------------------------------------------------------------------------------------
+    def prepare(self, spectrum) -> PreparedSpectrum:
+        """Mask, resample and continuum-normalise a spectrum."""
+        flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask)
+        ivar = np.where(self.ignore, 0.0, ivar)
+        continuum = fit_continuum(_APSTAR_WAVELENGTH, flux, ivar, self.continuum_pixels,
+                                  degree=self.continuum_degree)
+        on_model = np.zeros(APSTAR_NPIX, dtype=bool)
+        on_model[self.model_to_apstar] = True
+        continuum[~on_model] = np.nan
+        usable = on_model & np.isfinite(continuum) & (continuum > 0) & (ivar > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm_flux = np.where(usable, flux / continuum, 0.0)
+            norm_ivar = np.where(usable, ivar * continuum**2, 0.0)
+        snr = float(spectrum.snr) if np.isfinite(spectrum.snr) else _median_snr(flux, ivar)
+        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr)
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+    def fit(self, spectrum, initial_labels=None) -> FitResult:
+        """Fit one spectrum. Never raises for bad data: a failure is a result with the fitting-failure bit."""
+        try:
+            prepared = self.prepare(spectrum)
+        except Exception as exc:
+            return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
+        try:
+            return self._fit_prepared(prepared, initial_labels)
+        except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
+            return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
+
+    def _failure(self, spectrum, message, snr, prepared=None):
+        log.warning("%s: fit failed: %s", getattr(spectrum, "label", "spectrum"), message)
+        result = FitResult.failure(self.emulator.label_names, message, snr=snr)
+        result.result_flags = flag_result({}, snr, failed=True)
+        return result
+
+    def _fit_prepared(self, prepared, initial_labels):
+        emulator = self.emulator
+        k = emulator.n_labels
+        y = prepared.norm_flux[self.model_to_apstar]
+        weight = np.sqrt(prepared.norm_ivar[self.model_to_apstar])
+        fit_v = self.v_rad_tolerance > 0
+        if fit_v:
+            weight = weight * self._edge_weight()
+        used = np.flatnonzero(weight > 0)
+        n_params = k + int(fit_v)
+        if len(used) < _MIN_PIXELS_PER_PARAMETER * n_params:
+            raise _NotEnoughPixels(f"only {len(used)} usable pixels for {n_params} parameters")
+
+        x0 = np.zeros(k) if initial_labels is None else np.clip(emulator.scale(initial_labels), -0.5, 0.5)
+        x0 = np.where(np.isfinite(x0), x0, 0.0)
+        if fit_v:
+            v_scale = 2.0 * self.v_rad_tolerance  # v / v_scale lies in [-0.5, 0.5] like the labels
+            v0 = self._velocity_grid_search(x0, y, weight)
+            x0 = np.concatenate([x0, [v0 / v_scale]])
+            problem = _ShiftedProblem(emulator, self._segments, y, weight, v_scale)
+        else:
+            problem = _RestFrameProblem(emulator, used, y, weight)
+
+        # SciPy's ftol is relative to the cost (chi2 / 2), which for thousands of pixels lets the seed stop while chi2
+        # still falls by several units, i.e. about a sigma short of the minimum. Dividing by the expected cost at
+        # the minimum (half the number of pixels) makes opt_tolerance an absolute chi2 tolerance instead.
+        ftol = self.opt_tolerance / max(0.5 * len(used), 1.0)
+        solution = least_squares(problem.residuals, x0, jac=problem.jacobian, bounds=(-0.5, 0.5), method="trf",
+                                 xtol=self.opt_tolerance, ftol=ftol)
+        if solution.status <= 0 or not np.all(np.isfinite(solution.x)):
+            raise _OptimiserFailure(f"optimiser stopped: {solution.message}")
+
+        jac = problem.jacobian(solution.x)
+        scale = np.concatenate([emulator.x_max - emulator.x_min, [2.0 * self.v_rad_tolerance] if fit_v else []])
+        covariance = _covariance(jac) * np.outer(scale, scale)
+        sigma = np.sqrt(np.diag(covariance))
+        labels = emulator.unscale(solution.x[:k])
+        chi2 = float(np.sum(problem.residuals(solution.x) ** 2))  # zero-weight pixels add nothing
+        dof = int(len(used) - n_params)
+        at_bound = bool(np.any(np.abs(solution.x[:k]) >= _AT_BOUND))
+        flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound)
+
+        rectified = np.full(APSTAR_NPIX, np.nan)
+        rectified[self.model_to_apstar] = problem.model(solution.x)
+        return FitResult(
+            label_names=emulator.label_names, labels=labels, raw_e=sigma[:k], covariance=covariance[:k, :k],
+            v_rel=float(solution.x[k] * 2.0 * self.v_rad_tolerance) if fit_v else float("nan"),
+            e_v_rel=float(sigma[k]) if fit_v else float("nan"),
+            chi2=chi2, dof=dof, reduced_chi2=chi2 / dof if dof > 0 else float("nan"), snr=prepared.snr,
+            result_flags=flags, continuum=prepared.continuum, rectified_model_flux=rectified,
+            n_iterations=int(solution.nfev),
+        )
+
+    def _edge_weight(self):
+        """Zero weight for pixels within the largest allowed shift of a chip edge, where a shifted model would
+        need flux from beyond the chip."""
+        pixel_velocity = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)
+        margin = int(np.ceil(self.v_rad_tolerance / pixel_velocity)) + 1
+        weight = np.ones(len(self.model_to_apstar))
+        for start, stop in self._segments:
+            weight[start:start + margin] = 0.0
+            weight[max(start, stop - margin):stop] = 0.0
+        return weight
+
+    def _velocity_grid_search(self, x0, y, weight):
+        """Velocity (km/s) on a one-pixel grid over +-v_rad_tolerance that best matches the model at ``x0``."""
+        flux = self.emulator.predict(x0)
+        pixel_velocity = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)
+        trial = np.arange(-self.v_rad_tolerance, self.v_rad_tolerance + 1e-9, pixel_velocity)
+        chi2 = [np.sum((weight * (_shift(flux, self._segments, _pixel_shift(v))[0] - y)) ** 2) for v in trial]
+        return float(trial[int(np.argmin(chi2))])
+
+    # -- many spectra -------------------------------------------------------------------------------------------
+    def fit_many(self, spectra, processes=1, initial_labels=None):
+        """Fit spectra in order; with ``processes > 1`` in worker processes (one BLAS thread each)."""
+        if processes <= 1:
+            for spectrum in spectra:
+                yield self.fit(spectrum, initial_labels)
+            return
+        import multiprocessing
+
+        saved = {v: os.environ.get(v) for v in _THREAD_VARIABLES}
+        os.environ.update({v: "1" for v in _THREAD_VARIABLES})  # read by the spawned workers' BLAS at import
+        try:
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(processes, initializer=_init_worker, initargs=(self,)) as pool:
+                yield from pool.imap(_fit_in_worker, ((s, initial_labels) for s in spectra), chunksize=1)
+        finally:
+            for variable, value in saved.items():
+                if value is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = value
+
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_WORKER_FITTER = None
+
+
+def _init_worker(fitter):
+    global _WORKER_FITTER
+    _WORKER_FITTER = fitter
+
+
+def _fit_in_worker(args):
+    spectrum, initial_labels = args
+    return _WORKER_FITTER.fit(spectrum, initial_labels)
+
+
+class _NotEnoughPixels(RuntimeError):
+    pass
+
+
+class _OptimiserFailure(RuntimeError):
+    pass
+
+
+def _median_snr(flux, ivar):
+    good = ivar > 0
+    return float(np.median(np.abs(flux[good]) * np.sqrt(ivar[good]))) if good.any() else float("nan")
+
+
+def _covariance(jac):
+    """``(J^T J)^-1`` through the SVD; singular values are floored at a relative 1e-12 so that a label the data do
+    not constrain gets an enormous error instead of a crash or a deceptively small one."""
+    _, s, vt = np.linalg.svd(jac, full_matrices=False)
+    s = np.maximum(s, 1e-12 * (s[0] if len(s) and s[0] > 0 else 1.0))
+    return (vt.T / s**2) @ vt
+
+
+def _pixel_shift(v_rel):
+    """Shift in apStar pixels of a source at ``v_rel`` km/s (positive = redshift)."""
+    return np.log10(1.0 + v_rel / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
+
+
+def _shift(values, segments, shift):
+    """Resample ``values`` (model pixels, optionally with extra trailing axes) to positions ``i - shift`` within
+    each chip, linearly; returns the shifted values and their derivative with respect to ``shift``."""
+    n = int(np.floor(shift))
+    frac = shift - n
+    shifted = np.empty_like(values)
+    derivative = np.empty_like(values)
+    for start, stop in segments:
+        index = np.arange(start, stop) - n
+        upper = np.clip(index, start, stop - 1)
+        lower = np.clip(index - 1, start, stop - 1)
+        shifted[start:stop] = (1 - frac) * values[upper] + frac * values[lower]
+        derivative[start:stop] = values[lower] - values[upper]
+    return shifted, derivative
+
+
+class _RestFrameProblem:
+    """Weighted residuals ``w (model - y)`` and their Jacobian over the used pixels, no velocity."""
+
+    def __init__(self, emulator, used, y, weight):
+        self.full_emulator = emulator
+        self.emulator = emulator.subset(used)  # copy the used rows of the output layer once, not per iteration
+        self.y, self.weight = y[used], weight[used]
+        self._x = None
+
+    def _evaluate(self, x):
+        if self._x is None or not np.array_equal(x, self._x):  # least_squares asks for fun and jac at the same x
+            self._flux, self._jac = self.emulator.predict_and_jacobian(x)
+            self._x = np.array(x, copy=True)
+        return self._flux, self._jac
+
+    def residuals(self, x):
+        flux, _ = self._evaluate(x)
+        return self.weight * (flux - self.y)
+
+    def jacobian(self, x):
+        _, jac = self._evaluate(x)
+        return self.weight[:, None] * jac
+
+    def model(self, x):
+        return self.full_emulator.predict(x)
+
+
+class _ShiftedProblem:
+    """Residuals and Jacobian when the radial velocity (last parameter, in units of ``v_scale``) is free."""
+
+    def __init__(self, emulator, segments, y, weight, v_scale):
+        self.emulator, self.segments, self.y, self.weight, self.v_scale = emulator, segments, y, weight, v_scale
+        self._x = None
+
+    def _evaluate(self, x):
+        if self._x is None or not np.array_equal(x, self._x):
+            flux, jac = self.emulator.predict_and_jacobian(x[:-1])
+            v = x[-1] * self.v_scale
+            shift = _pixel_shift(v)
+            self._flux, d_flux = _shift(flux, self.segments, shift)
+            jac_shifted, _ = _shift(jac, self.segments, shift)
+            d_shift_d_x = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
+            self._jac = np.column_stack([jac_shifted, d_flux * d_shift_d_x])
+            self._x = np.array(x, copy=True)
+        return self._flux, self._jac
+
+    def residuals(self, x):
+        flux, _ = self._evaluate(x)
+        return self.weight * (flux - self.y)
+
+    def jacobian(self, x):
+        _, jac = self._evaluate(x)
+        return self.weight[:, None] * jac
+
+    def model(self, x):
+        flux, _ = self._evaluate(x)
+        return flux
