@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import unquote, urlparse, urlunparse
 
 from peewee import DatabaseProxy, PostgresqlDatabase, SqliteDatabase
 from playhouse import db_url
@@ -51,10 +51,12 @@ def _open(url: str):
             "(use sqlite:///path.db or postgresql://user:pass@host:port/dbname[?schema=NAME])"
         )
     try:
-        kwargs = db_url.parse(url, unquote_password=True, unquote_user=True)
+        kwargs = db_url.parse(url, unquote_password=True)  # peewee 3.17 has no unquote_user
     except ValueError as exc:
         raise ConfigurationError(f"unreadable database URL {redact(url)!r}: {exc}") from None
     schema = kwargs.pop("schema", None)
+    if kwargs.get("user"):
+        kwargs["user"] = unquote(kwargs["user"])
     if not kwargs.get("database"):
         raise ConfigurationError(f"unreadable database URL {redact(url)!r}: no database name (local databases take "
                                  "three slashes, sqlite:///path.db; remote ones postgresql://host/dbname)")
