@@ -1,4 +1,4 @@
-"""apStar-like FITS files for the database tests (imported by conftest.py and the test modules)."""
+"""Helpers of the database tests: apStar-like FITS files and the command line run in-process."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from astropy.io import fits
 
 from astra_thepayne.grid import APSTAR_CDELT1, APSTAR_CRVAL1
 
-__all__ = ["write_apstar", "corrupt_file_d"]
+__all__ = ["write_apstar", "corrupt_file_d", "run_cli"]
 
 
 def write_apstar(path, spectra, obj, ra=10.0, dec=20.0, snr=100.0) -> Path:
@@ -48,3 +48,16 @@ def corrupt_file_d(spectra_dir) -> Path:
     path = spectra_dir / "sub" / "apStar-D.fits"
     path.write_bytes(b"SIMPLE  = garbage" + b"\0" * 100)
     return path
+
+
+def run_cli(*args):
+    """Run the command line in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from astra_thepayne.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

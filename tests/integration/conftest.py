@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _spectra_files import run_cli as _cli
 from _spectra_files import write_apstar
 
 from astra_thepayne.synthetic import synthetic_spectrum
@@ -40,9 +41,9 @@ def spectra_dir(toy_emulator, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def module_postgres_url(postgres_server):
-    """A fresh PostgreSQL database for one test module, dropped afterwards."""
+@pytest.fixture(scope="session")
+def session_postgres_url(postgres_server):
+    """A fresh PostgreSQL database for the test session, dropped afterwards."""
     import psycopg2
     from psycopg2.extensions import ISOLATION_LEVEL_AUTOCOMMIT
 
@@ -63,3 +64,49 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'thepayne.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+class Populated:
+    """A database after init, ingest (6 spectra, 4 sources) and three runs; see :func:`populated`."""
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def populated(request, tmp_path_factory, spectra_dir, toy_model_path):
+    """init -> ingest -> run --limit 2 -> run --batch-size 3 -> run, through the command line, once per backend.
+
+    apStar-D is corrupted after ingestion (its row must become a failure) and apStar-C is fully masked.
+    ``THEPAYNE_OUTPUT_DIR`` stays set to the run's output folder for the whole session.
+    """
+    import shutil
+
+    from _spectra_files import corrupt_file_d
+
+    from astra_thepayne import connect
+
+    root = tmp_path_factory.mktemp(f"pipeline-{request.param}")
+    url = (f"sqlite:///{root / 'thepayne.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("session_postgres_url"))
+    data = shutil.copytree(spectra_dir, root / "spectra")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THEPAYNE_OUTPUT_DIR", str(root / "out"))
+        p = Populated()
+        p.backend, p.url, p.root, p.data, p.model = request.param, url, root, data, str(toy_model_path)
+        assert _cli("--database", url, "init")[0] == 0
+        assert _cli("--database", url, "ingest", str(data))[0] == 0
+        corrupt_file_d(data)
+        p.first = _cli("--database", url, "run", "--model", p.model, "--limit", "2")
+        p.second = _cli("--database", url, "run", "--model", p.model, "--batch-size", "3")
+        p.third = _cli("--database", url, "run", "--model", p.model)
+        yield p
+        connect(url).close()
+
+
+@pytest.fixture
+def db(populated, monkeypatch):
+    """The populated database, bound to the models, with THEPAYNE_OUTPUT_DIR pointing at its pickles."""
+    from astra_thepayne import connect
+
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(populated.root / "out"))
+    database = connect(populated.url)
+    yield database
+    database.close()

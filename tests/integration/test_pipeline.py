@@ -1,63 +1,20 @@
 """init -> ingest -> run -> re-run -> query -> export, through the command line, on SQLite and PostgreSQL.
 
-One database per backend is populated once for the module (fitting is the slow part); the tests then query it.
+One database per backend is populated once per session (``populated`` in conftest.py; fitting is the slow part);
+the tests then query it.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import shutil
-
 import numpy as np
 import pytest
-from _spectra_files import corrupt_file_d
+from _spectra_files import run_cli as _cli
 from astropy.io import fits
 
-from astra_thepayne import ThePayne, connect
-from astra_thepayne.cli import main
+from astra_thepayne import ThePayne
 from astra_thepayne.db.models import Source, SpectrumRecord
 from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
 from astra_thepayne.intermediate import intermediate_path
 from astra_thepayne.labels import LABEL_NAMES
-
-
-def _cli(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
-class Populated:
-    pass
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def populated(request, tmp_path_factory, spectra_dir, toy_model_path):
-    root = tmp_path_factory.mktemp(f"pipeline-{request.param}")
-    url = (f"sqlite:///{root / 'thepayne.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("module_postgres_url"))
-    data = shutil.copytree(spectra_dir, root / "spectra")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("THEPAYNE_OUTPUT_DIR", str(root / "out"))
-        p = Populated()
-        p.url, p.root, p.data, p.model = url, root, data, str(toy_model_path)
-        assert _cli("--database", url, "init")[0] == 0
-        assert _cli("--database", url, "ingest", str(data))[0] == 0
-        corrupt_file_d(data)  # registered while readable, unreadable when run: must become a flagged row
-        p.first = _cli("--database", url, "run", "--model", p.model, "--limit", "2")
-        p.second = _cli("--database", url, "run", "--model", p.model, "--batch-size", "3")
-        p.third = _cli("--database", url, "run", "--model", p.model)
-        connect(url)
-        yield p
-        ThePayne._meta.database.close()
-
-
-@pytest.fixture
-def db(populated):
-    database = connect(populated.url)
-    yield database
-    database.close()
 
 
 def test_run_fits_what_is_missing_and_a_rerun_adds_nothing(populated, db):
@@ -111,8 +68,7 @@ def test_flags_work_on_rows_in_peewee_and_in_raw_sql(populated, db):
     assert ThePayne.select().where(ThePayne.flag_fitting_failure).count() == 2
 
 
-def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db, monkeypatch):
-    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(populated.root / "out"))
+def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db):
     good = ThePayne.select().where(~ThePayne.flag_bad).order_by(ThePayne.task_pk).first()
     path = intermediate_path(good.spectrum_pk_id)
     assert path.is_file() and path.parent.name == f"{good.spectrum_pk_id:04d}"[-2:]

@@ -1,0 +1,48 @@
+"""Several ``thepayne run`` processes started at once on one PostgreSQL database.
+
+They claim work in batches with row locks (``FOR UPDATE SKIP LOCKED``): no spectrum may be fitted by two processes,
+none may be left out, and no process may fail on the uniqueness constraint.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
+
+from astra_thepayne.slurm import thepayne_command
+
+pytestmark = pytest.mark.postgres
+
+PROCESSES = 4
+
+
+def test_four_concurrent_runs_fit_each_spectrum_once(tmp_path, toy_emulator, postgres_url):
+    env = cli_environment(tmp_path / "out")
+    model = tmp_path / "toy.pkl"
+    toy_emulator.save(model)
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=6, visits=3, seed=8)
+    thepayne(postgres_url, "init", env=env)
+    thepayne(postgres_url, "ingest", tmp_path / "spectra", env=env)
+    keys = registered_keys(postgres_url)
+    assert len(keys) == 24
+
+    # small batches, so that the processes claim many times while the others hold locks and commit
+    argv = [*thepayne_command(), "--database", postgres_url, "run", "--model", str(model), "--batch-size", "2",
+            *FAST_FIT]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for _ in range(PROCESSES)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+
+    fitted = []
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert not re.search(r"unique|duplicate key|IntegrityError", stderr, re.I), stderr[-3000:]
+        fitted.append(int(re.search(r"(\d+) spectra fitted", stdout + stderr).group(1)))
+    # on-conflict-ignore would hide a second write of a row; the fit counts do not
+    assert sum(fitted) == len(keys), f"fits per process {fitted}: some spectrum was fitted twice or not at all"
+    rows = results(postgres_url)
+    assert sorted(pk for pk, _flags, _tag in rows) == keys
+    assert all(flags & 1 == 0 for _pk, flags, _tag in rows)
+    print(f"fits per process: {fitted}")
