@@ -243,6 +243,11 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
                     v_rad_tolerance, initial_labels, tag, processes)
 
 
+# `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from
+# the return annotation object (``annotations["return"].__args__[0]``), so give it the real one.
+the_payne.__annotations__["return"] = Iterable[ThePayne]
+
+
 # -- Astra integration -----------------------------------------------------------------------------------------
 
 def astra_model():
@@ -294,6 +299,7 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                 yield from fit_rows(spectra, AstraThePayne, model_path, mask_path, continuum_pixels_path,
                                     opt_tolerance, v_rad_tolerance, initial_labels, tag, int(processes or 1))
 
+            _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
             _the_payne_astra.__doc__ = the_payne.__doc__
             the_payne = _astra.task(_the_payne_astra)  # noqa: F811 - the Astra task replaces the plain generator

@@ -143,3 +143,20 @@ def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tm
     assert ThePayne.select().count() == 6
     assert ThePayne.select(ThePayne.spectrum_pk).distinct().count() == 6
     database.close()
+
+
+def test_task_is_discoverable_and_declares_its_output_model():
+    from importlib.metadata import entry_points
+    from inspect import getfullargspec
+
+    import astra_thepayne
+    from astra_thepayne import task
+
+    (entry,) = [e for e in entry_points(group="astra.tasks") if e.name == "the_payne"]
+    assert entry.load() is astra_thepayne.the_payne is task.the_payne
+    # what `astra execute` does to find the table it fills
+    assert getfullargspec(task.the_payne).annotations["return"].__args__[0] is ThePayne
+    try:
+        import astra  # noqa: F401
+    except ImportError:
+        assert task.ASTRA_AVAILABLE is False  # the plain generator, run by astra_thepayne.runner
