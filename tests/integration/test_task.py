@@ -160,3 +160,27 @@ def test_task_is_discoverable_and_declares_its_output_model():
         import astra  # noqa: F401
     except ImportError:
         assert task.ASTRA_AVAILABLE is False  # the plain generator, run by astra_thepayne.runner
+
+
+def test_demonstration_results_say_so_in_rows_and_catalogue(tmp_path, monkeypatch, spectra_dir, toy_emulator):
+    from astropy.io import fits
+
+    from astra_thepayne.catalogue import export_catalogue
+    from astra_thepayne.emulator import PayneEmulator
+    from astra_thepayne.ingest import ingest
+
+    demo = PayneEmulator(toy_emulator.weights, toy_emulator.biases, toy_emulator.x_min, toy_emulator.x_max,
+                         toy_emulator.wavelength, toy_emulator.label_names, meta={"demonstration": True})
+    demo.save(tmp_path / "demo.pkl")
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
+    database = connect(f"sqlite:///{tmp_path / 'x.db'}")
+    upgrade(database)
+    ingest([spectra_dir / "apStar-B.fits"])
+    execute(the_payne(SpectrumRecord.select(), model_path=str(tmp_path / "demo.pkl"), tag="demo"))
+    (row,) = ThePayne.select()
+    assert row.demonstration is True and row.model_path == str(tmp_path / "demo.pkl")
+    assert export_catalogue(tmp_path / "cat.fits", tag="demo") == 1
+    with fits.open(tmp_path / "cat.fits") as hdul:
+        assert hdul[0].header["DEMO"] is True and "DEMONSTRATION" in str(hdul[0].header["COMMENT"])
+        assert bool(hdul["APOGEE"].data["demonstration"][0]) is True
+    database.close()
