@@ -20,9 +20,9 @@ DEMO_NOTICE = "demonstration network trained on a toy line model — not for sci
 DEMO_FILENAME = "demo_nn.pkl"
 
 # Recipe of the bundled file (astra_thepayne.training.make_demo reads these).
-DEMO_HIDDEN = 64
+DEMO_HIDDEN = 128
 DEMO_N_SPECTRA = 6000
-DEMO_EPOCHS = 600
+DEMO_EPOCHS = 400
 DEMO_BATCH_SIZE = 128
 DEMO_LEARNING_RATE = 3e-3
 DEMO_PATIENCE = 60
