@@ -50,11 +50,11 @@ def slurm_environment() -> dict:
 
 @pytest.fixture
 def survey(tmp_path, toy_emulator, postgres_url, slurm_environment):
-    """A PostgreSQL database with 24 registered synthetic spectra (6 files x 4); returns (url, model, env)."""
+    """A PostgreSQL database with 16 registered synthetic spectra (4 files x 4); returns (url, model, env)."""
     model = tmp_path / "toy.pkl"
     toy_emulator.save(model)
     env = cli_environment(tmp_path / "out", **slurm_environment)
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=6, visits=3, seed=5)
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=4, visits=3, seed=5)
     thepayne(postgres_url, "init", env=env)
     thepayne(postgres_url, "ingest", tmp_path / "spectra", env=env)
     return postgres_url, model, env
@@ -94,7 +94,7 @@ def test_multi_process_submission_fits_every_pending_spectrum_once(tmp_path, sur
                     "--wait", "--poll-interval", 0.5, env=env, cwd=tmp_path, timeout=540)
     job_ids = proc.stdout.split()
     assert len(job_ids) == 2 and all(j.isdigit() for j in job_ids), proc.stdout
-    assert "20 pending spectra in 4 slices, 2 job(s)" in proc.stderr
+    assert "12 pending spectra in 4 slices, 2 job(s)" in proc.stderr
     assert "all 2 job(s) completed" in proc.stderr
     # scheduler's view: both jobs COMPLETED, each ran 2 processes with one thread per pool
     for job_id in job_ids:
@@ -105,9 +105,9 @@ def test_multi_process_submission_fits_every_pending_spectrum_once(tmp_path, sur
     assert len(scripts) == 2
     assert all("export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1" in s.read_text() for s in scripts)
     counts = _fitted_counts(log_dir, "payne-ci")
-    assert len(counts) == 4 and sum(counts) == 20, f"fits per process {counts}: a spectrum was fitted twice"
+    assert len(counts) == 4 and sum(counts) == 12, f"fits per process {counts}: a spectrum was fitted twice"
     _assert_each_spectrum_once_with_pickle(url, tmp_path / "out")
-    print(f"4 processes in 2 jobs fitted 20 spectra in {time.monotonic() - start:.1f} s")
+    print(f"4 processes in 2 jobs fitted 12 spectra in {time.monotonic() - start:.1f} s")
 
 
 def test_wait_reports_a_failed_job_and_a_rerun_resumes(tmp_path, survey):
@@ -130,8 +130,8 @@ def test_wait_reports_a_failed_job_and_a_rerun_resumes(tmp_path, survey):
     assert re.search(rf"job {second} ended CANCELLED", stderr), stderr
     assert "1 of 2 job(s) failed" in stderr
     done = len(results(url))
-    assert 0 < done < 24
+    assert 0 < done < 16
 
     proc = thepayne(url, *argv, env=env, cwd=tmp_path, timeout=540)
-    assert f"{24 - done} pending spectra" in proc.stderr
+    assert f"{16 - done} pending spectra" in proc.stderr
     _assert_each_spectrum_once_with_pickle(url, tmp_path / "out")
