@@ -76,12 +76,16 @@ def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db
     model_flux = good.model_flux
     assert model_flux.shape == (8575,) and np.all(np.isfinite(model_flux[MODEL_TO_APSTAR]))
     assert np.allclose(model_flux, good.continuum * good.rectified_model_flux, equal_nan=True)
-    path.unlink()  # cached on first access: no second read
-    assert good.continuum is good.continuum and np.isfinite(good.continuum[MODEL_TO_APSTAR]).all()
-    from astra_thepayne.intermediate import IntermediateFileError
+    hidden = path.with_name(path.name + ".hidden")
+    path.rename(hidden)  # cached on first access: no second read; a fresh row must find the file
+    try:
+        assert good.continuum is good.continuum and np.isfinite(good.continuum[MODEL_TO_APSTAR]).all()
+        from astra_thepayne.intermediate import IntermediateFileError
 
-    with pytest.raises(IntermediateFileError, match="does not exist"):
-        _ = ThePayne.get_by_id(good.task_pk).model_flux
+        with pytest.raises(IntermediateFileError, match="does not exist"):
+            _ = ThePayne.get_by_id(good.task_pk).model_flux
+    finally:
+        hidden.rename(path)  # the database is shared with other tests
     for bad in ThePayne.select().where(ThePayne.flag_bad):
         assert not intermediate_path(bad.spectrum_pk_id).exists()
         assert bad.model_flux.shape == (8575,) and np.all(np.isnan(bad.model_flux))
