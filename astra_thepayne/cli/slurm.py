@@ -91,6 +91,10 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
                        workdir=os.getcwd())
     database_url = _slurm.absolute_database_url(resolve_database_url((ctx.obj or {}).get("database_url")))
     model = _absolute(resolve_model_path(model))
+    for flag, path in (("--mask", mask), ("--continuum-pixels", continuum_pixels)):
+        # checked here, not in every job: a typo would otherwise fail all of them after they waited in the queue
+        if path is not None and str(path).lower() != "none" and not os.path.isfile(_absolute(path)):
+            raise ConfigurationError(f"{flag} {path}: no such file")
     if not dry_run:
         _slurm._require("sbatch")  # fail before the database work when this is no SLURM login node
 
