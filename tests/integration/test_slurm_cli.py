@@ -74,8 +74,14 @@ def test_slurm_without_sbatch_is_a_one_line_configuration_error(tmp_path, sqlite
     assert "sbatch" in proc.stderr and "--dry-run" in proc.stderr
 
 
-def test_unknown_profile_is_a_configuration_error(tmp_path, sqlite_setup):
+def test_configuration_errors_stop_before_submission(tmp_path, sqlite_setup):
     url, model, env = sqlite_setup
+    proc = thepayne(url, "slurm", "--model", model, "--mask", tmp_path / "no-such-mask.npy", "--dry-run", env=env,
+                    cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no-such-mask.npy: no such file" in proc.stderr
+    proc = thepayne(url, "slurm", "--model", tmp_path / "no-such-model.pkl", "--dry-run", env=env, cwd=tmp_path,
+                    check=False)
+    assert proc.returncode == 2 and "no-such-model.pkl" in proc.stderr
     (tmp_path / "config.toml").write_text('[slurm.profiles.np]\naccount = "sdss"\n')
     env = dict(env, THEPAYNE_CONFIG=str(tmp_path / "config.toml"))
     proc = thepayne(url, "slurm", "--profile", "nope", "--model", model, "--dry-run", env=env, cwd=tmp_path,
