@@ -455,13 +455,17 @@ def _parse_scontrol(text: str) -> dict:
 
 def job_status(job_id: str) -> JobStatus:
     """Ask ``scontrol show job`` for the state of a job, falling back to ``sacct`` once the controller has
-    forgotten it (after MinJobAge); ``UNKNOWN`` when neither knows it."""
+    forgotten it (after MinJobAge); ``UNKNOWN`` when neither knows it, ``UNREACHABLE`` (not finished) when the
+    controller does not answer."""
     proc = subprocess.run([_require("scontrol"), "show", "job", "-o", str(job_id)], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL)
     if proc.returncode == 0 and "JobState=" in proc.stdout:
         fields = _parse_scontrol(proc.stdout)
         return JobStatus(str(job_id), fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", ""),
                          fields.get("Reason", ""), fields.get("StdOut", ""))
+    if "invalid job id" not in proc.stderr.lower():
+        # the controller did not answer (busy, restarting): not a verdict on the job, ask again later
+        return JobStatus(str(job_id), "UNREACHABLE", reason=" ".join(proc.stderr.split()))
     sacct = shutil.which("sacct")
     if sacct:
         proc = subprocess.run([sacct, "-n", "-X", "-P", "-j", str(job_id), "-o", "JobID,State,ExitCode"],

@@ -233,3 +233,18 @@ def test_wait_for_jobs_reports_state_changes():
     assert final["1"].state == "COMPLETED" and not final["1"].failed
     assert final["2"].failed
     assert seen == [("1", "PENDING"), ("2", "RUNNING"), ("1", "RUNNING"), ("2", "FAILED"), ("1", "COMPLETED")]
+
+
+def test_job_status_reads_scontrol_and_tells_silence_from_absence(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    _fake_program(tmp_path, "sacct", "exit 1")
+    _fake_program(tmp_path, "scontrol", 'echo "JobId=7 JobName=thepayne-0 JobState=FAILED Reason=NonZeroExitCode '
+                                        'ExitCode=1:0 StdOut=/x/thepayne-7.out"')
+    status = slurm.job_status("7")
+    assert (status.state, status.exit_code, status.stdout, status.failed) == ("FAILED", "1:0", "/x/thepayne-7.out",
+                                                                               True)
+    _fake_program(tmp_path, "scontrol", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    assert slurm.job_status("7").state == "UNKNOWN" and slurm.job_status("7").failed
+    _fake_program(tmp_path, "scontrol", 'echo "slurm_load_jobs error: Socket timed out on send/recv" >&2; exit 1')
+    status = slurm.job_status("7")
+    assert status.state == "UNREACHABLE" and not status.finished  # asked again, not counted as a failure
