@@ -224,6 +224,11 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                     records = list(pending.limit(n).for_update("FOR UPDATE SKIP LOCKED"))
                     if not records:
                         break
+                    # The SELECT's snapshot predates its row locks: a spectrum whose claimer committed in between
+                    # is unlocked yet done. A new statement sees that commit, so drop such spectra here.
+                    records = _without_results(records, fitter.emulator.sha256, tag)
+                    if not records:
+                        continue
                     rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes))
                     insert_rows(rows, database)
             else:
@@ -242,6 +247,15 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _without_results(records, model_sha256, tag):
+    from .db.models import ThePayne
+
+    done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(
+        ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
+        & (ThePayne.tag == tag)).tuples()}
+    return [r for r in records if r.pk not in done]
 
 
 def _fit_batch(results):
