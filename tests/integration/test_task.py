@@ -184,3 +184,23 @@ def test_demonstration_results_say_so_in_rows_and_catalogue(tmp_path, monkeypatc
         assert hdul[0].header["DEMO"] is True and "DEMONSTRATION" in str(hdul[0].header["COMMENT"])
         assert bool(hdul["APOGEE"].data["demonstration"][0]) is True
     database.close()
+
+
+def test_overlapping_runs_on_sqlite_neither_fail_nor_duplicate(tmp_path, spectra_dir, toy_model_path):
+    # SQLite has no row locks: two overlapping runs may both fit a spectrum, but the unique index and
+    # insert-or-ignore keep one row each, and the busy timeout makes the writers wait instead of failing.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert main(["--database", url, "init"]) == 0
+    files = [str(spectra_dir / "apStar-A.fits"), str(spectra_dir / "apStar-B.fits")]
+    assert main(["--database", url, "ingest", *files]) == 0
+    env = dict(os.environ, THEPAYNE_OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", "import sys; from astra_thepayne.cli import main; sys.exit(main())",
+               "--database", url, "run", "--model", str(toy_model_path), "--batch-size", "1"]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    database = connect(url)
+    assert ThePayne.select().count() == 4 == ThePayne.select(ThePayne.spectrum_pk).distinct().count()
+    assert ThePayne.select().where(ThePayne.flag_bad).count() == 0
+    database.close()
