@@ -148,8 +148,8 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
     demo = bool(np.any(data["demonstration"]))
     header["DEMO"] = (demo, "Results made with the demonstration network")
     if demo:
-        header["COMMENT"] = ("DEMONSTRATION: labels come from the bundled demonstration network, "
-                             "not from the production Payne; do not use them for science.")
+        header["COMMENT"] = "DEMONSTRATION: labels come from the bundled demonstration network,"
+        header["COMMENT"] = "not from the production Payne; do not use them for science."
     empty = {key: value[:0] for key, value in data.items()}
     hdul = fits.HDUList([primary, _table_hdu(empty, "BOSS", help_texts), _table_hdu(data, "APOGEE", help_texts)])
 

@@ -164,7 +164,8 @@ def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
 
 
 def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_max=None, batch_size: int = 100,
-                processes: int = 1, progress: bool = False, spectrum_types=None) -> RunSummary:
+                processes: int = 1, progress: bool = False, spectrum_types=None,
+                setup_seconds: float = 0.0) -> RunSummary:
     """Fit every registered spectrum without a result for ``fitter``'s network and ``tag``; save rows and pickles.
 
     Work is claimed in batches of ``batch_size`` spectra. On PostgreSQL each batch is one transaction:
@@ -190,6 +191,8 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         Show a progress bar (only on a terminal).
     spectrum_types : sequence of str, optional
         Restrict to these spectrum types.
+    setup_seconds : float
+        Time already spent loading the network; shared as overhead by the results of the first batch.
     """
     from .db.database import is_postgres
     from .db.models import SpectrumRecord
@@ -229,14 +232,15 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                     records = _without_results(records, fitter.emulator.sha256, tag)
                     if not records:
                         continue
-                    rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes))
+                    rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
                     insert_rows(rows, database)
             else:
                 records = list(pending.limit(n))
                 if not records:
                     break
-                rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes))
+                rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
                 insert_rows(rows, database)
+            setup_seconds = 0.0
             summary.add(rows)
             if remaining is not None:
                 remaining -= len(records)
@@ -258,8 +262,9 @@ def _without_results(records, model_sha256, tag):
     return [r for r in records if r.pk not in done]
 
 
-def _fit_batch(results):
+def _fit_batch(results, setup_seconds=0.0):
     timer = Timer(results)
+    timer.overheads += setup_seconds
     rows = list(timer)
     timer.add_overheads(rows)
     return rows

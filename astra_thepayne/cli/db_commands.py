@@ -6,6 +6,7 @@ comes from the global ``--database`` option, else CONTRACT.md's lookup order.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -104,12 +105,14 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, model, mas
     if page is not None and limit is None:
         raise click.UsageError("--page needs --limit (the page size)")
     _database(ctx)
+    started = time.perf_counter()
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance)
+    setup_seconds = time.perf_counter() - started
     if fitter.emulator.is_demo:
         click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "
                    "not for science", err=True)
     summary = run_pending(fitter, tag=tag, limit=limit, page=page, pk_min=pk_min, pk_max=pk_max,
-                          batch_size=batch_size, processes=processes, progress=True)
+                          batch_size=batch_size, processes=processes, progress=True, setup_seconds=setup_seconds)
     click.echo(f"thepayne run: {summary}")
 
 
