@@ -18,7 +18,7 @@ Named profiles live in a TOML file, ``$THEPAYNE_CONFIG`` or else ``$XDG_CONFIG_H
     [slurm.profiles.notchpeak]
     account = "sdss-np"
     partition = "sdss-np"
-    time = "48:00:00"
+    time = "48:00:00"     # or walltime = ...
     mem = "0"             # whole node
     nodes = 4
     procs_per_node = 32
@@ -364,13 +364,18 @@ def _load_toml(path: Path) -> dict:
         raise ConfigurationError(f"{path} is not valid TOML: {exc}") from None
 
 
+# Astra's profiles call the time limit "walltime"; sbatch calls it "time". Both are accepted.
+_PROFILE_ALIASES = {"walltime": "time"}
+
+
 def load_profile(name: str, path: str | os.PathLike | None = None) -> dict:
     """The settings of the SLURM profile ``[slurm.profiles.<name>]`` in the configuration file.
 
     Returns
     -------
     dict
-        Keys among :attr:`SlurmOptions.PROFILE_KEYS` (``procs-per-node`` is accepted for ``procs_per_node``).
+        Keys among :attr:`SlurmOptions.PROFILE_KEYS` (``procs-per-node`` is accepted for ``procs_per_node``,
+        ``walltime`` for ``time``).
 
     Raises
     ------
@@ -386,7 +391,7 @@ def load_profile(name: str, path: str | os.PathLike | None = None) -> dict:
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "none"
         raise ConfigurationError(f"no SLURM profile {name!r} in {path} (profiles there: {known})")
-    profile = {key.replace("-", "_"): value for key, value in profiles[name].items()}
+    profile = {_PROFILE_ALIASES.get(key, key).replace("-", "_"): value for key, value in profiles[name].items()}
     unknown = sorted(set(profile) - set(SlurmOptions.PROFILE_KEYS))
     if unknown:
         raise ConfigurationError(f"SLURM profile {name!r} in {path} has unknown keys {', '.join(unknown)} "

@@ -168,7 +168,7 @@ def test_bad_options(bad):
 def test_profiles(tmp_path, monkeypatch):
     config = tmp_path / "config.toml"
     config.write_text(
-        '[slurm.profiles.notchpeak]\naccount = "sdss-np"\npartition = "sdss-np"\ntime = "48:00:00"\n'
+        '[slurm.profiles.notchpeak]\naccount = "sdss-np"\npartition = "sdss-np"\nwalltime = "48:00:00"\n'
         'mem = "0"\nprocs-per-node = 16\nthreads = 2\nextra = ["--qos=sdss"]\n'
         '[slurm.profiles.typo]\nacount = "x"\n'
     )
