@@ -88,10 +88,14 @@ def test_multi_process_submission_fits_every_pending_spectrum_once(tmp_path, sur
     # some work done beforehand: only the rest is pending, and the fitted ones must not be fitted again
     thepayne(url, "run", "--model", model, "--limit", 4, *FAST_FIT, env=env)
     log_dir = tmp_path / "logs"
+    # the cluster described once in a profile (partition of .ci/start_slurm.sh), the size given on the command line
+    (tmp_path / "config.toml").write_text('[slurm.profiles.ci]\npartition = "debug"\nwalltime = "00:10:00"\n'
+                                          'mem = "1G"\nthreads = 1\nnodes = 1\n')
+    env = dict(env, THEPAYNE_CONFIG=str(tmp_path / "config.toml"))
     start = time.monotonic()
-    proc = thepayne(url, "slurm", "--nodes", 2, "--procs-per-node", 2, "--threads", 1, "--time", "00:10:00",
-                    "--mem", "1G", "--model", model, *FAST_FIT, "--log-dir", log_dir, "--job-name", "payne-ci",
-                    "--wait", "--poll-interval", 0.5, env=env, cwd=tmp_path, timeout=540)
+    proc = thepayne(url, "slurm", "--profile", "ci", "--nodes", 2, "--procs-per-node", 2, "--model", model,
+                    *FAST_FIT, "--log-dir", log_dir, "--job-name", "payne-ci", "--wait", "--poll-interval", 0.5,
+                    env=env, cwd=tmp_path, timeout=540)
     job_ids = proc.stdout.split()
     assert len(job_ids) == 2 and all(j.isdigit() for j in job_ids), proc.stdout
     assert "12 pending spectra in 4 slices, 2 job(s)" in proc.stderr
@@ -101,6 +105,7 @@ def test_multi_process_submission_fits_every_pending_spectrum_once(tmp_path, sur
         info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                               env={**os.environ, **env}).stdout
         assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info
+        assert "Partition=debug" in info and "TimeLimit=00:10:00" in info, info
     scripts = sorted(log_dir.glob("payne-ci-*.sbatch"))
     assert len(scripts) == 2
     assert all("export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1" in s.read_text() for s in scripts)
