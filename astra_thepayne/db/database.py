@@ -130,4 +130,8 @@ def ensure_schema(database) -> None:
     """Create the PostgreSQL schema named in the URL if it does not exist (no-op otherwise)."""
     schema = schema_of(database)
     if schema and is_postgres(database):
-        _unwrap(database).execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        database = _unwrap(database)
+        # look first: a user without CREATE on the database may still use a schema an administrator made
+        exists = database.execute_sql("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+        if not exists:
+            database.execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
