@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 
 import numpy as np
 from peewee import (
@@ -51,7 +52,7 @@ _BAD_BITS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
 
 def version_to_int(version: str) -> int:
     """Astra 0.8's integer version: ``"0.8.0" -> 8000`` (major * 10**6 + minor * 10**3 + patch)."""
-    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in str(version).split(".")[:3]]
+    parts = [int(m.group()) if (m := re.match(r"\d+", p)) else 0 for p in str(version).split(".")[:3]]
     parts += [0] * (3 - len(parts))
     return parts[0] * 1_000_000 + parts[1] * 1_000 + parts[2]
 
