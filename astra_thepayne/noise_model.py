@@ -21,7 +21,7 @@ import numpy as np
 from .errors import ConfigurationError
 
 __all__ = ["apply_correction", "calibrate_pair_errors", "pair_z_scores", "load_corrections", "save_corrections",
-           "apply_corrections_to_database"]
+           "apply_corrections_to_database", "repeat_pairs", "calibrate_from_database"]
 
 
 def apply_correction(raw_e, offset: float, scale: float):
@@ -46,7 +46,7 @@ def calibrate_pair_errors(x1, e1, x2, e2) -> dict:
     Returns
     -------
     dict
-        ``offset`` (same unit as the label, >= 0) and ``scale`` (> 0).
+        ``offset`` (same unit as the label, 0 to 100 times the typical pair error) and ``scale`` (1e-3 to 1e3).
     """
     from scipy.optimize import minimize
 
@@ -65,7 +65,11 @@ def calibrate_pair_errors(x1, e1, x2, e2) -> dict:
 
     z = dx / np.hypot(e1, e2)
     start = [math.log(max(1.4826 * float(np.median(np.abs(z - np.median(z)))), 1e-3)), 0.0]
-    best = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
+    # bounded: labels without scatter (e.g. fixed in the fit) would otherwise drive the scale to 0 and underflow
+    bounds = [(math.log(1e-3), math.log(1e3)), (0.0, 100.0)]
+    start[0] = min(max(start[0], bounds[0][0]), bounds[0][1])
+    best = minimize(nll, start, method="Nelder-Mead", bounds=bounds,
+                    options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
     return {"offset": float(abs(best.x[1]) * typical), "scale": float(math.exp(best.x[0]))}
 
 
@@ -151,3 +155,54 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
                 query = query.where(where)
             updated[label] = query.execute()
     return {"updated": updated, "skipped": skipped}
+
+
+def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None):
+    """Disjoint pairs of visit results of the same source for one label: ``(x1, e1, x2, e2)``, each shape (N,).
+
+    Visits of a source (apStar visit rows, apVisit, mwmVisit) with a successful fit are taken in spectrum order and
+    paired (1st with 2nd, 3rd with 4th, ...), so that no result enters two pairs and the pairs are independent.
+    Errors are the formal ones (``raw_e_*``).
+    """
+    from .db.models import VISIT_TYPES, SpectrumRecord, ThePayne
+
+    value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"raw_e_{label}"]
+    query = (ThePayne.select(ThePayne.source_pk, value, error)
+             .join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))
+             .where(SpectrumRecord.spectrum_type.in_(list(VISIT_TYPES)) & ~ThePayne.flag_bad
+                    & (ThePayne.tag == tag) & ThePayne.source_pk.is_null(False)
+                    & value.is_null(False) & error.is_null(False)))
+    if model_sha256:
+        query = query.where(ThePayne.model_sha256 == model_sha256)
+    pairs, previous = [], None
+    for source_pk, x, e in query.order_by(ThePayne.source_pk, ThePayne.spectrum_pk).tuples():
+        if previous is not None and previous[0] == source_pk:
+            pairs.append((previous[1], previous[2], x, e))
+            previous = None
+        else:
+            previous = (source_pk, x, e)
+    array = np.array(pairs, dtype=float).reshape(-1, 4)
+    return array[:, 0], array[:, 1], array[:, 2], array[:, 3]
+
+
+def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None = None, min_pairs: int = 3):
+    """Calibrate ``(offset, scale)`` per label from the repeat visits in the database.
+
+    Returns
+    -------
+    corrections : dict
+        ``label -> {"offset", "scale"}`` for the labels with at least ``min_pairs`` pairs.
+    reference : dict
+        Provenance: pairs used per label, tag, network hash.
+    """
+    from .labels import LABEL_NAMES
+
+    corrections, n_pairs = {}, {}
+    for label in labels or LABEL_NAMES:
+        x1, e1, x2, e2 = repeat_pairs(label, tag, model_sha256)
+        n_pairs[label] = len(x1)
+        if len(x1) >= max(3, min_pairs):
+            corrections[label] = calibrate_pair_errors(x1, e1, x2, e2)
+    reference = {"method": "repeat visit pairs, Gaussian likelihood of dx with variance (s e1 + o)^2 + (s e2 + o)^2",
+                 "n_pairs": n_pairs, "tag": tag, "model_sha256": model_sha256 or ""}
+    return corrections, reference

@@ -165,3 +165,26 @@ def apply(ctx, corrections_path, tag, model):
     click.echo(f"noise model {corrections_path.name}: e_* set for {len(outcome['updated'])} label(s) on {rows} row(s)")
     if outcome["skipped"]:
         click.echo(f"skipped labels without columns: {', '.join(outcome['skipped'])}", err=True)
+
+
+@noise_model.command("calibrate")
+@click.argument("output", metavar="OUTPUT.pkl", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tag", default="", show_default=True, help="Use results with this tag.")
+@click.option("--model", default=None, help="Use results of this network file (or 'demo') only.")
+@click.option("--min-pairs", type=click.IntRange(min=3), default=30, show_default=True,
+              help="Labels with fewer repeat pairs get no correction.")
+@click.pass_context
+def calibrate(ctx, output, tag, model, min_pairs):
+    """Fit offset and scale per label from repeat visits of the same stars; write OUTPUT.pkl (Astra format)."""
+    from ..emulator import PayneEmulator
+    from ..noise_model import calibrate_from_database, save_corrections
+
+    _database(ctx)
+    sha256 = PayneEmulator.load(model).sha256 if model else None
+    corrections, reference = calibrate_from_database(tag=tag, model_sha256=sha256, min_pairs=min_pairs)
+    if not corrections:
+        most = max(reference["n_pairs"].values(), default=0)
+        raise ConfigurationError(f"not enough repeat visits to calibrate: at most {most} pair(s) per label, "
+                                 f"--min-pairs is {min_pairs}")
+    save_corrections(output, corrections, reference)
+    click.echo(f"wrote corrections for {len(corrections)} label(s) to {output}")
