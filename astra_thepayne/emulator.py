@@ -208,24 +208,31 @@ class PayneEmulator:
         a1 = leaky_relu(a0 @ w1.T + b1)
         return a1 @ w2.T + b2
 
-    def predict_and_jacobian(self, scaled, pixels=None):
-        """Flux ``(P,)`` and its analytic Jacobian ``d flux / d scaled`` ``(P, K)`` for one scaled label vector.
-
-        ``pixels`` (index array) restricts both to a subset of model pixels, which saves most of the cost when
-        many pixels are masked.
-        """
+    def hidden(self, scaled):
+        """Last hidden layer's activations ``(H,)`` for one scaled label vector, and the Jacobian of those
+        activations with respect to the scaled labels ``(H, K)``."""
         x = np.asarray(scaled, dtype=float)
-        w0, w1, w2 = self.weights
-        b0, b1, b2 = self.biases
-        if pixels is not None:
-            w2, b2 = w2[pixels], b2[pixels]
+        w0, w1, _ = self.weights
+        b0, b1, _ = self.biases
         z0 = w0 @ x + b0
         a0 = np.where(z0 > 0, z0, LEAKY_SLOPE * z0)
         z1 = w1 @ a0 + b1
         a1 = np.where(z1 > 0, z1, LEAKY_SLOPE * z1)
         d0 = np.where(z0 > 0, 1.0, LEAKY_SLOPE)
         d1 = np.where(z1 > 0, 1.0, LEAKY_SLOPE)
-        hidden_jac = d1[:, None] * (w1 @ (d0[:, None] * w0))  # (H, K)
+        return a1, d1[:, None] * (w1 @ (d0[:, None] * w0))
+
+    def predict_and_jacobian(self, scaled, pixels=None):
+        """Flux ``(P,)`` and its analytic Jacobian ``d flux / d scaled`` ``(P, K)`` for one scaled label vector.
+
+        The Jacobian is ``W2 diag(d1) W1 diag(d0) W0`` with ``d`` the LeakyReLU slopes (1 or 0.01): one matrix
+        product with the output layer, instead of the K + 1 network evaluations of finite differences.
+        ``pixels`` (index array) restricts both to a subset of model pixels.
+        """
+        w2, b2 = self.weights[2], self.biases[2]
+        if pixels is not None:
+            w2, b2 = w2[pixels], b2[pixels]
+        a1, hidden_jac = self.hidden(scaled)
         return w2 @ a1 + b2, w2 @ hidden_jac
 
     def subset(self, pixels) -> PayneEmulator:

@@ -6,7 +6,7 @@ import numpy as np
 from .grid import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .spectrum import Spectrum
 
-__all__ = ["synthetic_spectrum", "doppler_shift", "smooth_continuum"]
+__all__ = ["synthetic_spectrum", "doppler_shift", "smooth_continuum", "toy_network"]
 
 
 def doppler_shift(model_wavelength, model_flux, wavelength, v_rel):
@@ -58,3 +58,41 @@ def synthetic_spectrum(emulator, labels, snr=100.0, v_rel=0.0, rng=None, masked_
     return Spectrum(wavelength, flux, ivar, flags, obj=obj or "synthetic", snr=float(snr), path=path,
                     spectrum_type="synthetic", rest_frame=True,
                     meta={"true_labels": truth, "true_v_rel": float(v_rel)})
+
+
+def toy_network(hidden: int = 48, seed: int = 0):
+    """A small random 25-label network on the 7214-pixel model grid with the standard training ranges.
+
+    Features a few pixels wide respond to every label, and a third of the pixels are pure continuum (flux 1). ``hidden``
+    must exceed the number of labels: the Jacobian has rank at most ``hidden``, and a narrower network could not
+    constrain all 25 labels.
+    """
+    from .emulator import PayneEmulator
+    from .grid import model_wavelength
+    from .labels import LABELS
+
+    rng = np.random.default_rng(seed)
+    wavelength = model_wavelength()
+    k, p = len(LABELS), len(wavelength)
+    # each hidden unit listens mostly to one label (like lines that belong to one element), which keeps the labels
+    # individually identifiable, plus some cross-talk between labels
+    w0 = rng.normal(0, 0.5, (hidden, k))
+    w0[np.arange(hidden), np.arange(hidden) % k] += rng.choice([-3.0, 3.0], hidden)
+    b0 = 2.0 + rng.normal(0, 0.3, hidden)  # first layer stays in its linear regime: no label goes blind
+    w1 = rng.normal(0, 1.0 / np.sqrt(hidden), (hidden, hidden))
+    b1 = rng.normal(0, 0.3, hidden)
+    # sparse "lines": each pixel responds to few hidden units, so flux stays mostly near 1 with absorption dips
+    # sparse, smooth "lines" (a few pixels wide, like APOGEE's line spread): each pixel responds to few hidden units
+    w2 = rng.normal(0, 0.04, (p, hidden)) * (rng.random((p, hidden)) < 0.3)
+    kernel = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
+    w2 = np.apply_along_axis(lambda column: np.convolve(column, kernel / kernel.sum() * 2.5, mode="same"), 0, w2)
+    b2 = 1.0 - np.convolve(np.abs(rng.normal(0, 0.05, p)), kernel / kernel.sum(), mode="same")
+    continuum = (np.arange(p) // 20) % 3 == 0  # windows of pure continuum (flux exactly 1 for every label)
+    taper = np.convolve(continuum.astype(float), kernel / kernel.sum(), mode="same")
+    w2 *= (1.0 - taper)[:, None]  # features fade smoothly into the continuum windows: no pixel-scale structure
+    b2 = b2 * (1.0 - taper) + taper
+    w2[continuum], b2[continuum] = 0.0, 1.0
+    x_min = np.array([label.lower for label in LABELS])
+    x_max = np.array([label.upper for label in LABELS])
+    return PayneEmulator([w0, w1, w2], [b0, b1, b2], x_min, x_max, wavelength, [label.name for label in LABELS],
+                         meta={"description": "random toy network for tests and benchmarks - not for science"})

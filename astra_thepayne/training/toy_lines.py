@@ -17,6 +17,8 @@ with a few closed-form ingredients, so that a small network can learn it and a f
   ``1 / (1 + R)`` 13C, so 13C features appear at low ratios and 12C features fade below R ~ 1.
 * **Hydrogen Brackett lines** (n = 11..20 -> 4, at their vacuum wavelengths): populated from 12.75 eV, so they grow
   strongly with teff; Stark-broadened Lorentzian wings grow with the electron pressure (gravity).
+* **Continuum windows**: 24 windows of 4 Angstrom (8 per chip) hold no lines, so that continuum-normalisation has
+  true continuum pixels (:meth:`ToyLineModel.continuum_mask`); hydrogen wings of hot stars still reach some of them.
 * **Broadening**: each line has a Gaussian Doppler core ``b = sqrt(2 k T / m + v_turb**2 + b_floor**2)`` (area
   conserved, so ``v_turb`` de-saturates strong lines and raises their equivalent widths, the classical curve of
   growth); ``exp(-tau)`` is computed on an oversampled log-lambda grid and then convolved with a Gaussian
@@ -45,6 +47,14 @@ _LOG_PE_SUN = 1.0
 _K_OVER_AMU = 1.380649e-23 / 1.66053907e-27 / 1e6  # (km/s)^2 per K per amu
 _RESOLUTION = 22500.0
 _B_FLOOR = 1.5  # km/s: stands in for unresolved broadening, and keeps lines resolved on the oversampled grid
+_WING_CUTOFF = 40.0  # km/s: damping wings of metal and molecular lines taper to zero here
+_BR_CUTOFF = 2000.0  # km/s: Brackett Stark wings taper to zero here (~110 Angstrom)
+# Continuum windows: 8 per chip, 2 x 2 Angstrom wide, no line centre within the cut-off plus 4.5 sigma of the widest
+# broadening (v_macro = 30 km/s with the LSF: sigma = 21.9 km/s) of their edges.
+_N_WINDOWS_PER_CHIP = 8
+_WINDOW_HALF_WIDTH = 2.0
+_LINE_FREE_MARGIN = _WING_CUTOFF + 100.0  # km/s
+_WINDOW_BRACKETT_CLEARANCE = 40.0  # Angstrom
 
 # element: (mass in amu, first ionisation potential in eV, number of atomic lines, fraction of lines from ions)
 ELEMENTS = {
@@ -68,6 +78,11 @@ _BRACKETT_N = np.arange(11, 21)
 # Effective excitation of n = 4: 12.75 eV, halved because hydrogen ionisation and the rising H- opacity of hot stars
 # offset part of the Boltzmann growth.
 _BR_EXCITATION = 6.4
+
+
+def _brackett_wavelengths():
+    """Vacuum wavelengths (Angstrom) of Brackett n -> 4 for n = 11..20 (Rydberg formula for hydrogen)."""
+    return 1e8 / (109678.77 * (1 / 16 - 1 / _BRACKETT_N.astype(float) ** 2))
 
 
 def _log_pe(teff, logg):
@@ -144,10 +159,33 @@ class ToyLineModel:
                     for a, b in MODEL_SEGMENTS]
         widths = np.array([b - a for a, b in wl_edges])
 
+        # Line-free continuum windows, evenly spread over each chip: line centres stay far enough away that neither
+        # wings (cut at _WING_CUTOFF) nor the widest broadening (v_macro 30 km/s and the LSF) reach the window core.
+        centres = []
+        for lo, hi in wl_edges:
+            spacing = (hi - lo) / _N_WINDOWS_PER_CHIP
+            centres.append(lo + spacing * (np.arange(_N_WINDOWS_PER_CHIP) + 0.5 + rng.uniform(-0.2, 0.2,
+                                                                                               _N_WINDOWS_PER_CHIP)))
+        centres = np.concatenate(centres)
+        # ... and keep clear of the cores of the Brackett lines
+        offset = centres[:, None] - _brackett_wavelengths()[None, :]
+        nearest = np.argmin(np.abs(offset), axis=1)
+        near = np.abs(offset[np.arange(len(centres)), nearest]) < _WINDOW_BRACKETT_CLEARANCE
+        shift = np.sign(offset[np.arange(len(centres)), nearest]) * _WINDOW_BRACKETT_CLEARANCE
+        centres = np.where(near, _brackett_wavelengths()[nearest] + shift, centres)
+        self.continuum_windows = centres[:, None] + np.array([[-1.0, 1.0]]) * _WINDOW_HALF_WIDTH
+        exclusion = _WINDOW_HALF_WIDTH + self.continuum_windows.mean(axis=1) * _LINE_FREE_MARGIN / SPEED_OF_LIGHT_KMS
+
         def positions(n):
-            chip = rng.choice(len(wl_edges), size=n, p=widths / widths.sum())
-            lo = np.array([wl_edges[c][0] for c in chip])
-            return lo + rng.uniform(0, 1, n) * widths[chip]
+            out = np.empty(0)
+            while len(out) < n:  # rejection sampling keeps the draw order, hence the list, fixed by the seed
+                chip = rng.choice(len(wl_edges), size=n, p=widths / widths.sum())
+                lo = np.array([wl_edges[c][0] for c in chip])
+                wl = lo + rng.uniform(0, 1, n) * widths[chip]
+                centre = self.continuum_windows.mean(axis=1)
+                free = np.all(np.abs(wl[:, None] - centre[None, :]) > exclusion[None, :], axis=1)
+                out = np.concatenate([out, wl[free]])
+            return out[:n]
 
         rows = []
         for element, (mass, chi_ion, n, ion_fraction) in ELEMENTS.items():
@@ -171,22 +209,22 @@ class ToyLineModel:
         return _Lines(**cat)
 
     def _precompute_windows(self):
-        # Each line touches only sub-pixels within +-_WINDOW km/s of its centre.
+        # Each line touches only sub-pixels within +-_WING_CUTOFF km/s of its centre.
         log_idx = (np.log10(self.lines.wavelength) - APSTAR_CRVAL1) / APSTAR_CDELT1
         self._centre = (log_idx - self._first + 0.5) * self.oversample - 0.5  # fractional sub-pixel position
-        half = int(np.ceil(60.0 / self._dv))
+        half = int(np.ceil(_WING_CUTOFF / self._dv))
         offsets = np.arange(-half, half + 1)
         start = np.floor(self._centre).astype(int)
         self._win_idx = start[:, None] + offsets[None, :]  # (L, W)
         self._win_v = (self._win_idx - self._centre[:, None]) * self._dv  # km/s from line centre
-        taper = np.clip(1 - (self._win_v / 60.0) ** 2, 0, None) ** 2  # smooth cut-off of the damping wings
+        taper = np.clip(1 - (self._win_v / _WING_CUTOFF) ** 2, 0, None) ** 2  # smooth cut-off of damping wings
         self._taper = taper
         # Brackett lines: wide windows for Stark wings
-        wl_br = 1e8 / (109678.77 * (1 / 16 - 1 / _BRACKETT_N.astype(float) ** 2))  # vacuum Angstrom
-        log_idx = (np.log10(wl_br) - APSTAR_CRVAL1) / APSTAR_CDELT1
+        log_idx = (np.log10(_brackett_wavelengths()) - APSTAR_CRVAL1) / APSTAR_CDELT1
         self._br_centre = (log_idx - self._first + 0.5) * self.oversample - 0.5
         n_fine = len(self._fine_index)
         self._br_v = (np.arange(n_fine)[None, :] - self._br_centre[:, None]) * self._dv  # (10, n_fine)
+        self._br_taper = np.clip(1 - (self._br_v / _BR_CUTOFF) ** 2, 0, None) ** 2
         # oscillator strength falls roughly as n^-3 along the series
         self._br_log_tau_sun = np.log10(0.08 * (11.0 / _BRACKETT_N) ** 3)
 
@@ -236,7 +274,7 @@ class ToyLineModel:
         log_br = self._br_log_tau_sun - _BR_EXCITATION * (theta - _THETA_SUN) - (log_pe - _LOG_PE_SUN)
         width = 40.0 * 10 ** ((2.0 / 3.0) * (log_pe - _LOG_PE_SUN))
         br_strength = 10 ** log_br * np.pi * 40.0  # tau_centre = 10**log_br when width = 40 km/s
-        tau += (br_strength[:, None] * width / (np.pi * (self._br_v ** 2 + width ** 2))).sum(axis=0)
+        tau += (br_strength[:, None] * width / (np.pi * (self._br_v ** 2 + width ** 2)) * self._br_taper).sum(axis=0)
         return tau
 
     def spectrum(self, labels) -> np.ndarray:
@@ -249,6 +287,14 @@ class ToyLineModel:
         smoothed = np.fft.irfft(np.fft.rfft(absorbed) * kernel, n=len(absorbed))
         per_pixel = smoothed.reshape(-1, self.oversample).mean(axis=1)
         return 1.0 - per_pixel[self._pixels]
+
+    def continuum_mask(self) -> np.ndarray:
+        """Model pixels ``(7214,)`` inside the line-free continuum windows."""
+        from ..grid import model_wavelength
+
+        wl = model_wavelength()
+        return np.any((wl[:, None] >= self.continuum_windows[:, 0]) & (wl[:, None] <= self.continuum_windows[:, 1]),
+                      axis=1)
 
     def spectra(self, labels, progress: bool = False) -> np.ndarray:
         """Flux ``(N, 7214)`` for labels ``(N, 25)``."""

@@ -1,0 +1,139 @@
+"""``thepayne fit``: fit spectra straight from files, no database; write a FITS or CSV table and optional plots."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..errors import ConfigurationError
+from .db_commands import _fit_options
+
+__all__ = ["fit", "results_table"]
+
+log = logging.getLogger("astra_thepayne.fit")
+
+_IDENTITY_COLUMNS = ("path", "hdu", "row", "obj", "spectrum_type", "telescope")
+
+
+def results_table(pairs, emulator):
+    """An astropy Table of (spectrum-or-None, FitResult, path) triples, one row each, lower-case columns."""
+    from astropy.table import Table
+
+    from .. import __version__
+    from ..result import row_keys
+
+    keys = row_keys(emulator.label_names)
+    columns = {name: [] for name in (*_IDENTITY_COLUMNS, *keys)}
+    for spectrum, result, path in pairs:
+        columns["path"].append(str(path))
+        columns["hdu"].append(spectrum.hdu if spectrum else -1)
+        columns["row"].append(spectrum.row if spectrum else -1)
+        columns["obj"].append(spectrum.obj if spectrum else "")
+        columns["spectrum_type"].append(spectrum.spectrum_type if spectrum else "")
+        columns["telescope"].append(spectrum.telescope if spectrum else "")
+        row = result.as_row()
+        for key in keys:
+            columns[key].append(row[key])
+    table = Table(columns)
+    table.meta.update({"PACKAGE": "astra_thepayne", "VERSION": __version__, "MODEL": str(emulator.path),
+                       "MODELSHA": emulator.sha256 or ""})
+    if emulator.is_demo:
+        table.meta["NOTICE"] = str(emulator.meta.get("description", "demonstration network - not for science"))
+    return table
+
+
+def _write(table, path):
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        table.write(path, format="ascii.csv", overwrite=True)
+    elif path.suffix.lower() in (".fits", ".fit") or path.name.lower().endswith(".fits.gz"):
+        table.write(path, format="fits", overwrite=True)
+    else:
+        raise ConfigurationError(f"--output {path}: use a .fits or .csv file name")
+
+
+def _safe_name(text):
+    return re.sub(r"[^A-Za-z0-9+._-]+", "_", text).strip("_")
+
+
+@click.command("fit")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_fit_options
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Results table (.fits or .csv). Without it, a short summary table is printed.")
+@click.option("--plot-dir", type=click.Path(path_type=Path), default=None,
+              help="Write one PNG per spectrum here: data, model, residuals, masked pixels.")
+@click.option("--coadd-only", is_flag=True, help="apStar: fit the coadd (row 0) only, not the visits.")
+def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, processes, output, plot_dir,
+        coadd_only):
+    """Fit spectra straight from FILES (apStar, apVisit, mwmStar, mwmVisit, aspcapStar; files or folders)."""
+    from tqdm import tqdm
+
+    from ..io import SpectrumFileError, iter_spectrum_files, read_spectra
+    from ..result import FitResult
+    from ..task import load_fitter
+
+    if output is not None and output.suffix.lower() not in (".fits", ".fit", ".csv", ".gz"):
+        raise ConfigurationError(f"--output {output}: use a .fits or .csv file name")
+    try:
+        paths = list(iter_spectrum_files(files))
+    except SpectrumFileError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if not paths:
+        raise ConfigurationError("no .fits spectrum files found in " + ", ".join(map(str, files)))
+    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance)
+    emulator = fitter.emulator
+    notice = str(emulator.meta.get("description", "")) if emulator.is_demo else ""
+    if notice:
+        click.echo(f"Note: {notice}", err=True)
+
+    spectra, unreadable = [], []
+    for path in paths:
+        try:
+            spectra.extend(read_spectra(path, coadd_only=coadd_only))
+        except SpectrumFileError as exc:
+            log.warning("%s", exc)  # one line per unreadable file; it still gets a flagged row
+            unreadable.append((None, FitResult.failure(emulator.label_names, str(exc)), path))
+
+    start = time.monotonic()
+    results = []
+    progress = tqdm(total=len(spectra), unit="spectrum", disable=not sys.stderr.isatty() or not spectra)
+    for spectrum, result in zip(spectra, fitter.fit_many(spectra, processes=processes), strict=True):
+        results.append((spectrum, result, spectrum.path))
+        progress.update()
+    progress.close()
+    elapsed = time.monotonic() - start
+
+    if plot_dir is not None:
+        from ..plotting import plot_fit
+
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for spectrum, result, _ in results:
+            name = _safe_name(f"{Path(spectrum.path).stem}_hdu{spectrum.hdu}_row{spectrum.row}") + ".png"
+            plot_fit(spectrum, fitter.prepare(spectrum), result, plot_dir / name, notice=notice)
+
+    table = results_table(results + unreadable, emulator)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _write(table, output)
+    else:
+        show = [c for c in ("obj", "hdu", "row", "teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h", "v_rel",
+                            "reduced_chi2", "result_flags") if c in table.colnames]
+        summary = table[show]
+        for column in show:
+            if summary[column].dtype.kind == "f":
+                summary[column].format = ".3g"
+        click.echo("\n".join(summary.pformat(max_lines=-1, max_width=-1)))
+    failed = int(np.sum(table["flag_bad"]))
+    flagged = int(np.sum(table["flag_warn"])) - failed
+    rate = len(results) / elapsed if elapsed > 0 else float("inf")
+    click.echo(f"{len(table)} spectra: {len(table) - failed - flagged} clean, {flagged} flagged, {failed} failed "
+               f"({len(unreadable)} unreadable files); {rate:.1f} spectra/s"
+               + (f"; wrote {output}" if output else "") + (f"; plots in {plot_dir}" if plot_dir else ""), err=True)
+    return 0

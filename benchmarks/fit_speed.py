@@ -1,0 +1,92 @@
+"""Per-core fitting speed: the Astra seed's approach against this engine, on a production-size network.
+
+(a) seed: ``scipy.optimize.curve_fit`` (TRF, bounds +-0.5, xtol = ftol = 5e-4, absolute sigma) with a
+    finite-difference Jacobian, one spectrum at a time -- what Astra's ThePayne does;
+(b) engine, same tolerances: :class:`astra_thepayne.fitting.PayneFitter` with ``absolute_chi2_tolerance=False``;
+(c) engine, defaults: as users run it (tolerance on chi2, so fits end at the minimum).
+
+All three see identical continuum-normalised data. BLAS is limited to one thread so the figures are per core.
+The network is 25 labels -> 300 -> 300 -> 7214 pixels (the DR19 production shape), random but well conditioned
+(``astra_thepayne.synthetic.toy_network``), or any network file given with ``--model``.
+
+    python benchmarks/fit_speed.py [--spectra 20] [--model PATH]
+"""
+import os
+
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = "1"  # before numpy is imported: per-core figures
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.optimize import curve_fit  # noqa: E402
+
+from astra_thepayne.emulator import PayneEmulator  # noqa: E402
+from astra_thepayne.fitting import PayneFitter  # noqa: E402
+from astra_thepayne.synthetic import synthetic_spectrum, toy_network  # noqa: E402
+
+
+def seed_fit(emulator, fitter, spectrum, tolerance=5e-4):
+    """The seed's fit: curve_fit over the model pixels with a finite-difference Jacobian."""
+    prepared = fitter.prepare(spectrum)
+    y = prepared.norm_flux[fitter.model_to_apstar]
+    ivar = prepared.norm_ivar[fitter.model_to_apstar]
+    used = ivar > 0
+
+    def model(_, *scaled):
+        return emulator.predict(np.asarray(scaled))[used]
+
+    p_opt, p_cov = curve_fit(model, None, y[used], p0=np.zeros(emulator.n_labels), sigma=1 / np.sqrt(ivar[used]),
+                             absolute_sigma=True, bounds=(-0.5, 0.5), method="trf", xtol=tolerance, ftol=tolerance)
+    return emulator.unscale(p_opt), np.sqrt(np.diag(p_cov)) * (emulator.x_max - emulator.x_min)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spectra", type=int, default=20)
+    parser.add_argument("--model", default=None, help="network file (default: a random 25 x 300 x 300 x 7214)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    emulator = PayneEmulator.load(args.model) if args.model else toy_network(hidden=300, seed=args.seed)
+    w = emulator.weights
+    print(f"network: {emulator.n_labels} labels, {w[0].shape[0]} x {w[1].shape[0]} hidden, {emulator.n_pixels} "
+          f"pixels ({args.model or 'random, production size'}); {args.spectra} spectra at S/N 50-200; 1 BLAS thread")
+    rng = np.random.default_rng(args.seed)
+    truths = [emulator.unscale(rng.uniform(-0.35, 0.35, emulator.n_labels)) for _ in range(args.spectra)]
+    spectra = [synthetic_spectrum(emulator, t, snr=rng.uniform(50, 200), rng=rng) for t in truths]
+    same = PayneFitter(emulator, absolute_chi2_tolerance=False)
+    default = PayneFitter(emulator)
+    for spectrum in spectra[:1]:  # warm-up: caches, BLAS initialisation
+        same.fit(spectrum)
+
+    timings, labels, errors = {}, {}, {}
+    runs = [("(a) seed: curve_fit, finite differences", lambda s: seed_fit(emulator, same, s)),
+            ("(b) engine, seed tolerances", lambda s: _labels(same.fit(s))),
+            ("(c) engine, defaults", lambda s: _labels(default.fit(s)))]
+    for name, function in runs:
+        start = time.perf_counter()
+        out = [function(s) for s in spectra]
+        timings[name] = (time.perf_counter() - start) / len(spectra)
+        labels[name] = np.array([o[0] for o in out])
+        errors[name] = np.array([o[1] for o in out])
+
+    reference = runs[0][0]
+    truth = np.array(truths)
+    print(f"\n{'method':<42} {'s/spectrum':>11} {'speed-up':>9} {'max |dlabel|/e vs (a)':>22} "
+          f"{'pull width vs truth':>20}")
+    for name, _ in runs:
+        difference = np.abs(labels[name] - labels[reference]) / errors[reference]
+        pulls = (labels[name] - truth) / errors[name]
+        width = 1.4826 * np.median(np.abs(pulls - np.median(pulls)))
+        print(f"{name:<42} {timings[name]:>11.3f} {timings[reference] / timings[name]:>8.1f}x "
+              f"{np.nanmax(difference):>22.3f} {width:>20.2f}")
+
+
+def _labels(result):
+    return result.labels, result.raw_e
+
+
+if __name__ == "__main__":
+    main()
