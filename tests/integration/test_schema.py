@@ -142,3 +142,33 @@ def test_ingest_skips_unreadable_files_and_rejects_missing_paths(tmp_path, spect
     assert main(["--database", url, "ingest", str(bad)]) == 2
     assert main(["--database", url, "ingest", str(tmp_path / "missing.fits")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_result_model_builder_binds_to_another_base_as_in_astra(tmp_path):
+    # Inside Astra the same builder runs with Astra's base model, Source/Spectrum and a text v_astra.
+    from peewee import AutoField, Model, SqliteDatabase, TextField
+
+    from astra_thepayne.db.models import make_result_model
+
+    other = SqliteDatabase(str(tmp_path / "astra.db"))
+
+    class AstraLikeBase(Model):
+        class Meta:
+            database = other
+
+    class AstraSource(AstraLikeBase):
+        pk = AutoField()
+
+    class AstraSpectrum(AstraLikeBase):
+        pk = AutoField()
+
+    Result = make_result_model("ThePayne", (AstraLikeBase,), AstraSource, AstraSpectrum, table_name="the_payne_x",
+                               v_astra_field=TextField(default="0.6.0"))
+    other.create_tables([AstraSource, AstraSpectrum, Result])
+    spectrum = AstraSpectrum.create()
+    Result.create(spectrum_pk=spectrum.pk, model_sha256="m", result_flags=1 | 16)
+    row = Result.get()
+    assert row.v_astra == "0.6.0" and row.flag_bad and row.flag_low_snr
+    assert Result.select().where(Result.flag_bad).count() == 1
+    assert Result._meta.database is other and ThePayne._meta.database is not other
+    assert {"spectrum_pk", "source_pk"} <= {c.name for c in other.get_columns("the_payne_x")}
