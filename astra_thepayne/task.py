@@ -82,6 +82,7 @@ class _SpectrumSource:
     def __init__(self):
         self._path = None
         self._spectra = {}
+        self._error = None
 
     def __call__(self, item):
         """Return ``(spectrum, spectrum_pk, source_pk, error message)``."""
@@ -110,9 +111,13 @@ class _SpectrumSource:
         if record.path != self._path:
             from .io import read_spectra
 
-            self._path, self._spectra = record.path, {}
-            spectra = read_spectra(record.path)
-            self._spectra = {(s.hdu, s.row): s for s in spectra}
+            self._path, self._spectra, self._error = record.path, {}, None
+            try:
+                self._spectra = {(s.hdu, s.row): s for s in read_spectra(record.path)}
+            except Exception as exc:  # every row of this file fails for the same reason
+                self._error = exc
+        if self._error is not None:
+            raise self._error
         try:
             return self._spectra[(record.hdu, record.row)]
         except KeyError:

@@ -204,3 +204,20 @@ def test_overlapping_runs_on_sqlite_neither_fail_nor_duplicate(tmp_path, spectra
     assert ThePayne.select().count() == 4 == ThePayne.select(ThePayne.spectrum_pk).distinct().count()
     assert ThePayne.select().where(ThePayne.flag_bad).count() == 0
     database.close()
+
+
+def test_every_row_of_an_unreadable_file_fails_with_the_files_reason(tmp_path, spectra_dir, toy_model_path, caplog):
+    from astra_thepayne.ingest import ingest
+
+    path = shutil.copy(spectra_dir / "apStar-A.fits", tmp_path / "apStar-A.fits")
+    database = connect(f"sqlite:///{tmp_path / 'x.db'}")
+    upgrade(database)
+    ingest([path])
+    with open(path, "r+b") as fh:  # truncated transfer
+        fh.truncate(5000)
+    rows = list(the_payne(SpectrumRecord.select().order_by(SpectrumRecord.pk), model_path=str(toy_model_path)))[1:]
+    assert len(rows) == 3 and all(r.flag_bad for r in rows)
+    reasons = [r.getMessage() for r in caplog.records if "cannot fit" in r.getMessage()]
+    assert len(reasons) == 3 and all("apStar-A.fits" in m and "SpectrumFileError" in m for m in reasons)
+    assert all(len(m.splitlines()) == 1 for m in reasons)
+    database.close()
