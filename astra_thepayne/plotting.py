@@ -10,21 +10,22 @@ __all__ = ["plot_fit"]
 _SUMMARY_LABELS = ("teff", "logg", "fe_h", "v_rel")
 
 
-def _title(spectrum, result, notice):
-    row = result.as_row()
+def _title(spectrum, row, notice):
     parts = []
     for name in _SUMMARY_LABELS:
         value, error = row.get(name), row.get(f"e_{name}")
-        if value is not None and np.isfinite(value):
+        if value is not None and error is not None and np.isfinite(value):
             parts.append(f"{name}={value:.{0 if name == 'teff' else 2}f}±{error:.{0 if name == 'teff' else 2}f}")
-    parts.append(f"χ²ᵣ={row['reduced_chi2']:.2f}" if np.isfinite(row["reduced_chi2"]) else "fit failed")
-    parts.append(f"S/N={row['snr']:.0f}" if np.isfinite(row["snr"]) else "S/N=?")
+    chi2 = row.get("reduced_chi2")
+    snr = row.get("snr")
+    parts.append(f"χ²ᵣ={chi2:.2f}" if chi2 is not None and np.isfinite(chi2) else "fit failed")
+    parts.append(f"S/N={snr:.0f}" if snr is not None and np.isfinite(snr) else "S/N=?")
     parts.append(f"flags={row['result_flags']}")
     first = f"{spectrum.obj}  {spectrum.label}"
     return "\n".join([first, "  ".join(parts)] + ([notice] if notice else []))
 
 
-def plot_fit(spectrum, prepared, result, path, notice=""):
+def plot_fit(spectrum, prepared, rectified_model_flux, row, path, notice=""):
     """Write a PNG with one column per APOGEE chip: normalised data and model on top, residuals in units of the
     noise below, pixels that were not used (masked, flagged, no data) shaded grey.
 
@@ -33,7 +34,10 @@ def plot_fit(spectrum, prepared, result, path, notice=""):
     spectrum : Spectrum
     prepared : PreparedSpectrum
         From :meth:`PayneFitter.prepare` (the data as the fit saw it).
-    result : FitResult
+    rectified_model_flux : ndarray, shape (8575,)
+        The fitted model, continuum-normalised.
+    row : dict
+        Result values for the title (``FitResult.as_row()`` or a database row's fields).
     path : str or Path
     notice : str
         Extra line for the title (e.g. the demonstration-network notice).
@@ -48,7 +52,7 @@ def plot_fit(spectrum, prepared, result, path, notice=""):
         data = np.where(prepared.norm_ivar > 0, prepared.norm_flux, np.nan)
         sigma = np.where(prepared.norm_ivar > 0, 1 / np.sqrt(prepared.norm_ivar), np.nan)
         raw = np.where(prepared.continuum > 0, prepared.flux / prepared.continuum, np.nan)
-    model = result.rectified_model_flux
+    model = np.asarray(rectified_model_flux, dtype=float)
     fig, axes = plt.subplots(2, 3, figsize=(16, 5.5), sharex="col", gridspec_kw={"height_ratios": [3, 1]},
                              constrained_layout=True)
     for column, (start, stop) in enumerate(reversed(MODEL_SEGMENTS)):  # red chip first, as APOGEE numbers them
@@ -71,6 +75,6 @@ def plot_fit(spectrum, prepared, result, path, notice=""):
     axes[0, 0].set_ylabel("normalised flux")
     axes[1, 0].set_ylabel("residual [σ]")
     axes[0, 0].legend(loc="lower left", fontsize=8, ncol=3)
-    fig.suptitle(_title(spectrum, result, notice), fontsize=10)
+    fig.suptitle(_title(spectrum, row, notice), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,8 +42,9 @@ def results_table(pairs, emulator):
     table = Table(columns)
     table.meta.update({"PACKAGE": "astra_thepayne", "VERSION": __version__, "MODEL": str(emulator.path),
                        "MODELSHA": emulator.sha256 or ""})
-    if emulator.is_demo:
-        table.meta["NOTICE"] = str(emulator.meta.get("description", "demonstration network - not for science"))
+    if emulator.is_demo:  # FITS headers are ASCII
+        notice = str(emulator.meta.get("description", "demonstration network - not for science"))
+        table.meta["NOTICE"] = notice.encode("ascii", "replace").decode().replace("?", "-")
     return table
 
 
@@ -116,7 +117,8 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
         plot_dir.mkdir(parents=True, exist_ok=True)
         for spectrum, result, _ in results:
             name = _safe_name(f"{Path(spectrum.path).stem}_hdu{spectrum.hdu}_row{spectrum.row}") + ".png"
-            plot_fit(spectrum, fitter.prepare(spectrum), result, plot_dir / name, notice=notice)
+            plot_fit(spectrum, fitter.prepare(spectrum), result.rectified_model_flux, result.as_row(), plot_dir / name,
+                     notice=notice)
 
     table = results_table(results + unreadable, emulator)
     if output is not None:
