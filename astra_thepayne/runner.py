@@ -240,6 +240,11 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                     break
                 rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
                 insert_rows(rows, database)
+                # SQLite's INSERT OR IGNORE also skips rows that break NOT NULL; without this check such a batch
+                # would be claimed and fitted again forever
+                lost = _without_results(records, fitter.emulator.sha256, tag)
+                if lost:
+                    raise RuntimeError(f"{len(lost)} result row(s) were not stored (spectrum {lost[0].pk} first)")
             setup_seconds = 0.0
             summary.add(rows)
             if remaining is not None:
