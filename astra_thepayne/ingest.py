@@ -70,6 +70,14 @@ def _mjd(meta):
         return None
 
 
+def _integer(value):
+    # header and table values arrive as numpy scalars, which database drivers cannot always adapt
+    try:
+        return int(value) if value is not None and str(value).strip() != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _finite(value):
     try:
         value = float(value)
@@ -118,7 +126,7 @@ def ingest(paths, progress: bool = False) -> IngestSummary:
                 if spectrum.obj:
                     Source.insert(sdss4_apogee_id=spectrum.obj, ra=_finite(spectrum.meta.get("ra")),
                                   dec=_finite(spectrum.meta.get("dec")),
-                                  sdss_id=spectrum.meta.get("sdss_id")).on_conflict_ignore().execute()
+                                  sdss_id=_integer(spectrum.meta.get("sdss_id"))).on_conflict_ignore().execute()
                     source_pk = Source.get(Source.sdss4_apogee_id == spectrum.obj).pk
                 SpectrumRecord.insert(
                     source_pk=source_pk, path=str(path), hdu=int(spectrum.hdu), row=int(spectrum.row),

@@ -172,3 +172,21 @@ def test_result_model_builder_binds_to_another_base_as_in_astra(tmp_path):
     assert Result.select().where(Result.flag_bad).count() == 1
     assert Result._meta.database is other and ThePayne._meta.database is not other
     assert {"spectrum_pk", "source_pk"} <= {c.name for c in other.get_columns("the_payne_x")}
+
+
+def test_ingest_mwm_products_registers_types_and_sdss_ids(database_url, tmp_path, apogee_data_dir):
+    from broken_corpus import write_mwm_file
+
+    apstar = apogee_data_dir / "apStar-dr17-2M17335483-2753043.fits"
+    write_mwm_file(tmp_path / "mwmStar-test.fits", apstar, kind="mwmStar", apo_rows=(0,), sdss_id=555)
+    write_mwm_file(tmp_path / "mwmVisit-test.fits", apstar, kind="mwmVisit", apo_rows=(2, 3), sdss_id=555)
+    database = connect(database_url)
+    upgrade(database)
+    summary = ingest([tmp_path])
+    assert summary.spectra_added == 3 and not summary.skipped
+    types = sorted(s.spectrum_type for s in SpectrumRecord.select())
+    assert types == ["mwmstar", "mwmvisit", "mwmvisit"]
+    assert {s.sdss_id for s in Source.select()} == {555}
+    assert Source.select().count() == 1  # one star, whatever the product
+    assert ingest([tmp_path]).spectra_added == 0
+    database.close()
