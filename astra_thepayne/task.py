@@ -141,6 +141,11 @@ def _paired(fitter, inputs, processes, initial_labels):
             result = fitter.fit(spectrum, initial_labels) if spectrum is not None else failure(spectrum, item, error)
             yield item, spectrum_pk, source_pk, spectrum, result
         return
+    from peewee import BaseQuery
+
+    if isinstance(inputs, BaseQuery):
+        # the pool iterates its input in a feeder thread, and peewee connections are per thread: run the query here
+        inputs = list(inputs)
     pending = deque()  # (item, spectrum, pks, error) in input order; the pool's feeder thread appends
 
     def feed():
