@@ -58,7 +58,7 @@ def session_postgres_url(postgres_server):
     admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
     """A fresh database URL per test, on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
@@ -70,7 +70,7 @@ class Populated:
     """A database after init, ingest (6 spectra, 4 sources) and three runs; see :func:`populated`."""
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def populated(request, tmp_path_factory, spectra_dir, toy_model_path):
     """init -> ingest -> run --limit 2 -> run --batch-size 3 -> run, through the command line, once per backend.
 

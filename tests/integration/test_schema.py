@@ -72,6 +72,7 @@ def test_unique_result_per_spectrum_model_and_tag(database_url):
     database.close()
 
 
+@pytest.mark.postgres
 def test_postgres_schema_option_keeps_tables_in_that_schema(postgres_url):
     url = f"{postgres_url}?schema=payne_plugin"
     assert main(["--database", url, "init"]) == 0

@@ -125,6 +125,7 @@ def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monke
     assert not rows["apStar-A.fits[2]"].flag_bad and not rows["apStar-B.fits[0]"].flag_bad
 
 
+@pytest.mark.postgres
 def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tmp_path, spectra_dir, toy_model_path):
     assert main(["--database", postgres_url, "init"]) == 0
     assert main(["--database", postgres_url, "ingest", str(spectra_dir)]) == 0
