@@ -45,11 +45,17 @@ class TrainingResult:
         One dict per epoch: ``epoch``, ``train_loss``, ``valid_loss`` (mean squared flux error), ``learning_rate``.
     validation_errors : dict
         Percentiles of ``|predicted - true|`` flux over all validation pixels: ``p50``, ``p84``, ``p95``, ``p99``,
-        ``max``; and ``median_per_spectrum_p50`` etc. are not computed (one number per percentile keeps it simple).
+        ``max``.
     best_epoch : int
+        Epoch (1-based) whose weights were kept.
     backend : str
+        ``numpy`` or ``torch``.
     device : str
+        ``cpu``, ``cuda``, ...
     seconds : float
+        Wall time of the training loop.
+    valid_index : ndarray of int
+        Rows of the grid held out for validation.
     """
 
     emulator: PayneEmulator
