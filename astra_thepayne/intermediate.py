@@ -1,10 +1,12 @@
 """Intermediate arrays of a result: a pickle of ``(continuum, rectified_model_flux)`` on the 8575-pixel apStar grid.
 
-Layout (Astra's): ``<root>/<pk[-4:-2]>/<pk[-2:]>/<spectrum_pk>.pkl`` with the primary key zero-padded to at least
-four digits, so that no folder holds more than 100 sub-folders or 100 files per hundred primary keys. ``root`` is
-:func:`astra_thepayne.config.output_dir` (``$MWM_ASTRA/<version>/pipelines/ThePayne/intermediate``, else
-``$THEPAYNE_OUTPUT_DIR``, else ``./thepayne-output``); results with a non-empty tag go under ``root/<tag>/`` so that
-runs with different tags do not overwrite each other's arrays.
+Layout: Astra's ``<pk[-4:-2]>/<pk[-2:]>/<spectrum_pk>.pkl`` with the primary key zero-padded to at least four
+digits, so that no folder holds more than 100 sub-folders or 100 files per hundred primary keys, under
+``<root>/<model hash[:12]>/[<tag>/]``. ``root`` is :func:`astra_thepayne.config.output_dir`
+(``$MWM_ASTRA/<version>/pipelines/ThePayne/intermediate``, else ``$THEPAYNE_OUTPUT_DIR``, else
+``./thepayne-output``). The model and tag folders keep results of different networks or runs of the same spectrum
+from overwriting each other's arrays (they are distinct rows). Each row also stores the absolute path it wrote
+(``intermediate_file``), so the arrays are found whatever the reader's environment says.
 
 Writes are atomic: a temporary file in the same folder, flushed and fsync'ed, then :func:`os.replace`. A reader
 therefore sees either the previous complete file or the new complete file, never a partial one; the task writes the
@@ -31,7 +33,8 @@ class IntermediateFileError(OSError):
     """An intermediate pickle is missing or unreadable; the message names the file."""
 
 
-def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = None, root=None) -> Path:
+def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = None, root=None,
+                      model_sha256: str | None = None) -> Path:
     """Path of the intermediate pickle of the result for ``spectrum_pk``.
 
     Parameters
@@ -43,9 +46,14 @@ def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = Non
         Package version used in the ``$MWM_ASTRA`` layout (default: the installed version).
     root : path, optional
         Override of :func:`astra_thepayne.config.output_dir`.
+    model_sha256 : str, optional
+        The network's hash: its first 12 characters name a folder, so that results of two networks for the same
+        spectrum and tag (two rows, both allowed by the uniqueness key) never share a pickle.
     """
     pk = f"{int(spectrum_pk):04d}"
     base = Path(root) if root is not None else output_dir(version)
+    if model_sha256:
+        base = base / str(model_sha256)[:12]
     if tag:
         if not set(tag) <= _TAG_CHARS or tag in (".", ".."):
             raise ValueError(f"tag {tag!r}: use letters, digits, '.', '_' and '-' only")

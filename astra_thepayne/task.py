@@ -211,8 +211,10 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
             row.message = result.message
         if spectrum_pk is not None and not row.flag_bad:
             # the pickle is complete on disk before the row exists anywhere but in memory
-            write_intermediate(intermediate_path(spectrum_pk, tag=tag, version=__version__), result.continuum,
-                               result.rectified_model_flux)
+            path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256)
+            write_intermediate(path, result.continuum, result.rectified_model_flux)
+            if "intermediate_file" in model._meta.fields:
+                row.intermediate_file = str(path.resolve())
         row.set_arrays(result.continuum, result.rectified_model_flux)
         yield row
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 from peewee import (
@@ -158,7 +159,11 @@ class _ThePayneMixin:
         """Path of this result's intermediate pickle (see :mod:`astra_thepayne.intermediate`)."""
         from ..intermediate import intermediate_path
 
-        return intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne)
+        stored = getattr(self, "intermediate_file", None)
+        if stored:
+            return Path(stored)
+        return intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
+                                 model_sha256=self.model_sha256)
 
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
@@ -242,6 +247,7 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "model_path": TextField(null=True, help_text="Path of the network file when the fit ran"),
         "demonstration": BooleanField(default=False, help_text="Made with the demonstration network: not science"),
         "noise_model_sha256": TextField(null=True, help_text="SHA-256 of the corrections file applied to e_*"),
+        "intermediate_file": TextField(null=True, help_text="Absolute path of the intermediate pickle (model arrays)"),
         "snr": FloatField(null=True, help_text="Signal-to-noise ratio of the spectrum"),
         "v_rel": FloatField(null=True, help_text="Fitted radial velocity (km/s); NULL when not fitted"),
         "e_v_rel": FloatField(null=True, help_text="Error on v_rel (km/s)"),

@@ -15,7 +15,7 @@ import time
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
-from astra_thepayne.intermediate import intermediate_path, read_intermediate
+from astra_thepayne.intermediate import read_intermediate
 from astra_thepayne.slurm import thepayne_command
 
 BATCH = 3
@@ -33,7 +33,8 @@ def _check_rows_and_pickles(url, out_dir):
     rows = results(url)
     for pk, flags, _tag in rows:
         assert flags & 1 == 0, f"spectrum {pk}: fit failed"
-        continuum, rectified = read_intermediate(intermediate_path(pk, root=out_dir))
+        (pickle,) = out_dir.rglob(f"{pk}.pkl")  # exactly one pickle per spectrum (one network here)
+        continuum, rectified = read_intermediate(pickle)
         assert continuum.shape == rectified.shape == (8575,)
     for path in out_dir.rglob("*.pkl"):
         read_intermediate(path)  # raises on a truncated pickle

@@ -13,7 +13,6 @@ from astropy.io import fits
 from astra_thepayne import ThePayne
 from astra_thepayne.db.models import Source, SpectrumRecord
 from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
-from astra_thepayne.intermediate import intermediate_path
 from astra_thepayne.labels import LABEL_NAMES
 
 
@@ -70,7 +69,7 @@ def test_flags_work_on_rows_in_peewee_and_in_raw_sql(populated, db):
 
 def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db):
     good = ThePayne.select().where(~ThePayne.flag_bad).order_by(ThePayne.task_pk).first()
-    path = intermediate_path(good.spectrum_pk_id)
+    path = good.intermediate_path
     assert path.is_file() and path.parent.name == f"{good.spectrum_pk_id:04d}"[-2:]
     assert np.array_equal(good.wavelength, apstar_wavelength())
     model_flux = good.model_flux
@@ -87,7 +86,7 @@ def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db
     finally:
         hidden.rename(path)  # the database is shared with other tests
     for bad in ThePayne.select().where(ThePayne.flag_bad):
-        assert not intermediate_path(bad.spectrum_pk_id).exists()
+        assert not bad.intermediate_path.exists()
         assert bad.model_flux.shape == (8575,) and np.all(np.isnan(bad.model_flux))
         assert np.all(np.isnan(bad.continuum))
 

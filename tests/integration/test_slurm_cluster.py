@@ -76,10 +76,10 @@ def _assert_each_spectrum_once_with_pickle(url, out_dir):
     assert sorted(keys) == registered_keys(url), "every spectrum exactly once"
     for pk, flags, _tag in rows:
         assert flags & 1 == 0, f"spectrum {pk}: the fit failed"
-    from astra_thepayne.intermediate import intermediate_path
 
     for pk in keys:
-        continuum, rectified = read_intermediate(intermediate_path(pk, root=out_dir))
+        (pickle,) = out_dir.rglob(f"{pk}.pkl")  # exactly one pickle per spectrum (one network here)
+        continuum, rectified = read_intermediate(pickle)
         assert continuum.shape == rectified.shape == (8575,)
 
 
