@@ -5,9 +5,10 @@ single-visit files), HDU9 the visit RV table. The wavelength is ``10**(CRVAL1 + 
 in the rest frame.
 
 Rows: with NVISITS > 1, row 0 is the pixel-weighted coadd, row 1 the global-weighted coadd and rows 2.. the
-visits. With NVISITS = 1 only row 0 is read: DR17 files then still hold two rows, but row 1 is an all-zero
-placeholder (flux, error and mask are 0 everywhere in apStar-dr17-2M19485057+5005279.fits), and the coadd of
-one visit is that visit.
+visits. With NVISITS = 1 the coadd of one visit is that visit: DR17 files then hold two rows, row 1 being an all-zero
+placeholder (flux, error and mask are 0 everywhere in apStar-dr17-2M19485057+5005279.fits). Such a file gives two
+spectra: the coadd (row 0) and the visit (row 1, its slot, carrying row 0's data when row 1 is empty;
+``meta["data_row"]`` says which), so that the all-visit catalogue lists every visit, single ones included.
 
 Identification: HDU1-HDU3 are images, HDU3 holds integers (the bitmask) and a log-linear wavelength solution
 (CRVAL1/CDELT1) sits in HDU1 or the primary header. apVisit files have no CRVAL1; aspcapStar files have a float
@@ -112,7 +113,12 @@ class ApStarReader(SpectrumReader):
         nvisits = int(nvisits) if nvisits is not None else (nrow - 2 if nrow > 2 else 1)
         if nvisits > 1 and nrow < 3 and not coadd_only:
             raise SpectrumFileError(path, f"apStar header says NVISITS={nvisits} but HDU1 has {nrow} row(s)")
-        rows = [0] if (coadd_only or nvisits <= 1) else [0, *range(2, nrow)]
+        if coadd_only:
+            rows = [0]
+        elif nvisits <= 1:
+            rows = [0, 1] if nrow >= 2 else [0]  # the single visit is row 0's data too (see the docstring)
+        else:
+            rows = [0, *range(2, nrow)]
 
         visit_table = _visit_table(hdul)
         common = {
@@ -125,14 +131,17 @@ class ApStarReader(SpectrumReader):
         telescope = _telescope(primary)
         spectra = []
         for row in rows:
-            f, ivar = ivar_from_error(flux[row], error[row])
-            meta = dict(common)
+            data_row = row
+            if nvisits <= 1 and row == 1 and not (np.any(flux[1]) or np.any(error[1])):
+                data_row = 0
+            f, ivar = ivar_from_error(flux[data_row], error[data_row])
+            meta = dict(common, data_row=data_row)
             if row == 0:
                 snr = header_float(primary, "SNR")
                 spectrum_type = "apstar_coadd"
                 meta["vhelio"] = header_float(primary, "VHELIO")
             else:
-                visit = row - 2  # 0-based visit index; header cards count from 1
+                visit = row - 2 if nvisits > 1 else 0  # 0-based visit index; header cards count from 1
                 spectrum_type = "apstar_visit"
                 meta["visit"] = visit + 1
                 meta["sfile"] = header_str(primary, f"SFILE{visit + 1}")
@@ -149,7 +158,7 @@ class ApStarReader(SpectrumReader):
                     if "filename" in names and not meta["sfile"]:
                         meta["sfile"] = to_python(visit_table[names["filename"]][visit])
             spectra.append(Spectrum(
-                wavelength=wavelength, flux=f, ivar=ivar, pixel_flags=mask[row].astype(np.int64), obj=obj,
+                wavelength=wavelength, flux=f, ivar=ivar, pixel_flags=mask[data_row].astype(np.int64), obj=obj,
                 snr=snr, telescope=telescope, path=str(path), hdu=1, row=row, spectrum_type=spectrum_type,
                 rest_frame=True, meta={k: to_python(v) for k, v in meta.items()},
             ))

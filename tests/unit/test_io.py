@@ -67,19 +67,22 @@ def test_apstar_snr_and_visit_metadata(apogee_data_dir):
     assert [v.meta["snr_apstar_pixel"] for v in visits] == pytest.approx([67.2021, 90.5625, 105.8963], rel=1e-5)
 
 
-def test_apstar_single_visit_file_reads_row_zero_only(apogee_data_dir):
+def test_apstar_single_visit_file_gives_the_coadd_and_its_one_visit(apogee_data_dir):
     path = apogee_data_dir / SINGLE
     with fits.open(path) as hdul:
         assert hdul[0].header["NVISITS"] == 1 and hdul[1].data.shape == (2, APSTAR_NPIX)
         # what the file really holds in row 1: an all-zero placeholder, not a second spectrum
         assert not np.any(hdul[1].data[1]) and not np.any(hdul[2].data[1]) and not np.any(hdul[3].data[1])
-    for coadd_only in (False, True):
-        spectra = read_spectra(path, coadd_only=coadd_only)
-        assert len(spectra) == 1
-        s = spectra[0]
-        assert s.row == 0 and s.spectrum_type == "apstar_coadd"
-        assert s.obj == "2M19485057+5005279" and s.snr == pytest.approx(137.4889561519403)
-        assert np.count_nonzero(s.ivar) > 7000
+    coadd, visit = read_spectra(path)
+    assert (coadd.row, coadd.spectrum_type) == (0, "apstar_coadd")
+    assert coadd.obj == "2M19485057+5005279" and coadd.snr == pytest.approx(137.4889561519403)
+    assert np.count_nonzero(coadd.ivar) > 7000
+    # the single visit sits in row 1's slot and carries row 0's data, since the file leaves row 1 empty
+    assert (visit.row, visit.spectrum_type, visit.meta["data_row"]) == (1, "apstar_visit", 0)
+    assert np.array_equal(visit.flux, coadd.flux) and np.array_equal(visit.ivar, coadd.ivar)
+    assert visit.meta["sfile"] == "apVisit-dr17-7496-56804-171.fits"
+    (only,) = read_spectra(path, coadd_only=True)
+    assert only.row == 0 and only.spectrum_type == "apstar_coadd"
 
 
 def test_apstar_ivar_follows_the_file_errors(apogee_data_dir):
