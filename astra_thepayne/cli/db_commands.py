@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigurationError
+from .options import fit_options
 
 __all__ = ["init", "ingest", "run", "export", "noise_model"]
 
@@ -65,21 +66,6 @@ def ingest(ctx, paths):
     click.echo(str(summary))
 
 
-def _fit_options(function):
-    for decorator in reversed([
-        click.option("--model", default=None, help="Network file or 'demo' (default: $THEPAYNE_MODEL, then "
-                                                    "$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl)."),
-        click.option("--mask", default=None, help="Pixel mask .npy (True = ignore) or 'none'."),
-        click.option("--continuum-pixels", default=None, help="Continuum pixel list .npy or 'none'."),
-        click.option("--v-rad-tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Radial velocity bound in km/s; 0 = not fitted."),
-        click.option("--opt-tolerance", type=click.FloatRange(min=0, min_open=True), default=5e-4,
-                     show_default=True, help="Optimiser xtol and ftol."),
-    ]):
-        function = decorator(function)
-    return function
-
-
 @click.command("run")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Fit at most N spectra (the page size with --page).")
@@ -91,7 +77,7 @@ def _fit_options(function):
               help="Spectra claimed, fitted and committed together.")
 @click.option("--pk-min", type=int, default=None, help="Smallest spectrum primary key to consider.")
 @click.option("--pk-max", type=int, default=None, help="Largest spectrum primary key to consider.")
-@_fit_options
+@fit_options
 @click.pass_context
 def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, model, mask, continuum_pixels,
         v_rad_tolerance, opt_tolerance):

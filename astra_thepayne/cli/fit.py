@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from ..errors import ConfigurationError
-from .db_commands import _fit_options
+from .options import fit_options
 
 __all__ = ["fit", "results_table"]
 
@@ -64,7 +64,7 @@ def _safe_name(text):
 
 @click.command("fit")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_fit_options
+@fit_options
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Results table (.fits or .csv). Without it, a short summary table is printed.")

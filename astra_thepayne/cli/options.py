@@ -1,0 +1,23 @@
+"""Options shared by every command that fits (``fit``, ``run``, ``slurm``), declared once."""
+from __future__ import annotations
+
+import click
+
+__all__ = ["fit_options"]
+
+
+def fit_options(function):
+    """Add ``--model --mask --continuum-pixels --v-rad-tolerance --opt-tolerance`` to a click command."""
+    for decorator in reversed([
+        click.option("--model", default=None, help="Network file or 'demo' (default: $THEPAYNE_MODEL, then "
+                                                    "$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl)."),
+        click.option("--mask", default=None, help="Pixel mask .npy (True = ignore) or 'none' (default: none)."),
+        click.option("--continuum-pixels", default=None,
+                     help="Continuum pixel list .npy or 'none' (default: pixels chosen from the network)."),
+        click.option("--v-rad-tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Radial velocity bound in km/s; 0 = not fitted."),
+        click.option("--opt-tolerance", type=click.FloatRange(min=0, min_open=True), default=5e-4,
+                     show_default=True, help="Optimiser tolerance (xtol; chi2 change, see docs/science.md)."),
+    ]):
+        function = decorator(function)
+    return function
