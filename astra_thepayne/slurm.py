@@ -249,7 +249,7 @@ _SCRIPT_TEMPLATE = """\
 {slice_comments}
 set -uo pipefail
 cd {workdir} || exit 1
-# one thread per BLAS/OpenMP pool and process unless asked otherwise: {n} processes share the node
+# BLAS/OpenMP thread pools sized per process, so that the {n} process(es) do not oversubscribe the CPUs
 export {thread_exports}
 {env_exports}mkdir -p {log_dir}
 job=${{SLURM_JOB_ID:-local}}
