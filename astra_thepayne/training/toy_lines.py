@@ -49,7 +49,7 @@ _RESOLUTION = 22500.0
 _B_FLOOR = 1.5  # km/s: stands in for unresolved broadening, and keeps lines resolved on the oversampled grid
 _WING_CUTOFF = 40.0  # km/s: damping wings of metal and molecular lines taper to zero here
 _BR_CUTOFF = 2000.0  # km/s: Brackett Stark wings taper to zero here (~110 Angstrom)
-# Continuum windows: 8 per chip, 2 x 2 Angstrom wide, no line centre within the cut-off plus 4.5 sigma of the widest
+# Continuum windows: 8 per chip, 4 Angstrom wide; no line centre within the wing cut-off plus 4.5 sigma of the widest
 # broadening (v_macro = 30 km/s with the LSF: sigma = 21.9 km/s) of their edges.
 _N_WINDOWS_PER_CHIP = 8
 _WINDOW_HALF_WIDTH = 2.0
