@@ -44,7 +44,7 @@ def redact(url: str) -> str:
 def _open(url: str):
     parsed = urlparse(url)
     scheme = parsed.scheme.lower()
-    database_class = db_url.schemes.get(scheme)
+    database_class = db_url.schemes.get(scheme) if scheme.startswith(("sqlite", "postgres")) else None
     if database_class is None:
         raise ConfigurationError(
             f"unreadable database URL {redact(url)!r}: scheme {parsed.scheme!r} is not one of sqlite, postgresql "
