@@ -6,9 +6,8 @@
 * :mod:`.make_demo` - ``python -m astra_thepayne.training.make_demo`` regenerates that network.
 
 Nothing here imports PyTorch until the torch backend is used.
-"""
-from .grid import GridError, TrainingGrid, load_grid, save_grid, validate_grid
-from .trainer import TrainingError, TrainingResult, train_network
 
-__all__ = ["GridError", "TrainingGrid", "load_grid", "save_grid", "validate_grid", "TrainingError", "TrainingResult",
-           "train_network"]
+"""
+# No imports here: `python -m astra_thepayne.training.make_demo` must set the BLAS thread variables before numpy
+# loads, and this file runs first.
+__all__ = ["grid", "trainer", "toy_lines", "make_demo"]
