@@ -22,16 +22,19 @@ with the same file, whose sha256 every result records.
 from __future__ import annotations
 
 import os
+import sys
 
 # One thread: the order of float32 sums inside BLAS depends on the thread count, and so would the bytes.
+# This only works if numpy is not loaded yet (the package __init__ files import nothing heavy for that reason).
+_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_THREADS_PINNED = "numpy" not in sys.modules or os.environ.get("OPENBLAS_NUM_THREADS") == "1"
 if __name__ == "__main__":
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for _var in _BLAS_VARS:
         os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import pickle  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -123,6 +126,9 @@ def main(argv=None) -> int:
         print(f"epoch {row['epoch']:4d}  train {row['train_loss']:.3e}  valid {row['valid_loss']:.3e}  "
               f"lr {row['learning_rate']:.1e}{'  *' if row['best'] else ''}", flush=True)
 
+    if not _THREADS_PINNED:
+        print("warning: numpy was loaded before OPENBLAS_NUM_THREADS=1 could be set; the bytes may differ from the "
+              "bundled file (set OPENBLAS_NUM_THREADS=1 in the environment)", file=sys.stderr)
     result = make_demo_network(args.n_spectra, args.epochs, args.hidden, progress=report)
     if args.grid_output:
         from .grid import save_grid
