@@ -93,6 +93,9 @@ def save_compact(emulator: PayneEmulator, path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(content, fh, protocol=4)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a packaged model must be readable by all
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
