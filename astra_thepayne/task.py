@@ -29,7 +29,7 @@ import numpy as np
 from .db.models import SpectrumRecord, ThePayne, row_to_fields
 from .errors import ConfigurationError
 
-__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "ASTRA_AVAILABLE"]
+__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "ASTRA_AVAILABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,24 @@ the_payne.__annotations__["return"] = Iterable[ThePayne]
 
 # -- Astra integration -----------------------------------------------------------------------------------------
 
+def paginate(spectra, page=None, limit=None):
+    """Apply ``astra execute``'s ``--page`` / ``--limit`` to a peewee query; return other iterables unchanged.
+
+    ``astra execute`` paginates its query itself and then passes ``page`` and ``limit`` on to the task as keyword
+    arguments too, so an Astra task must accept them. Re-applying them to a query is harmless (the same LIMIT and
+    OFFSET), and paginates queries built by a Python caller; an iterable that is not a query (for example the
+    generator ``astra execute`` builds from a list of spectrum keys) is taken as given.
+    """
+    from peewee import SelectBase
+
+    if not isinstance(spectra, SelectBase) or (page is None and limit is None):
+        return spectra
+    limit = None if limit in (None, "") else int(limit)
+    if page not in (None, "") and limit is not None:
+        return spectra.paginate(int(page), limit)
+    return spectra.limit(limit) if limit is not None else spectra
+
+
 def astra_model():
     """The result model bound to Astra's database and base model (requires sdss-astra).
 
@@ -307,9 +325,16 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
         else:
             def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
                                  opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
-                                 processes=1) -> Iterable[AstraThePayne]:
-                yield from fit_rows(spectra, AstraThePayne, model_path, mask_path, continuum_pixels_path,
-                                    opt_tolerance, v_rad_tolerance, initial_labels, tag, int(processes or 1))
+                                 processes=1, page=None, limit=None, **options) -> Iterable[AstraThePayne]:
+                # `astra execute --page/--limit` also passes page= and limit= to the task. The `decorator` package
+                # checks a call against this signature before Astra's `task` sees it, so Astra's own options
+                # (write_to_database=, batch_size=, frequency=, ...) reach `task` only through **options; `task`
+                # removes those it knows, and anything left here is a misspelt argument.
+                if options:
+                    raise TypeError(f"the_payne() got unexpected keyword arguments: {', '.join(sorted(options))}")
+                yield from fit_rows(paginate(spectra, page, limit), AstraThePayne, model_path, mask_path,
+                                    continuum_pixels_path, opt_tolerance, v_rad_tolerance, initial_labels, tag,
+                                    int(processes or 1))
 
             _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
