@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 __all__ = ["catalogue_columns", "catalogue_data", "export_catalogue"]
 
@@ -153,14 +153,5 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
     empty = {key: value[:0] for key, value in data.items()}
     hdul = fits.HDUList([primary, _table_hdu(empty, "BOSS", help_texts), _table_hdu(data, "APOGEE", help_texts)])
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        hdul.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, hdul.writeto)
     return n

@@ -250,15 +250,7 @@ class PayneEmulator:
 
     def save(self, path):
         """Write the Astra pickle format atomically (temporary file, then rename)."""
-        import os
-        import tempfile
+        from .files import atomic_write
 
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(self.to_dict(), fh, protocol=4)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        content = self.to_dict()
+        return atomic_write(path, lambda handle: pickle.dump(content, handle, protocol=4))

@@ -14,14 +14,13 @@ pickle before the row that points at it is committed.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import output_dir
+from .files import atomic_write
 from .grid import APSTAR_NPIX
 
 __all__ = ["intermediate_path", "write_intermediate", "read_intermediate", "IntermediateFileError"]
@@ -62,21 +61,9 @@ def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = Non
 
 
 def write_intermediate(path, continuum, rectified_model_flux) -> Path:
-    """Atomically write ``(continuum, rectified_model_flux)``, each shape (8575,), to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically write ``(continuum, rectified_model_flux)``, each shape (8575,), to ``path`` (fsync'ed)."""
     payload = (np.asarray(continuum, dtype=float), np.asarray(rectified_model_flux, dtype=float))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(payload, fh, protocol=4)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: pickle.dump(payload, handle, protocol=4), fsync=True)
 
 
 def read_intermediate(path) -> tuple[np.ndarray, np.ndarray]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigurationError
+from .files import atomic_write
 
 __all__ = ["apply_correction", "calibrate_pair_errors", "pair_z_scores", "load_corrections", "save_corrections",
            "apply_corrections_to_database", "repeat_pairs", "calibrate_from_database"]
@@ -109,15 +108,7 @@ def save_corrections(path, corrections: dict, reference=None) -> Path:
     path = Path(path)
     payload = ({k: {"offset": float(v["offset"]), "scale": float(v["scale"])} for k, v in corrections.items()},
                reference)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(payload, fh, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: pickle.dump(payload, handle, protocol=4))
 
 
 def apply_corrections_to_database(corrections: dict, sha256: str | None = None, where=None) -> dict:

@@ -35,13 +35,13 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import pickle  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from .. import demo_model as demo  # noqa: E402
 from ..emulator import PayneEmulator  # noqa: E402
+from ..files import atomic_write  # noqa: E402
 from ..grid import model_wavelength  # noqa: E402
 from ..labels import LABEL_NAMES, LABELS  # noqa: E402
 from .grid import TrainingGrid  # noqa: E402
@@ -88,18 +88,7 @@ def save_compact(emulator: PayneEmulator, path) -> Path:
     content = emulator.to_dict()
     content["weights"] = tuple(w.astype(np.float32) for w in content["weights"])
     content["biases"] = tuple(b.astype(np.float32) for b in content["biases"])
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(content, fh, protocol=4)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a packaged model must be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return atomic_write(path, lambda handle: pickle.dump(content, handle, protocol=4))
     return path
 
 
