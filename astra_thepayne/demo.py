@@ -124,7 +124,8 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
         fields = {name: getattr(row, name) for name in ("teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h",
                                                         "v_rel", "e_v_rel", "reduced_chi2", "snr", "result_flags")}
         path = plot_dir / f"{record.obj}_{record.hdu}_{record.row}.png"
-        plot_fit(spectrum, fitter.prepare(spectrum), row.rectified_model_flux, fields, path, notice=notice)
+        plot_fit(spectrum, fitter.prepare(spectrum), row.continuum, row.rectified_model_flux, fields, path,
+                 notice=notice)
         report.plots.append(path)
         if is_synthetic:
             plotted_synthetic += 1

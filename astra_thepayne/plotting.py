@@ -25,7 +25,7 @@ def _title(spectrum, row, notice):
     return "\n".join([first, "  ".join(parts)] + ([notice] if notice else []))
 
 
-def plot_fit(spectrum, prepared, rectified_model_flux, row, path, notice=""):
+def plot_fit(spectrum, prepared, continuum, rectified_model_flux, row, path, notice=""):
     """Write a PNG with one column per APOGEE chip: normalised data and model on top, residuals in units of the
     noise below, pixels that were not used (masked, flagged, no data) shaded grey.
 
@@ -33,7 +33,9 @@ def plot_fit(spectrum, prepared, rectified_model_flux, row, path, notice=""):
     ----------
     spectrum : Spectrum
     prepared : PreparedSpectrum
-        From :meth:`PayneFitter.prepare` (the data as the fit saw it).
+        From :meth:`PayneFitter.prepare`: the masked data; pixels it gives no weight are shaded.
+    continuum : ndarray, shape (8575,)
+        The fitted continuum the data are divided by.
     rectified_model_flux : ndarray, shape (8575,)
         The fitted model, continuum-normalised.
     row : dict
@@ -48,10 +50,12 @@ def plot_fit(spectrum, prepared, rectified_model_flux, row, path, notice=""):
     import matplotlib.pyplot as plt
 
     wavelength = apstar_wavelength()
+    continuum = np.asarray(continuum, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        data = np.where(prepared.norm_ivar > 0, prepared.norm_flux, np.nan)
-        sigma = np.where(prepared.norm_ivar > 0, 1 / np.sqrt(prepared.norm_ivar), np.nan)
-        raw = np.where(prepared.continuum > 0, prepared.flux / prepared.continuum, np.nan)
+        used = (prepared.norm_ivar > 0) & (continuum > 0)
+        raw = np.where(continuum > 0, prepared.flux / continuum, np.nan)
+        data = np.where(used, raw, np.nan)
+        sigma = np.where(used, 1 / (np.sqrt(prepared.ivar) * continuum), np.nan)
     model = np.asarray(rectified_model_flux, dtype=float)
     fig, axes = plt.subplots(2, 3, figsize=(16, 5.5), sharex="col", gridspec_kw={"height_ratios": [3, 1]},
                              constrained_layout=True)
@@ -59,7 +63,7 @@ def plot_fit(spectrum, prepared, rectified_model_flux, row, path, notice=""):
         chip = slice(start, stop)
         top, bottom = axes[0, column], axes[1, column]
         w = wavelength[chip]
-        unused = ~(prepared.norm_ivar[chip] > 0)
+        unused = ~used[chip]
         for ax in (top, bottom):
             ax.fill_between(w, 0, 1, where=unused, transform=ax.get_xaxis_transform(), color="0.85", step="mid",
                             linewidth=0, label="not used" if ax is top else None)

@@ -117,8 +117,8 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
         plot_dir.mkdir(parents=True, exist_ok=True)
         for spectrum, result, _ in results:
             name = _safe_name(f"{Path(spectrum.path).stem}_hdu{spectrum.hdu}_row{spectrum.row}") + ".png"
-            plot_fit(spectrum, fitter.prepare(spectrum), result.rectified_model_flux, result.as_row(), plot_dir / name,
-                     notice=notice)
+            plot_fit(spectrum, fitter.prepare(spectrum), result.continuum, result.rectified_model_flux,
+                     result.as_row(), plot_dir / name, notice=notice)
 
     table = results_table(results + unreadable, emulator)
     if output is not None:
