@@ -48,6 +48,18 @@ def test_astra_pickle_round_trip(toy_emulator, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x), toy_emulator.predict(x))
 
 
+def test_saved_files_are_readable_by_others_as_the_umask_allows(toy_emulator, tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = toy_emulator.save(tmp_path / "shared.pkl")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_the_payne_npz_implies_grid_and_names(toy_emulator, tmp_path):
     path = tmp_path / "net.npz"
     np.savez(path, **{f"w_array_{i}": w for i, w in enumerate(toy_emulator.weights)},
