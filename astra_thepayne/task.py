@@ -294,6 +294,7 @@ def astra_model():
     from peewee import IntegerField, TextField
 
     from .db.models import make_result_model, version_to_int
+    from .labels import LABELS
 
     bases = (AstraBaseModel,)
     try:
@@ -306,8 +307,19 @@ def astra_model():
         v_astra = IntegerField(default=version_to_int(astra.__version__))
     else:
         v_astra = TextField(default=astra.__version__)
-    return make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
-                             table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), v_astra_field=v_astra)
+    try:  # Astra's product writers (astraAllStar...) know Astra's BitField, not peewee's
+        from astra.models.fields import BitField as AstraBitField
+    except ImportError:
+        from peewee import BitField as AstraBitField
+    model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
+                              table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), v_astra_field=v_astra,
+                              bit_field=AstraBitField)
+    # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
+    # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
+    model.category_headers = (("Provenance", "v_thepayne"), ("Spectrum", "snr"), ("Stellar labels", LABELS[0].name),
+                              ("Fit quality", "chi2"), ("Flags", "result_flags"))
+    model.category_comments = ()
+    return model
 
 
 ASTRA_AVAILABLE = False

@@ -208,7 +208,7 @@ class _ThePayneMixin:
 
 
 def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, spectrum_model=SpectrumRecord,
-                      table_name="the_payne", meta=None, v_astra_field=None):
+                      table_name="the_payne", meta=None, v_astra_field=None, bit_field=BitField):
     """Build the result model class from the label and flag tables.
 
     Parameters
@@ -225,6 +225,9 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         Extra ``Meta`` attributes (e.g. ``schema``).
     v_astra_field : peewee.Field, optional
         Replaces the integer ``v_astra`` (Astra before 0.8 stores it as text).
+    bit_field : peewee.BitField subclass
+        Class of ``result_flags``: Astra's own ``BitField`` inside Astra, whose FITS writers look column formats up
+        by exact field class and do not know peewee's.
     """
     from .. import __version__
 
@@ -259,7 +262,7 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "dof": IntegerField(null=True, help_text="Degrees of freedom"),
     })
     # Created after chi2 so that it follows them in the column order (peewee orders fields by creation).
-    attrs["result_flags"] = result_flags = BitField(default=0, help_text="Result flag bits (see flag_* fields)")
+    attrs["result_flags"] = result_flags = bit_field(default=0, help_text="Result flag bits (see flag_* fields)")
     for flag in RESULT_FLAGS:
         attrs[f"flag_{flag.name}"] = result_flags.flag(flag.value)
     meta_attrs = {"table_name": table_name,
