@@ -29,7 +29,8 @@ import numpy as np
 from .db.models import SpectrumRecord, ThePayne, row_to_fields
 from .errors import ConfigurationError
 
-__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "ASTRA_AVAILABLE"]
+__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "skip_fitted",
+           "ASTRA_AVAILABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,35 @@ def astra_model():
     return model
 
 
+def _spectrum_key(item):
+    """The spectrum primary key of a task input (this package's record, an Astra row), or None (a Spectrum)."""
+    if isinstance(item, SpectrumRecord):
+        return item.pk
+    key = getattr(item, "spectrum_pk", None)
+    return getattr(key, "pk", key)
+
+
+def skip_fitted(spectra, model, model_sha256, tag=""):
+    """Yield the inputs whose spectrum has no ``model`` row yet for this network and tag; log the others.
+
+    Astra's runner saves results with a plain INSERT, so one spectrum that already has a result for the same
+    network and tag (the result table's unique key) makes the whole batch fail, for example on
+    ``astra execute astra_thepayne.the_payne <spectrum_pk>`` for a spectrum fitted before. Skipping such inputs keeps
+    the plugin's rule that a re-run neither duplicates a row nor fails. Inputs without a spectrum key are kept.
+    """
+    tag = str(tag or "")
+    for item in spectra:
+        spectrum_pk = _spectrum_key(item)
+        if spectrum_pk is not None and (model.select()
+                                        .where((model.spectrum_pk == spectrum_pk)
+                                               & (model.model_sha256 == model_sha256) & (model.tag == tag))
+                                        .exists()):
+            log.info("spectrum %s already has a result for network %s and tag %r: skipped",
+                     spectrum_pk, model_sha256[:12], tag)
+            continue
+        yield item
+
+
 ASTRA_AVAILABLE = False
 if not os.environ.get("THEPAYNE_NO_ASTRA"):
     try:
@@ -330,6 +360,8 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
         _astra = None
     if _astra is not None:
         try:
+            from peewee import BaseQuery as _BaseQuery
+
             AstraThePayne = astra_model()
         except Exception as _exc:  # a broken Astra installation must not break the plugin's own runner
             log.warning("sdss-astra is installed but its models could not be used (%s); the_payne stays a plain "
@@ -344,9 +376,13 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                 # removes those it knows, and anything left here is a misspelt argument.
                 if options:
                     raise TypeError(f"the_payne() got unexpected keyword arguments: {', '.join(sorted(options))}")
-                yield from fit_rows(paginate(spectra, page, limit), AstraThePayne, model_path, mask_path,
-                                    continuum_pixels_path, opt_tolerance, v_rad_tolerance, initial_labels, tag,
-                                    int(processes or 1))
+                processes = int(processes or 1)
+                fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance)
+                spectra = paginate(spectra, page, limit)
+                if processes > 1 and isinstance(spectra, _BaseQuery):
+                    spectra = list(spectra)  # run the query here, not in the process pool's feeder thread
+                yield from fit_rows(skip_fitted(spectra, AstraThePayne, fitter.emulator.sha256, tag), AstraThePayne,
+                                    initial_labels=initial_labels, tag=tag, processes=processes, fitter=fitter)
 
             _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
