@@ -7,7 +7,7 @@ from numpy.polynomial import chebyshev
 
 from .grid import CONTINUUM_REGIONS
 
-__all__ = ["fit_continuum", "continuum_pixels_from_model"]
+__all__ = ["fit_continuum", "continuum_pixels_from_model", "continuum_design"]
 
 
 def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONTINUUM_REGIONS, n_clip=3,
@@ -80,3 +80,20 @@ def continuum_pixels_from_model(emulator, tolerance=0.01, min_fraction=0.05, n_s
             threshold = np.quantile(deviation[region], min_fraction)
             selected[region] = deviation[region] <= threshold
     return selected
+
+
+def continuum_design(wavelength, degree=4, regions=CONTINUUM_REGIONS):
+    """Chebyshev basis of the continuum: one block of ``degree + 1`` columns per region, zero outside it.
+
+    Returns
+    -------
+    ndarray, shape (P, len(regions) * (degree + 1))
+    """
+    wavelength = np.asarray(wavelength, dtype=float)
+    columns = []
+    for lo, hi in regions:
+        in_region = (wavelength >= lo) & (wavelength <= hi)
+        x = 2 * (wavelength - lo) / (hi - lo) - 1
+        basis = chebyshev.chebvander(np.where(in_region, x, 0.0), degree)
+        columns.append(np.where(in_region[:, None], basis, 0.0))
+    return np.hstack(columns)

@@ -20,7 +20,7 @@ from scipy.linalg import LinAlgError, cholesky, solve_triangular
 from scipy.linalg.blas import dsyrk
 from scipy.optimize import least_squares
 
-from .continuum import continuum_pixels_from_model, fit_continuum
+from .continuum import continuum_design, continuum_pixels_from_model, fit_continuum
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
 from .preprocess import to_apstar_grid
@@ -106,15 +106,18 @@ class PayneFitter:
     absolute_chi2_tolerance : bool
         True (default): ``opt_tolerance`` bounds the final change in chi2 (see :meth:`_solve`); False: SciPy's
         relative ``ftol`` exactly as the Astra seed passes it (used by the benchmark to compare like with like).
-    continuum_refinements : int
-        After the fit, refit the continuum on ``flux / model`` (same continuum pixels) and fit again from the
-        solution, this many times (default 1; 0 = the seed's single pass). Continuum pixels taken from a network
-        sit slightly below 1 in real stars; without this step that bias moves the labels by about a sigma.
+    joint_continuum : bool
+        After the first fit, fit the labels together with a multiplicative correction to the continuum (the same
+        Chebyshev degree per chip region), on every usable pixel, starting from the first solution (default).
+        Continuum pixels rarely sit exactly at 1 in a real star, and a realistic network leaves few of them; fixing
+        the continuum from them biases labels by several sigma, and its uncertainty would be missing from the
+        errors. The joint fit removes the bias and its covariance marginalises over the continuum.
+        False gives the seed's single pass.
     """
 
     def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
                  pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, absolute_chi2_tolerance=True,
-                 continuum_refinements=1):
+                 joint_continuum=True):
         self.emulator = emulator
         if emulator.n_pixels == len(MODEL_TO_APSTAR):
             self.model_to_apstar = MODEL_TO_APSTAR
@@ -142,7 +145,8 @@ class PayneFitter:
         self.pixel_flag_mask = int(pixel_flag_mask)
         self.continuum_degree = int(continuum_degree)
         self.absolute_chi2_tolerance = bool(absolute_chi2_tolerance)
-        self.continuum_refinements = int(continuum_refinements)
+        self.joint_continuum = bool(joint_continuum)
+        self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
         self._segments = self._model_segments()
         self._layer = _OutputLayer(emulator)
 
@@ -153,28 +157,18 @@ class PayneFitter:
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     # -- preprocessing ------------------------------------------------------------------------------------------
-    def prepare(self, spectrum, continuum_shift=0, model=None) -> PreparedSpectrum:
+    def prepare(self, spectrum, continuum_shift=0) -> PreparedSpectrum:
         """Mask, resample and continuum-normalise a spectrum.
 
         ``continuum_shift`` (whole pixels) moves the continuum pixels with a star whose velocity is being fitted:
         they are chosen in the model's rest frame, and lines would otherwise slide onto them.
-        ``model`` (rectified model flux on the apStar grid, from a previous fit) refines the continuum: it is fitted
-        to ``flux / model`` on the same continuum pixels, which removes the bias of pixels that are not quite at 1.
         """
         flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask)
         ivar = np.where(self.ignore, 0.0, ivar)
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
-        if model is None:
-            continuum = fit_continuum(_APSTAR_WAVELENGTH, flux, ivar, continuum_pixels, degree=self.continuum_degree)
-        else:
-            model = np.asarray(model, dtype=float)
-            ok = np.isfinite(model) & (model > 0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                continuum = fit_continuum(_APSTAR_WAVELENGTH, np.where(ok, flux / model, 0.0),
-                                          np.where(ok, ivar * model**2, 0.0), continuum_pixels,
-                                          degree=self.continuum_degree)
+        continuum = fit_continuum(_APSTAR_WAVELENGTH, flux, ivar, continuum_pixels, degree=self.continuum_degree)
         on_model = np.zeros(APSTAR_NPIX, dtype=bool)
         on_model[self.model_to_apstar] = True
         continuum[~on_model] = np.nan
@@ -201,10 +195,11 @@ class PayneFitter:
                 shift = int(np.round(_pixel_shift(self._velocity_grid_search(x0, y, weight))))
                 if shift:
                     prepared = self.prepare(spectrum, continuum_shift=shift)
-            result = self._fit_prepared(prepared, initial_labels)
-            for _ in range(self.continuum_refinements):
-                prepared = self.prepare(spectrum, continuum_shift=shift, model=result.rectified_model_flux)
-                result = self._fit_prepared(prepared, result.labels)
+            if self.joint_continuum and self.v_rad_tolerance <= 0:
+                return self._fit_jointly(prepared, self._start(initial_labels))
+            result, solution = self._fit_prepared(prepared, initial_labels)
+            if self.joint_continuum:  # the velocity needs the first pass's grid search and fit to start from
+                result = self._fit_jointly(prepared, solution)
             return result
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
@@ -247,24 +242,60 @@ class PayneFitter:
                 if retry.cost < solution.cost:
                     solution = retry
 
-        jac = problem.jacobian(solution.x)
+        rectified = problem.model(solution.x)
+        result = self._result(solution, problem.jacobian(solution.x), problem.residuals(solution.x), len(used),
+                              n_params, prepared, prepared.continuum, rectified)
+        return result, solution.x
+
+    def _fit_jointly(self, prepared, x_first):
+        """Labels (and v_rel) together with a multiplicative continuum correction, from the first solution."""
+        fit_v = self.v_rad_tolerance > 0
+        y = prepared.norm_flux[self.model_to_apstar]
+        weight = np.sqrt(prepared.norm_ivar[self.model_to_apstar])
+        if fit_v:
+            weight = weight * self._edge_weight()
+        used = weight > 0
+        design = self._design[:, np.any(self._design[used] != 0, axis=0)]  # regions without data: no freedom
+        if fit_v:
+            base = _ShiftedProblem(self._layer, self._segments, y, weight, 2.0 * self.v_rad_tolerance)
+        else:
+            base = _RestFrameModel(self._layer)
+        n = len(x_first)
+        n_params = n + design.shape[1]
+        if used.sum() < _MIN_PIXELS_PER_PARAMETER * n_params:
+            raise _NotEnoughPixels(f"only {int(used.sum())} usable pixels for {n_params} parameters")
+        problem = _NormalEquationsProblem(_JointContinuumProblem(base, design, y, weight))
+        lower = np.concatenate([np.full(n, -0.5), np.full(design.shape[1], -np.inf)])
+        start = np.concatenate([np.clip(x_first, -0.5 + 1e-9, 0.5 - 1e-9), np.zeros(design.shape[1])])
+        solution = self._solve(problem, start, int(used.sum()), bounds=(lower, -lower))
+        continuum = prepared.continuum.copy()
+        continuum[self.model_to_apstar] *= problem.problem.correction(solution.x)
+        return self._result(solution, problem.jacobian(solution.x), problem.residuals(solution.x), int(used.sum()),
+                            n_params, prepared, continuum, base.flux(solution.x[:n]))
+
+    def _result(self, solution, jac, residuals, n_used, n_params, prepared, continuum, rectified_on_model):
+        """A FitResult from a solution whose first K parameters are scaled labels (then v_rel, then nuisance
+        parameters, over which the label covariance is marginalised)."""
+        emulator = self.emulator
+        k = emulator.n_labels
+        fit_v = self.v_rad_tolerance > 0
+        n = k + int(fit_v)
         scale = np.concatenate([emulator.x_max - emulator.x_min, [2.0 * self.v_rad_tolerance] if fit_v else []])
-        covariance = _covariance(jac) * np.outer(scale, scale)
+        covariance = _covariance(jac)[:n, :n] * np.outer(scale, scale)
         sigma = np.sqrt(np.diag(covariance))
         labels = emulator.unscale(solution.x[:k])
-        chi2 = float(np.sum(problem.residuals(solution.x) ** 2))  # zero-weight pixels add nothing
-        dof = int(len(used) - n_params)
+        chi2 = float(np.sum(residuals**2))  # zero-weight pixels add nothing
+        dof = int(n_used - n_params)
         at_bound = bool(np.any(np.abs(solution.x[:k]) >= _AT_BOUND))
         flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound)
-
         rectified = np.full(APSTAR_NPIX, np.nan)
-        rectified[self.model_to_apstar] = problem.model(solution.x)
+        rectified[self.model_to_apstar] = rectified_on_model
         return FitResult(
             label_names=emulator.label_names, labels=labels, raw_e=sigma[:k], covariance=covariance[:k, :k],
-            v_rel=float(solution.x[k] * 2.0 * self.v_rad_tolerance) if fit_v else float("nan"),
+            v_rel=float(solution.x[k] * scale[k]) if fit_v else float("nan"),
             e_v_rel=float(sigma[k]) if fit_v else float("nan"),
             chi2=chi2, dof=dof, reduced_chi2=chi2 / dof if dof > 0 else float("nan"), snr=prepared.snr,
-            result_flags=flags, continuum=prepared.continuum, rectified_model_flux=rectified,
+            result_flags=flags, continuum=continuum, rectified_model_flux=rectified,
             n_iterations=int(solution.nfev),
         )
 
@@ -279,12 +310,12 @@ class PayneFitter:
         state["_buffer"] = None  # scratch space: not worth sending to worker processes
         return state
 
-    def _solve(self, problem, x0, n_used):
+    def _solve(self, problem, x0, n_used, bounds=(-0.5, 0.5)):
         # SciPy's ftol is relative to the cost (chi2 / 2), which for thousands of pixels lets the seed stop while chi2
         # still falls by several units, i.e. about a sigma short of the minimum. Dividing by the expected cost at
         # the minimum (half the number of pixels) makes opt_tolerance an absolute chi2 tolerance instead.
         ftol = self.opt_tolerance / max(0.5 * n_used, 1.0) if self.absolute_chi2_tolerance else self.opt_tolerance
-        solution = least_squares(problem.residuals, x0, jac=problem.jacobian, bounds=(-0.5, 0.5), method="trf",
+        solution = least_squares(problem.residuals, x0, jac=problem.jacobian, bounds=bounds, method="trf",
                                  xtol=self.opt_tolerance, ftol=ftol)
         if solution.status <= 0 or not np.all(np.isfinite(solution.x)):
             raise _OptimiserFailure(f"optimiser stopped: {solution.message}")
@@ -473,6 +504,20 @@ class _HiddenSpaceProblem:
         return self.emulator.predict(x)
 
 
+class _RestFrameModel:
+    """Unweighted rectified model and its Jacobian on the model pixels (no velocity)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.layer._x = None
+
+    def flux(self, x):
+        return self.layer.flux(x)
+
+    def flux_jacobian(self, x):
+        return self.layer.jacobian(x)
+
+
 class _ShiftedProblem:
     """Residuals and Jacobian when the radial velocity (last parameter, in units of ``v_scale``) is free."""
 
@@ -484,17 +529,81 @@ class _ShiftedProblem:
     def _shift_of(self, x):
         return _pixel_shift(x[-1] * self.v_scale)
 
-    def residuals(self, x):
-        shifted, _ = _shift(self.layer.flux(x[:-1]), self.segments, self._shift_of(x))
-        return self.weight * (shifted - self.y)
+    def flux(self, x):
+        """Shifted rectified model (unweighted)."""
+        return _shift(self.layer.flux(x[:-1]), self.segments, self._shift_of(x))[0]
 
-    def jacobian(self, x):
+    def flux_jacobian(self, x):
+        """Its derivatives with respect to the scaled labels and the scaled velocity (unweighted)."""
         v = x[-1] * self.v_scale
         shift = self._shift_of(x)
         _, d_flux = _shift(self.layer.flux(x[:-1]), self.segments, shift)
         jac_shifted, _ = _shift(self.layer.jacobian(x[:-1]), self.segments, shift)
         d_shift_d_x = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
-        return self.weight[:, None] * np.column_stack([jac_shifted, d_flux * d_shift_d_x])
+        return np.column_stack([jac_shifted, d_flux * d_shift_d_x])
+
+    def residuals(self, x):
+        return self.weight * (self.flux(x) - self.y)
+
+    def jacobian(self, x):
+        return self.weight[:, None] * self.flux_jacobian(x)
 
     def model(self, x):
-        return _shift(self.layer.flux(x[:-1]), self.segments, self._shift_of(x))[0]
+        return self.flux(x)
+
+
+class _JointContinuumProblem:
+    """Residuals ``w ((1 + D g) m(x) - y)``: the rectified model ``m`` times a smooth correction to the continuum
+    (Chebyshev basis ``D`` per chip region, coefficients ``g``), fitted together with the labels."""
+
+    def __init__(self, base, design, y, weight):
+        self.base, self.design, self.y, self.weight = base, design, y, weight
+        self.n_design = design.shape[1]
+
+    def correction(self, theta):
+        return 1.0 + self.design @ theta[len(theta) - self.n_design:]
+
+    def residuals(self, theta):
+        x = theta[:len(theta) - self.n_design]
+        return self.weight * (self.correction(theta) * self.base.flux(x) - self.y)
+
+    def jacobian(self, theta):
+        x = theta[:len(theta) - self.n_design]
+        flux = self.base.flux(x)
+        d_labels = self.correction(theta)[:, None] * self.base.flux_jacobian(x)
+        return self.weight[:, None] * np.hstack([d_labels, flux[:, None] * self.design])
+
+
+class _NormalEquationsProblem:
+    """Any least-squares problem presented to TRF as ``n + 1`` residuals with the same steps.
+
+    At each point x, with the Cholesky factor ``J^T J = L L^T``, the residuals ``[L^-1 J^T r, sqrt(|r|^2 -
+    |L^-1 J^T r|^2)]`` and the Jacobian ``[L^T; 0]`` give TRF the same cost, gradient, Gauss-Newton matrix and SVD
+    as the full problem, so it takes the same steps; but the SVD TRF computes every iteration is of an n x n matrix
+    instead of P x n. The full Jacobian is still needed at every trial point (to keep residuals and Jacobian
+    consistent), which costs little next to that SVD when P >> n.
+    """
+
+    def __init__(self, problem):
+        self.problem = problem
+        self._x = None
+
+    def _evaluate(self, x):
+        if self._x is None or not np.array_equal(x, self._x):
+            r = self.problem.residuals(x)
+            jac = self.problem.jacobian(x)
+            gram = jac.T @ jac
+            ridge = 1e-12 * (np.mean(np.diag(gram)) or 1.0)  # keeps unconstrained directions factorable
+            lower = cholesky(gram + ridge * np.eye(len(gram)), lower=True)
+            projected = solve_triangular(lower, jac.T @ r, lower=True)
+            rest = np.sqrt(max(float(r @ r - projected @ projected), 0.0))
+            self._residuals = np.append(projected, rest)
+            self._jacobian = np.vstack([lower.T, np.zeros((1, len(x)))])
+            self._x = np.array(x, copy=True)
+        return self._residuals, self._jacobian
+
+    def residuals(self, x):
+        return self._evaluate(x)[0]
+
+    def jacobian(self, x):
+        return self._evaluate(x)[1]

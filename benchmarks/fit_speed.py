@@ -3,8 +3,8 @@
 (a) seed: ``scipy.optimize.curve_fit`` (TRF, bounds +-0.5, xtol = ftol = 5e-4, absolute sigma) with a
     finite-difference Jacobian, one spectrum at a time -- what Astra's ThePayne does;
 (b) engine, seed settings: :class:`astra_thepayne.fitting.PayneFitter` with ``absolute_chi2_tolerance=False`` and
-    ``continuum_refinements=0`` (one continuum pass, SciPy's relative ftol), i.e. the same problem as (a);
-(c) engine, defaults: as users run it (tolerance on chi2, one continuum refinement and a second fit).
+    ``joint_continuum=False`` (one continuum pass, SciPy's relative ftol), i.e. the same problem as (a);
+(c) engine, defaults: as users run it (tolerance on chi2, then labels fitted jointly with the continuum).
 
 All three see identical continuum-normalised data. BLAS is limited to one thread so the figures are per core.
 The network is 25 labels -> 300 -> 300 -> 7214 pixels (the DR19 production shape), random but well conditioned
@@ -57,7 +57,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     truths = [emulator.unscale(rng.uniform(-0.35, 0.35, emulator.n_labels)) for _ in range(args.spectra)]
     spectra = [synthetic_spectrum(emulator, t, snr=rng.uniform(50, 200), rng=rng) for t in truths]
-    same = PayneFitter(emulator, absolute_chi2_tolerance=False, continuum_refinements=0)
+    same = PayneFitter(emulator, absolute_chi2_tolerance=False, joint_continuum=False)
     default = PayneFitter(emulator)
     for spectrum in spectra[:1]:  # warm-up: caches, BLAS initialisation
         same.fit(spectrum)
