@@ -297,24 +297,36 @@ def astra_model():
     from .db.models import make_result_model, version_to_int
     from .labels import LABELS
 
-    bases = (AstraBaseModel,)
+    bases, meta = (AstraBaseModel,), None
     try:
-        from astra.models.pipeline import PipelineOutputMixin
+        # Astra 0.8: results derive from PipelineOutputModel, whose generated v_astra_major_minor column and
+        # UNIQUE (spectrum_pk, v_astra_major_minor) are the conflict target of Astra's insert-or-replace; without
+        # them every insert fails (and Astra 0.8 only logs that). One result per spectrum and Astra version, a
+        # re-run replaces it, so the plugin's own unique index on (spectrum_pk, model_sha256, tag) is left out.
+        from astra.models.pipeline import PipelineOutputModel
 
-        bases = (AstraBaseModel, PipelineOutputMixin)
+        bases, meta = (PipelineOutputModel,), {"indexes": ()}
     except ImportError:
-        pass
+        try:  # Astra 0.6
+            from astra.models.pipeline import PipelineOutputMixin
+
+            bases = (AstraBaseModel, PipelineOutputMixin)
+        except ImportError:
+            pass
     if version_to_int(astra.__version__) >= 8000:
         v_astra = IntegerField(default=version_to_int(astra.__version__))
     else:
         v_astra = TextField(default=astra.__version__)
     try:  # Astra's product writers (astraAllStar...) know Astra's BitField, not peewee's
-        from astra.models.fields import BitField as AstraBitField
+        from astra.fields import BitField as AstraBitField  # Astra 0.8
     except ImportError:
-        from peewee import BitField as AstraBitField
+        try:
+            from astra.models.fields import BitField as AstraBitField  # Astra 0.6
+        except ImportError:
+            from peewee import BitField as AstraBitField
     model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
-                              table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), v_astra_field=v_astra,
-                              bit_field=AstraBitField)
+                              table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), meta=meta,
+                              v_astra_field=v_astra, bit_field=AstraBitField)
     # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
     # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
     model.category_headers = (("Provenance", "v_thepayne"), ("Spectrum", "snr"), ("Stellar labels", LABELS[0].name),
@@ -374,6 +386,8 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                 # checks a call against this signature before Astra's `task` sees it, so Astra's own options
                 # (write_to_database=, batch_size=, frequency=, ...) reach `task` only through **options; `task`
                 # removes those it knows, and anything left here is a misspelt argument.
+                # Astra 0.8's `astra run` passes its progress display; the task does not draw into it.
+                options.pop("live_renderable", None)
                 if options:
                     raise TypeError(f"the_payne() got unexpected keyword arguments: {', '.join(sorted(options))}")
                 processes = int(processes or 1)
@@ -381,8 +395,10 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                 spectra = paginate(spectra, page, limit)
                 if processes > 1 and isinstance(spectra, _BaseQuery):
                     spectra = list(spectra)  # run the query here, not in the process pool's feeder thread
-                yield from fit_rows(skip_fitted(spectra, AstraThePayne, fitter.emulator.sha256, tag), AstraThePayne,
-                                    initial_labels=initial_labels, tag=tag, processes=processes, fitter=fitter)
+                if not hasattr(AstraThePayne, "v_astra_major_minor"):  # Astra 0.8 replaces on conflict instead
+                    spectra = skip_fitted(spectra, AstraThePayne, fitter.emulator.sha256, tag)
+                yield from fit_rows(spectra, AstraThePayne, initial_labels=initial_labels, tag=tag,
+                                    processes=processes, fitter=fitter)
 
             _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
