@@ -77,6 +77,38 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
                        v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"))
 
 
+def _number_or_nan(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # None (a NULL column) or not a number
+        return np.nan
+
+
+def _astra_row_spectrum(item, spectrum_class):
+    """A Spectrum from an Astra spectrum row (arrays as attributes).
+
+    Rows on the apStar grid (``ApogeeCoaddedSpectrumInApStar``, ``ApogeeVisitSpectrumInApStar``) are rest-frame
+    1-D arrays. ``ApogeeVisitSpectrum`` rows are apVisit data, ``(3 chips, 4096)`` arrays in descending wavelength
+    in the observed frame: they become one spectrum in ascending wavelength, as this package's apVisit reader makes,
+    shifted by the row's ``v_rel`` (the velocity relative to the observer, APOGEE's VREL), else ``v_rad - bc``.
+    """
+    wavelength, flux, ivar = (np.asarray(a, dtype=float) for a in (item.wavelength, item.flux, item.ivar))
+    flags = getattr(item, "pixel_flags", None)
+    frame = {}
+    if wavelength.ndim == 2:
+        order = np.argsort(wavelength.ravel(), kind="stable")
+        wavelength, flux, ivar = (a.ravel()[order] for a in (wavelength, flux, ivar))
+        if flags is not None:
+            flags = np.asarray(flags).ravel()[order]
+        v_rel = _number_or_nan(getattr(item, "v_rel", None))
+        if not np.isfinite(v_rel):
+            v_rel = _number_or_nan(getattr(item, "v_rad", None)) - _number_or_nan(getattr(item, "bc", None))
+        frame = {"rest_frame": False, "v_rel_known": v_rel, "spectrum_type": "apvisit"}
+    return spectrum_class(wavelength, flux, ivar, flags, snr=float(getattr(item, "snr", None) or np.nan),
+                          path=str(getattr(item, "path", "") or ""), obj=str(getattr(item, "obj", "") or ""),
+                          **frame)
+
+
 class _SpectrumSource:
     """Turns task inputs into Spectrum objects, reading each file once for consecutive rows of the same file."""
 
@@ -101,9 +133,7 @@ class _SpectrumSource:
         source_pk = getattr(item, "source_pk", None)
         source_pk = getattr(source_pk, "pk", source_pk)
         try:  # an Astra spectrum row: arrays as attributes
-            spectrum = Spectrum(np.asarray(item.wavelength), np.asarray(item.flux), np.asarray(item.ivar),
-                                getattr(item, "pixel_flags", None), snr=float(getattr(item, "snr", None) or np.nan),
-                                path=str(getattr(item, "path", "") or ""), obj=str(getattr(item, "obj", "") or ""))
+            spectrum = _astra_row_spectrum(item, Spectrum)
             return spectrum, spectrum_pk, source_pk, ""
         except Exception as exc:
             return None, spectrum_pk, source_pk, f"{type(exc).__name__}: {exc}"

@@ -72,3 +72,34 @@ def test_skip_fitted_drops_only_spectra_with_a_result_for_this_network_and_tag(t
     rows = [AstraRow(records[1].pk), AstraRow(records[1]), AstraRow(records[3].pk)]
     assert list(skip_fitted(rows, ThePayne, "net", "other")) == [rows[2]]
     database.close()
+
+
+def test_an_astra_apvisit_row_becomes_the_spectrum_the_apvisit_reader_makes(apogee_data_dir):
+    # Astra's ApogeeVisitSpectrum rows expose the apVisit HDUs as (3, 4096) arrays (ivar = error**-2) and the DRP's
+    # VREL as v_rel; the task must turn them into what read_spectra makes of the same file
+    from astropy.io import fits
+
+    from astra_thepayne import read_spectra
+    from astra_thepayne.task import _astra_row_spectrum
+
+    path = apogee_data_dir / "apVisit-r13-5095-55844-128.fits"
+    (expected,) = read_spectra(path)
+    with fits.open(path) as hdul:
+        error = hdul[2].data.astype(float)
+
+        class AstraVisitRow:
+            wavelength = hdul[4].data
+            flux = hdul[1].data
+            ivar = np.where(error > 0, 1.0 / np.where(error > 0, error, 1.0) ** 2, 0.0)
+            pixel_flags = hdul[3].data
+            v_rel = hdul[0].header["VRAD"]
+            snr = hdul[0].header["SNR"]
+
+        spectrum = _astra_row_spectrum(AstraVisitRow(), Spectrum)
+    assert spectrum.wavelength.shape == (3 * 4096,) and np.all(np.diff(spectrum.wavelength) > 0)
+    np.testing.assert_array_equal(spectrum.wavelength, expected.wavelength)
+    np.testing.assert_array_equal(spectrum.pixel_flags, expected.pixel_flags)
+    usable = expected.ivar > 0
+    np.testing.assert_allclose(spectrum.flux[usable], expected.flux[usable], rtol=1e-6)
+    np.testing.assert_allclose(spectrum.ivar[usable], expected.ivar[usable], rtol=1e-5)
+    assert (spectrum.rest_frame, spectrum.v_rel_known) == (False, expected.v_rel_known) == (False, -44.4206)
