@@ -431,6 +431,13 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                                     processes=processes, fitter=fitter)
 
             _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
+            try:  # Astra 0.8's `astra run astra_thepayne.the_payne` (no spectrum model) reads the input types here
+                from astra.models.apogee import ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar
+
+                _the_payne_astra.__annotations__["spectra"] = Iterable[
+                    ApogeeCoaddedSpectrumInApStar | ApogeeVisitSpectrumInApStar]
+            except ImportError:
+                pass
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
             _the_payne_astra.__doc__ = the_payne.__doc__
             the_payne = _astra.task(_the_payne_astra)  # noqa: F811 - the Astra task replaces the plain generator
