@@ -18,7 +18,7 @@ from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne
 from astra_thepayne.intermediate import read_intermediate
 from astra_thepayne.slurm import thepayne_command
 
-BATCH = 3
+BATCH = 4
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -44,18 +44,30 @@ def _check_rows_and_pickles(url, out_dir):
     return [pk for pk, _flags, _tag in rows]
 
 
-def _kill_mid_batch(url, argv, env, after_rows, delay, timeout=300):
-    """Start ``thepayne run``, wait until more than ``after_rows`` rows are committed, let the next batch run for
-    ``delay`` seconds, then SIGKILL it. Returns the number of rows at the kill (None if it finished first)."""
+def _wait_for_commit(url, proc, more_than, deadline):
+    """Poll until more than ``more_than`` rows are committed; returns the row count (None if the run ended)."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = len(results(url))
+        if rows > more_than:
+            return rows
+        time.sleep(0.02)
+    return None
+
+
+def _kill_mid_batch(url, argv, env, after_rows, fraction, timeout=300):
+    """Start ``thepayne run``; once two batches are committed after ``after_rows`` rows, time the second one, let
+    the next batch run for ``fraction`` of that time and SIGKILL the process. Returns the rows at the kill, or None
+    when the run ended first."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(results(url)) > after_rows:
-                break
-            time.sleep(0.05)
-        time.sleep(delay)
+        first = _wait_for_commit(url, proc, after_rows, deadline)
+        start = time.monotonic()
+        second = first is not None and _wait_for_commit(url, proc, first, deadline)
+        if not second:
+            return None
+        time.sleep(fraction * (time.monotonic() - start))  # a batch takes about as long as the one before
         if proc.poll() is not None:
             return None
         os.kill(proc.pid, signal.SIGKILL)
@@ -75,19 +87,19 @@ def test_sigkill_mid_batch_then_rerun_gives_one_complete_row_per_spectrum(tmp_pa
     env = cli_environment(out_dir)
     model = tmp_path / "toy.pkl"
     toy_emulator.save(model)
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=3, visits=3, seed=21)
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=6, visits=3, seed=21)
     thepayne(url, "init", env=env)
     thepayne(url, "ingest", tmp_path / "spectra", env=env)
     keys = registered_keys(url)
-    assert len(keys) == 12
+    assert len(keys) == 24
 
     argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--batch-size", str(BATCH),
             *FAST_FIT]
     done = 0
     kills = 0
     # two kills at different points of a batch: early (reading, fitting) and late (writing pickles, inserting)
-    for delay in (0.2, 1.0):
-        at_kill = _kill_mid_batch(url, argv, env, after_rows=done, delay=delay)
+    for fraction in (0.3, 0.85):
+        at_kill = _kill_mid_batch(url, argv, env, after_rows=done, fraction=fraction)
         if at_kill is None:
             break  # the run finished before the kill; the checks below still apply
         kills += 1
@@ -97,6 +109,7 @@ def test_sigkill_mid_batch_then_rerun_gives_one_complete_row_per_spectrum(tmp_pa
         done = len(rows)
         assert done < len(keys)
     assert kills >= 1, "the run finished before it could be killed: make the corpus larger"
+    print(f"killed {kills} time(s); {done} of {len(keys)} rows before the final run")
 
     thepayne(url, *argv[argv.index("run"):], env=env)
     rows = _check_rows_and_pickles(url, out_dir)
