@@ -1,9 +1,8 @@
 """Helpers of the scale tests (SLURM, crash safety, concurrency, bad input) and the throughput benchmark.
 
-Synthetic apStar files: a file written here is an apStar file as the readers see it (HDU1 flux, HDU2 error,
-HDU3 APOGEE_PIXMASK, each ``(nrow, 8575)``, log-lambda grid in CRVAL1/CDELT1, OBJID/SNR/NVISITS in the primary
-header): with ``n`` visits it holds the pixel-weighted coadd in row 0, a global-weighted coadd in row 1 and the
-visits in rows 2.., so the readers return ``n + 1`` spectra (row 1 is not fitted), as for real DR17 files.
+Synthetic apStar files are written with the database tests' :func:`_spectra_files.write_apstar` (HDU1 flux, HDU2
+error, HDU3 APOGEE_PIXMASK, log-lambda grid in CRVAL1/CDELT1): with ``n > 1`` visits a file holds two coadd rows
+and the visits, so the readers return ``n + 1`` spectra (the second coadd row is not fitted), as for DR17 files.
 """
 from __future__ import annotations
 
@@ -12,12 +11,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
+from _spectra_files import write_apstar
 
-from astra_thepayne.grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
 from astra_thepayne.synthetic import synthetic_spectrum
 
-__all__ = ["write_apstar", "write_synthetic_corpus", "spectra_per_file", "thepayne", "cli_environment", "results",
+__all__ = ["write_synthetic_corpus", "spectra_per_file", "thepayne", "cli_environment", "results",
            "registered_keys", "FAST_FIT"]
 
 #: Run options that make the toy network's fits quick: the pipeline is under test here, not the accuracy.
@@ -27,39 +25,6 @@ FAST_FIT = ["--opt-tolerance", "1e-2"]
 def spectra_per_file(visits: int) -> int:
     """Spectra the readers return for a file written with ``visits`` visits."""
     return 1 if visits <= 1 else visits + 1
-
-
-def write_apstar(path, spectra, obj: str) -> Path:
-    """Write ``spectra`` (coadd first, then the visits) as one apStar file.
-
-    Parameters
-    ----------
-    path : str or Path
-    spectra : list of Spectrum
-        On the 8575-pixel apStar grid; ``ivar == 0`` becomes error 0 (no information), as the readers expect.
-    obj : str
-        OBJID of the star (one source per file).
-    """
-    spectra = list(spectra)
-    visits = max(1, len(spectra) - 1)
-    rows = spectra if visits == 1 else [spectra[0], spectra[0], *spectra[1:]]
-    flux = np.array([s.flux for s in rows], dtype=np.float32)
-    ivar = np.array([s.ivar for s in rows], dtype=np.float64)
-    error = np.zeros_like(ivar)
-    np.divide(1.0, np.sqrt(ivar), out=error, where=ivar > 0)
-    mask = np.array([s.pixel_flags for s in rows], dtype=np.int16)
-    primary = fits.PrimaryHDU()
-    primary.header.update({"OBJID": obj, "SNR": float(spectra[0].snr), "NVISITS": visits, "TELESCOP": "apo25m",
-                           "RA": 10.0, "DEC": -20.0, "NWAVE": APSTAR_NPIX,
-                           "CRVAL1": APSTAR_CRVAL1, "CDELT1": APSTAR_CDELT1, "CRPIX1": 1})
-    hdus = [primary]
-    for data in (flux, error.astype(np.float32), mask):
-        hdu = fits.ImageHDU(data)
-        hdu.header.update({"CRVAL1": APSTAR_CRVAL1, "CDELT1": APSTAR_CDELT1, "CRPIX1": 1})
-        hdus.append(hdu)
-    path = Path(path)
-    fits.HDUList(hdus).writeto(path, overwrite=True)
-    return path
 
 
 def write_synthetic_corpus(folder, emulator, n_files: int, visits: int = 1, snr: float = 80.0, seed: int = 0,
@@ -76,10 +41,9 @@ def write_synthetic_corpus(folder, emulator, n_files: int, visits: int = 1, snr:
     paths = []
     for i in range(n_files):
         labels = lower + (upper - lower) * rng.uniform(0.2, 0.8, len(lower))
-        n = spectra_per_file(visits)
-        spectra = [synthetic_spectrum(emulator, labels, snr=snr, rng=rng) for _ in range(n)]
+        spectra = [synthetic_spectrum(emulator, labels, snr=snr, rng=rng) for _ in range(max(1, visits))]
         obj = f"2M{seed:04d}{i:08d}+0000000"
-        paths.append(write_apstar(folder / f"{prefix}-{seed}-{i:06d}.fits", spectra, obj))
+        paths.append(write_apstar(folder / f"{prefix}-{seed}-{i:06d}.fits", spectra, obj, snr=snr))
     return paths
 
 
