@@ -57,6 +57,7 @@ __all__ = [
     "config_path",
     "load_profile",
     "absolute_database_url",
+    "require_program",
     "submit",
     "job_status",
     "wait_for_jobs",
@@ -405,7 +406,8 @@ def load_profile(name: str, path: str | os.PathLike | None = None) -> dict:
 _JOB_ID = re.compile(r"^\s*(\d+)(?:_\d+)?(?:;[\w.-]+)?\s*$")
 
 
-def _require(program: str) -> str:
+def require_program(program: str) -> str:
+    """Absolute path of a SLURM client program; SubmissionError (exit 2) when it is not on PATH."""
     found = shutil.which(program)
     if not found:
         raise SubmissionError(f"`{program}` is not on PATH: run on a SLURM login node, or use --dry-run to "
@@ -422,7 +424,7 @@ def submit(script_path: str | os.PathLike) -> str:
         When sbatch is missing, fails, or prints something that is not a job id; the message holds sbatch's
         own error line.
     """
-    sbatch = _require("sbatch")
+    sbatch = require_program("sbatch")
     proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -462,7 +464,7 @@ def job_status(job_id: str) -> JobStatus:
     """Ask ``scontrol show job`` for the state of a job, falling back to ``sacct`` once the controller has
     forgotten it (after MinJobAge); ``UNKNOWN`` when neither knows it, ``UNREACHABLE`` (not finished) when the
     controller does not answer."""
-    proc = subprocess.run([_require("scontrol"), "show", "job", "-o", str(job_id)], capture_output=True,
+    proc = subprocess.run([require_program("scontrol"), "show", "job", "-o", str(job_id)], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL)
     if proc.returncode == 0 and "JobState=" in proc.stdout:
         fields = _parse_scontrol(proc.stdout)

@@ -96,7 +96,7 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
         if path is not None and str(path).lower() != "none" and not os.path.isfile(_absolute(path)):
             raise ConfigurationError(f"{flag} {path}: no such file")
     if not dry_run:
-        _slurm._require("sbatch")  # fail before the database work when this is no SLURM login node
+        _slurm.require_program("sbatch")  # fail before the database work when this is no SLURM login node
 
     keys = _pending_keys(database_url, model, tag)
     ranges = _slurm.split_key_ranges(keys, options.slices)
