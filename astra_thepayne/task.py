@@ -42,15 +42,6 @@ def _as_float(value, name):
         raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
 
 
-def _load_optional_array(path, what):
-    if path is None or str(path).lower() == "none":
-        return None
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ConfigurationError(f"{what} {path}: cannot read it ({exc})") from None
-
-
 def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
                 v_rad_tolerance=0.0):
     """Load the network and build a :class:`~astra_thepayne.fitting.PayneFitter` (shared by task and CLI).
@@ -60,7 +51,7 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
     """
     from .config import resolve_model_path
     from .emulator import PayneEmulator
-    from .fitting import PayneFitter
+    from .fitting import PayneFitter, load_pixel_array
 
     if isinstance(model_path, PayneEmulator):
         emulator = model_path
@@ -71,8 +62,10 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
         for array in (*emulator.weights, *emulator.biases, emulator.x_min, emulator.x_max):
             digest.update(np.ascontiguousarray(array).tobytes())
         emulator.sha256 = digest.hexdigest()
-    return PayneFitter(emulator, mask=_load_optional_array(mask_path, "mask"),
-                       continuum_pixels=_load_optional_array(continuum_pixels_path, "continuum pixel list"),
+    def pixels(path):
+        return None if path is None or str(path).lower() == "none" else load_pixel_array(path, emulator.n_pixels)
+
+    return PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
                        opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
                        v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"))
 
