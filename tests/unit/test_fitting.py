@@ -185,3 +185,27 @@ def test_joint_continuum_removes_the_bias_of_continuum_pixels_inside_lines(toy_e
             pulls[joint].append((result.labels - truth) / result.raw_e)
     single, joint = _robust_width(np.ravel(pulls[False])), _robust_width(np.ravel(pulls[True]))
     assert single > 1.5 and joint < 1.3, (single, joint)
+
+
+def test_velocity_and_continuum_jacobians_match_finite_differences(toy_emulator):
+    from astra_thepayne.continuum import continuum_design
+    from astra_thepayne.fitting import _JointContinuumProblem, _OutputLayer, _ShiftedProblem
+    from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
+
+    fitter = PayneFitter(toy_emulator, v_rad_tolerance=80)
+    rng = np.random.default_rng(8)
+    y = 1 + rng.normal(0, 0.01, toy_emulator.n_pixels)
+    weight = rng.uniform(50, 150, toy_emulator.n_pixels) * fitter._edge_weight()
+    shifted = _ShiftedProblem(_OutputLayer(toy_emulator), fitter._segments, y, weight, 160.0)
+    design = continuum_design(apstar_wavelength()[MODEL_TO_APSTAR])
+    joint = _JointContinuumProblem(shifted, design, y, weight)
+    # 0.37 (in units of 160 km/s) is 59 km/s, 14.3 pixels: away from whole-pixel kinks of the interpolation
+    theta = np.concatenate([rng.uniform(-0.3, 0.3, 25), [0.37], rng.normal(0, 0.01, design.shape[1])])
+    analytic = joint.jacobian(theta)
+    eps = 1e-4  # the output layer is float32: smaller steps measure its rounding, not the derivative
+    numeric = np.column_stack([(joint.residuals(theta + eps * e) - joint.residuals(theta - eps * e)) / (2 * eps)
+                               for e in np.eye(len(theta))])
+    assert np.max(np.abs(analytic - numeric)) < 1e-4 * np.max(np.abs(numeric))
+    velocity = 25
+    np.testing.assert_allclose(analytic[:, velocity], numeric[:, velocity], rtol=1e-3, atol=1e-6 * np.abs(
+        numeric[:, velocity]).max())

@@ -322,3 +322,20 @@ def test_spectrum_file_error_survives_pickling(corpus):
     copy = pickle.loads(pickle.dumps(info.value))  # worker processes send errors back pickled
     assert type(copy) is SpectrumFileError
     assert str(copy) == str(info.value) and copy.path == info.value.path and copy.reason == info.value.reason
+
+
+def test_resampling_gives_bad_pixels_no_weight_and_leaves_far_pixels_alone():
+    from astra_thepayne.preprocess import resample
+
+    wavelength = np.linspace(15000.0, 15100.0, 201)
+    flux = np.ones(201)
+    ivar = np.full(201, 4.0)
+    good = np.ones(201, dtype=bool)
+    good[100] = False
+    flux[100], ivar[100] = 1e6, 1e-12  # a bad pixel must lend neither flux nor weight
+    new = np.linspace(15010.0, 15090.0, 333)
+    new_flux, new_ivar = resample(wavelength, flux, ivar, good, new)
+    step = wavelength[1] - wavelength[0]
+    near = np.abs(new - wavelength[100]) < step
+    assert np.all(new_ivar[near] == 0)
+    assert np.allclose(new_flux[~near], 1.0) and np.all(new_ivar[~near] >= 4.0)  # averaging lowers variance
