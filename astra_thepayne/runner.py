@@ -122,6 +122,8 @@ class RunSummary:
         return self.fitted / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self):
+        if not self.fitted:
+            return "0 spectra fitted: every selected spectrum already has a result for this model and tag"
         return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} failed) in "
                 f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
 
