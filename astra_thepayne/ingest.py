@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigurationError
 
-__all__ = ["find_spectrum_files", "ingest", "IngestSummary", "SPECTRUM_SUFFIXES"]
+__all__ = ["find_spectrum_files", "ingest", "IngestSummary"]
 
 log = logging.getLogger(__name__)
-
-#: File name endings searched for inside folders (files named explicitly are read whatever their name).
-SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fts")
-
 
 @dataclass
 class IngestSummary:
@@ -40,24 +35,19 @@ class IngestSummary:
 
 
 def find_spectrum_files(paths) -> list[Path]:
-    """Absolute paths of the given files and of the FITS files under the given folders, sorted, without repeats.
+    """Absolute paths of the files :func:`astra_thepayne.io.iter_spectrum_files` finds, sorted, without repeats.
 
     Raises
     ------
     ConfigurationError
         A path that does not exist.
     """
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            for root, _dirs, files in os.walk(path, followlinks=True):
-                found.extend(Path(root) / name for name in files if name.lower().endswith(SPECTRUM_SUFFIXES))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ConfigurationError(f"{path}: no such file or folder")
-    unique = {p.resolve(): None for p in found}
-    return sorted(unique)
+    from .io import SpectrumFileError, iter_spectrum_files
+
+    try:
+        return sorted({path.resolve() for path in iter_spectrum_files(paths)})
+    except SpectrumFileError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _mjd(meta):

@@ -116,8 +116,8 @@ def iter_spectrum_files(paths):
     ----------
     paths : str, os.PathLike or iterable of them
         Files and directories. A file given by name is yielded whatever its name (the reader checks its content);
-        inside directories only names ending in ``.fits`` or ``.fits.gz`` (any case) are taken, hidden files and
-        folders are skipped, and the files are yielded in sorted path order.
+        inside directories only names ending in one of :data:`FITS_SUFFIXES` (any case) are taken, hidden files
+        and folders are skipped, and the files are yielded in sorted path order.
 
     Yields
     ------
