@@ -10,6 +10,7 @@ import click
 
 from .. import slurm as _slurm
 from ..errors import ConfigurationError
+from .options import fit_options
 
 __all__ = ["slurm"]
 
@@ -66,16 +67,12 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
 @click.option("--wait", is_flag=True, help="Return when the jobs end; exit 1 if any failed.")
 @click.option("--poll-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds between job-state checks with --wait.")
-@click.option("--model", default=None, help="Model file or 'demo' (default: $THEPAYNE_MODEL, $MWM_ASTRA/...).")
+@fit_options(forwarded=True)
 @click.option("--tag", default="", show_default=True, help="Tag of the results.")
-@click.option("--mask", default=None, help="Pixel mask (.npy) or 'none'.")
-@click.option("--continuum-pixels", default=None, help="Continuum pixel list (.npy) or 'none'.")
-@click.option("--v-rad-tolerance", type=float, default=None, help="Radial velocity bound (km/s); 0 = not fitted.")
-@click.option("--opt-tolerance", type=float, default=None, help="Optimiser xtol/ftol.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Spectra claimed and committed at once.")
 @click.pass_context
 def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
-          dry_run, wait, poll_interval, model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance,
+          dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, tag,
           batch_size):
     """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
 
