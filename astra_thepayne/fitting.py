@@ -475,14 +475,16 @@ class _HiddenSpaceProblem:
         gram = dsyrk(1.0, m.T, trans=0)  # upper triangle of M^T M; m.T is Fortran-ordered, so no copy
         gram = np.triu(gram) + np.triu(gram, 1).T
         scale = np.mean(np.diag(gram)) or 1.0
+        projected = m.T @ d
         try:
             # a relative 1e-12 ridge keeps the factorisation alive for hidden units no used pixel depends on
             self.r = cholesky(gram + 1e-12 * scale * np.eye(len(gram)), lower=False)
+            self.e = solve_triangular(self.r, projected, trans="T")
         except LinAlgError:
             values, vectors = np.linalg.eigh(gram)
-            self.r = np.sqrt(np.clip(values, 1e-12 * scale, None))[:, None] * vectors.T
-        self.e = solve_triangular(self.r, m.T @ d, trans="T") if np.allclose(self.r, np.triu(self.r)) \
-            else np.linalg.solve(self.r.T, m.T @ d)
+            root = np.sqrt(np.clip(values, 1e-12 * scale, None))
+            self.r = root[:, None] * vectors.T
+            self.e = (vectors.T @ projected) / root
         self.rest = np.sqrt(max(float(d @ d - self.e @ self.e), 0.0))
         self._x = None
 
