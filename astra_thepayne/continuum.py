@@ -35,24 +35,34 @@ def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONT
     wavelength = np.asarray(wavelength, dtype=float)
     continuum = np.full(wavelength.shape, np.nan)
     for lo, hi in regions:
-        in_region = (wavelength >= lo) & (wavelength <= hi)
-        if not in_region.any():
+        in_region = np.flatnonzero((wavelength >= lo) & (wavelength <= hi))
+        if not len(in_region):
             continue
-        x = 2 * (wavelength - lo) / (hi - lo) - 1  # Chebyshev domain [-1, 1] across the region
-        use = in_region & continuum_mask & (ivar > 0) & np.isfinite(flux)
+        # Chebyshev basis on [-1, 1] across the region, built once and reused by every clipping round
+        basis = chebyshev.chebvander(2 * (wavelength[in_region] - lo) / (hi - lo) - 1, degree)
+        f, w = flux[in_region], ivar[in_region]
+        use = continuum_mask[in_region] & (w > 0) & np.isfinite(f)
+        f = np.where(use, f, 0.0)
+        sigma_weight = np.sqrt(np.where(use, w, 0.0))
         coefficients = None
         for _ in range(n_clip + 1):
             if use.sum() < 3 * (degree + 1):
                 coefficients = None
                 break
-            coefficients = chebyshev.chebfit(x[use], flux[use], degree, w=np.sqrt(ivar[use]))
-            residual = (flux - chebyshev.chebval(x, coefficients)) * np.sqrt(ivar)
-            keep = use & (np.abs(residual) < clip_sigma)
+            # inverse-variance weighted least squares through its normal equations: a (degree + 1)-column
+            # Chebyshev basis on [-1, 1] is well conditioned, and unused pixels simply get weight 0
+            weighted = basis * np.where(use, w, 0.0)[:, None]
+            try:
+                coefficients = np.linalg.solve(weighted.T @ basis, weighted.T @ f)
+            except np.linalg.LinAlgError:
+                coefficients = None
+                break
+            keep = use & (np.abs((f - basis @ coefficients) * sigma_weight) < clip_sigma)
             if keep.sum() == use.sum():
                 break
             use = keep
         if coefficients is not None:
-            continuum[in_region] = chebyshev.chebval(x[in_region], coefficients)
+            continuum[in_region] = basis @ coefficients
     return continuum
 
 
