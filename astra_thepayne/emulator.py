@@ -211,6 +211,12 @@ class PayneEmulator:
     def hidden(self, scaled):
         """Last hidden layer's activations ``(H,)`` for one scaled label vector, and the Jacobian of those
         activations with respect to the scaled labels ``(H, K)``."""
+        a1, slopes = self.hidden_forward(scaled)
+        return a1, self.hidden_jacobian(slopes)
+
+    def hidden_forward(self, scaled):
+        """Last hidden layer's activations ``(H,)`` and the LeakyReLU slopes of both hidden layers (1 or 0.01),
+        which fix the network's Jacobian: the network is piecewise linear in the labels."""
         x = np.asarray(scaled, dtype=float)
         w0, w1, _ = self.weights
         b0, b1, _ = self.biases
@@ -218,9 +224,26 @@ class PayneEmulator:
         a0 = np.where(z0 > 0, z0, LEAKY_SLOPE * z0)
         z1 = w1 @ a0 + b1
         a1 = np.where(z1 > 0, z1, LEAKY_SLOPE * z1)
-        d0 = np.where(z0 > 0, 1.0, LEAKY_SLOPE)
-        d1 = np.where(z1 > 0, 1.0, LEAKY_SLOPE)
-        return a1, d1[:, None] * (w1 @ (d0[:, None] * w0))
+        return a1, (np.where(z0 > 0, 1.0, LEAKY_SLOPE), np.where(z1 > 0, 1.0, LEAKY_SLOPE))
+
+    def hidden_jacobian(self, slopes, dtype=np.float64):
+        """``d a1 / d x = diag(s1) W1 diag(s0) W0`` ``(H, K)`` for the slopes from :meth:`hidden_forward`;
+        ``dtype=np.float32`` computes it in single precision (twice as fast, for products done in float32)."""
+        d0, d1 = slopes
+        if dtype == np.float32:
+            if getattr(self, "_single", None) is None:
+                self._single = tuple(w.astype(np.float32) for w in self.weights[:2])
+            w0, w1 = self._single
+            d0, d1 = d0.astype(np.float32), d1.astype(np.float32)
+        else:
+            w0, w1, _ = self.weights
+        return d1[:, None] * (w1 @ (d0[:, None] * w0))
+
+    def hidden_vjp(self, slopes, u):
+        """``(d a1 / d x)^T u`` ``(K,)`` without forming the Jacobian (two matrix-vector products)."""
+        d0, d1 = slopes
+        w0, w1, _ = self.weights
+        return w0.T @ (d0 * (w1.T @ (d1 * u)))
 
     def predict_and_jacobian(self, scaled, pixels=None):
         """Flux ``(P,)`` and its analytic Jacobian ``d flux / d scaled`` ``(P, K)`` for one scaled label vector.
