@@ -69,6 +69,7 @@ class FitResult:
     e: np.ndarray | None = None
     message: str = ""
     n_iterations: int = 0
+    seconds: float | None = None  # wall time of the fit (its share, when fitted in a batch)
 
     def __post_init__(self):
         if self.e is None:

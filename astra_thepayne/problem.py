@@ -1,0 +1,333 @@
+"""The Payne fit of one spectrum as a least-squares problem for :func:`astra_thepayne.solver.minimise`.
+
+Weighted residuals ``r = w (c * S_v(f(x)) - y)`` over the model pixels, with ``f(x) = W2 a(x) + b2`` the network
+(``a`` its last hidden layer), ``S_v`` an optional Doppler shift (linear interpolation within each chip) and
+``c = 1 + D g`` an optional multiplicative continuum correction (Chebyshev basis ``D``). Parameters are the scaled
+labels ``x``, then the scaled velocity, then ``g``.
+
+What makes it fast: the output layer ``W2`` (P x H, 7214 x 300 in production) is nearly all of the network, and
+the exact Jacobian ``W2 (da/dx)`` costs P H K multiply-adds. Chi2 and the exact gradient need only two
+matrix-vector products with ``W2`` (``J^T r = (da/dx)^T W2^T S^T (w c r)``). The Gauss-Newton matrix of the labels,
+``(da/dx)^T W2^T diag(w^2) W2 (da/dx)``, is approximated while the fit is far from the minimum by replacing
+``w^2`` with its mean over each of a few wide pixel blocks: ``W2^T diag(w^2) W2 ~ sum_b mean_b(w^2) G_b`` with the
+block Gram matrices ``G_b = W2_b^T W2_b`` computed once per network. The exact product is formed only near the
+minimum, where it also gives the covariance; it is cached by the network's activation pattern, on which it alone
+depends.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from .grid import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
+
+__all__ = ["OutputLayer", "PayneProblem", "Shift", "pixel_shift"]
+
+_N_BLOCKS = 16  # pixel blocks of the approximate Gram matrix: ~450 pixels each, over which S/N changes little
+
+
+def pixel_shift(v_rel):
+    """Shift in apStar pixels of a source at ``v_rel`` km/s (positive = redshift)."""
+    return np.log10(1.0 + v_rel / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
+
+
+class Shift:
+    """Linear resampling of model pixels to positions ``i - shift`` within each chip segment (edges clamped),
+    its derivative with respect to ``shift``, and its transpose."""
+
+    def __init__(self, segments, shift):
+        n = int(np.floor(shift))
+        self.shift, self.frac = float(shift), float(shift - n)
+        upper, lower = [], []
+        for start, stop in segments:
+            index = np.arange(start, stop) - n
+            upper.append(np.clip(index, start, stop - 1))
+            lower.append(np.clip(index - 1, start, stop - 1))
+        self.upper, self.lower = np.concatenate(upper), np.concatenate(lower)
+        self.size = len(self.upper)
+
+    def apply(self, values):
+        """Shifted ``values`` (pixels along the first axis)."""
+        return (1 - self.frac) * values[self.upper] + self.frac * values[self.lower]
+
+    def derivative(self, values):
+        """``d apply(values) / d shift``."""
+        return values[self.lower] - values[self.upper]
+
+    def transpose(self, values):
+        """``S^T values`` for a vector: what each model pixel contributes to, summed."""
+        return (np.bincount(self.upper, (1 - self.frac) * values, self.size)
+                + np.bincount(self.lower, self.frac * values, self.size))
+
+
+class OutputLayer:
+    """The network's output layer in float32, with the block sums behind the approximate Gauss-Newton matrix.
+
+    Single precision halves the memory traffic of the matrix products that dominate a fit; its rounding (about
+    1e-7 relative) is far below the noise of any spectrum. One instance serves all fits of a fitter; ``design`` is
+    the fitter's continuum basis on the model pixels.
+    """
+
+    def __init__(self, emulator, design, n_blocks=_N_BLOCKS):
+        self.emulator, self.design = emulator, design
+        self.w2 = np.ascontiguousarray(emulator.weights[2], dtype=np.float32)
+        self.b2 = np.asarray(emulator.biases[2], dtype=np.float64)
+        n_pixels = self.w2.shape[0]
+        self.block_starts = np.linspace(0, n_pixels, min(n_blocks, n_pixels) + 1).astype(int)[:-1]
+        self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
+        self._grams = self._cross = None
+
+    def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
+        state = dict(self.__dict__)
+        state["_grams"] = state["_cross"] = None
+        return state
+
+    # -- lockstep execution ------------------------------------------------------------------------------------
+    def run(self, steps):
+        """Drive several fit generators together and return their return values, in order.
+
+        Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
+        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m``, and receives the product. Whatever
+        the generators ask for at the same moment is computed as one matrix-matrix product, so the output layer
+        (17 MB of float32 in production) streams through memory once for all of them instead of once each, and
+        the products run at matrix-matrix speed.
+        """
+        steps = list(steps)
+        results = [None] * len(steps)
+        pending = {}
+
+        def advance(index, value):
+            try:
+                pending[index] = steps[index].send(value)
+            except StopIteration as stop:
+                results[index] = stop.value
+
+        for index in range(len(steps)):
+            advance(index, None)
+        while pending:
+            by_kind = {}
+            for index, (kind, array) in pending.items():
+                by_kind.setdefault(kind, []).append((index, array))
+            # serve only the most asked-for product: the others wait a round and fall into step with the rest,
+            # which keeps the batches large
+            kind = max(by_kind, key=lambda k: len(by_kind[k]))
+            items = by_kind[kind]
+            for index, _ in items:
+                del pending[index]
+            for (index, _), product in zip(items, self._products(kind, [a for _, a in items]), strict=True):
+                advance(index, product)
+        return results
+
+    def _products(self, kind, arrays):
+        # results are float32 (rows made contiguous where a caller reads them as vectors); float64 arithmetic
+        # downstream promotes them, which is cheaper than converting whole products here
+        if kind == "flux":
+            out = np.ascontiguousarray((self.w2 @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            return [row + self.b2 for row in out]  # float64 from the addition
+        if kind == "transpose":
+            out = np.ascontiguousarray((self.w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            return list(out)
+        if kind == "times":
+            out = self.w2 @ np.hstack(arrays).astype(np.float32)
+            return np.split(out, np.cumsum([a.shape[1] for a in arrays])[:-1], axis=1)
+        raise ValueError(f"unknown request {kind!r}")
+
+    def run_one(self, step):
+        """:meth:`run` for a single generator."""
+        return self.run([step])[0]
+
+    def _block_means(self, values):
+        return (np.add.reduceat(values, self.block_starts) / self.block_sizes).astype(np.float32)
+
+    def _blocks(self):
+        w2 = self.emulator.weights[2]
+        ends = np.append(self.block_starts[1:], len(w2))
+        return [slice(a, b) for a, b in zip(self.block_starts, ends, strict=True)]
+
+    def approximate_gram(self, weights):
+        """``sum_b mean_b(weights) W2_b^T W2_b`` ~ ``W2^T diag(weights) W2`` ``(H, H)``, float32 like the products
+        it feeds."""
+        if self._grams is None:
+            w2 = self.emulator.weights[2]
+            self._grams = np.stack([(w2[b].T @ w2[b]).ravel() for b in self._blocks()]).astype(np.float32)
+        return (self._block_means(weights) @ self._grams).reshape(self.w2.shape[1], -1)
+
+    def approximate_cross(self, weights, columns):
+        """``sum_b mean_b(weights) W2_b^T D_b`` ~ ``W2^T diag(weights) D`` ``(H, len(columns))``."""
+        key = tuple(columns)
+        if self._cross is None:
+            self._cross = {}
+        if key not in self._cross:
+            w2 = self.emulator.weights[2]
+            self._cross[key] = np.stack([(w2[b].T @ self.design[b][:, columns]).ravel()
+                                         for b in self._blocks()]).astype(np.float32)
+        return (self._block_means(weights) @ self._cross[key]).reshape(self.w2.shape[1], -1)
+
+
+class PayneProblem:
+    """Chi2, gradient and Gauss-Newton matrix of the network against one spectrum (see the module docstring).
+
+    Parameters
+    ----------
+    layer : OutputLayer
+    y, weight : ndarray (P,)
+        Continuum-normalised flux and ``sqrt(ivar)`` on the model pixels (weight 0 = pixel not used).
+    segments : list of (start, stop)
+        Chip segments of the model pixels (needed with ``v_scale``).
+    v_scale : float, optional
+        Fit the radial velocity as the parameter after the labels, in units of ``v_scale`` km/s.
+    design_columns : ndarray of int, optional
+        Fit a continuum correction ``1 + D g`` with these columns ``D`` of ``layer.design`` and the last parameters.
+    """
+
+    def __init__(self, layer, y, weight, segments=None, v_scale=None, design_columns=None):
+        self.layer, self.emulator = layer, layer.emulator
+        self.y, self.weight = y, weight
+        self.segments, self.v_scale = segments, v_scale
+        self.design_columns = design_columns
+        self.design = None if design_columns is None else layer.design[:, design_columns]
+        self.n_labels = self.emulator.n_labels
+        self.n_design = 0 if design_columns is None else len(design_columns)
+        self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
+        self._p = self._previous = None  # evaluated states: the current point and the one before
+        self._pattern = self._hidden_jacobian = self._product = None
+        self._continuum_blocks = None
+
+    # -- parameters --------------------------------------------------------------------------------------------
+    def split(self, theta):
+        """``(labels, velocity or None, continuum coefficients or None)`` of a parameter vector."""
+        k = self.n_labels
+        v = theta[k] if self.v_scale else None
+        g = theta[len(theta) - self.n_design:] if self.n_design else None
+        return theta[:k], v, g
+
+    def velocity(self, theta):
+        """km/s."""
+        return float(self.split(theta)[1] * self.v_scale) if self.v_scale else 0.0
+
+    def correction(self, theta):
+        """Continuum correction ``1 + D g`` on the model pixels (1 without a design)."""
+        g = self.split(theta)[2]
+        return 1.0 + self.design @ g if g is not None else np.ones_like(self.y)
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    # These are generators: they yield requests for products with the output layer (see OutputLayer.run) and
+    # return their value; call them with ``yield from`` inside another such generator, or through OutputLayer.run.
+    def _evaluate(self, theta):
+        """Make ``self._p`` the state at ``theta``. The state before is kept too: after a rejected trial step the
+        solver returns to it, and it costs nothing to restore."""
+        if self._p is not None and np.array_equal(theta, self._p.x):
+            return
+        if self._previous is not None and np.array_equal(theta, self._previous.x):
+            self._p, self._previous = self._previous, self._p
+            return
+        x, v, g = self.split(theta)
+        p = SimpleNamespace(x=np.array(theta, copy=True))
+        p.a1, p.slopes = self.emulator.hidden_forward(x)
+        rest = yield ("flux", p.a1)
+        if self.v_scale:
+            p.shift = Shift(self.segments, pixel_shift(v * self.v_scale))
+            p.flux = p.shift.apply(rest)
+            d_shift = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v * self.v_scale))
+            p.d_flux_d_v = p.shift.derivative(rest) * d_shift
+        else:
+            p.flux = rest
+        p.c = 1.0 + self.design @ g if g is not None else None
+        model = p.flux * p.c if g is not None else p.flux
+        p.r = self.weight * (model - self.y)
+        self._p, self._previous = p, self._p
+
+    def chi2(self, theta):
+        yield from self._evaluate(theta)
+        value = float(self._p.r @ self._p.r)
+        return value if np.isfinite(value) else np.inf
+
+    def residuals(self, theta):
+        yield from self._evaluate(theta)
+        return self._p.r.copy()
+
+    def rectified_model(self, theta):
+        """Network flux (shifted, without the continuum correction) on the model pixels."""
+        yield from self._evaluate(theta)
+        return self._p.flux.copy()
+
+    def gradient(self, theta):
+        yield from self._evaluate(theta)
+        u = self._label_weight() * self._p.r
+        if self.v_scale:
+            u = self._p.shift.transpose(u)
+        g_labels = self.emulator.hidden_vjp(self._p.slopes, (yield ("transpose", u)).astype(np.float64))
+        return np.concatenate([g_labels, self._cheap_columns().T @ self._p.r])
+
+    def jacobian(self, theta):
+        """The exact Jacobian of the residuals ``(P, n)``."""
+        yield from self._evaluate(theta)
+        m = self._jacobian_of_hidden()
+        if self._product is None:
+            self._product = yield ("times", m)
+        product = self._p.shift.apply(self._product) if self.v_scale else self._product
+        labels = self._label_weight()[:, None] * product  # float64
+        return np.hstack([labels, self._cheap_columns()]) if self.v_scale or self.n_design else labels
+
+    def normal_matrix(self, theta, exact):
+        if exact:
+            jac = yield from self.jacobian(theta)
+            return jac.T @ jac
+        yield from self._evaluate(theta)
+        m = self._jacobian_of_hidden()
+        labels_block = m.T.astype(np.float64) @ (self._gram @ m)
+        if not self.v_scale and not self.n_design:
+            return labels_block
+        k, n_v = self.n_labels, int(bool(self.v_scale))
+        n = k + n_v + self.n_design
+        matrix = np.empty((n, n))
+        matrix[:k, :k] = labels_block
+        if self.n_design:
+            # what the continuum blocks take from the model changes little over a fit, and here only the speed of
+            # convergence depends on it: it is computed at the first point and kept
+            if self._continuum_blocks is None:
+                continuum_columns = self._cheap_columns()[:, n_v:]
+                weights = self.weight**2 * self._p.flux * (self._p.c if self._p.c is not None else 1.0)
+                self._continuum_blocks = (self.layer.approximate_cross(weights, self.design_columns),
+                                          continuum_columns.T @ continuum_columns, continuum_columns)
+            hidden_cross, square, continuum_columns = self._continuum_blocks
+            cross = m.T.astype(np.float64) @ hidden_cross
+            matrix[:k, k + n_v:], matrix[k + n_v:, k + n_v:] = cross, square
+            matrix[k + n_v:, :k] = cross.T
+        if self.v_scale:  # one column: exact, two matrix-vector products
+            column = self._cheap_columns()[:, 0]
+            u = self._p.shift.transpose(self._label_weight() * column)
+            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(self._p.slopes,
+                                                                     (yield ("transpose", u)).astype(np.float64))
+            matrix[k, k] = column @ column
+            if self.n_design:
+                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ continuum_columns
+        return matrix
+
+    def _label_weight(self):
+        """``d r / d flux``: the factor between residuals and (shifted) network flux."""
+        return self.weight * self._p.c if self._p.c is not None else self.weight
+
+    def _cheap_columns(self):
+        """Jacobian columns of the velocity and the continuum coefficients ``(P, n)``, exact and cheap (kept with
+        the point, as the gradient and the matrix both use them)."""
+        p = self._p
+        if getattr(p, "cheap", None) is None:
+            columns = []
+            if self.v_scale:
+                columns.append((self._label_weight() * p.d_flux_d_v)[:, None])
+            if self.n_design:
+                columns.append((self.weight * p.flux)[:, None] * self.design)
+            p.cheap = np.hstack(columns) if columns else np.zeros((len(self.y), 0))
+        return p.cheap
+
+    def _jacobian_of_hidden(self):
+        """``da/dx`` at the last evaluated point. The network is piecewise linear: it, and the expensive product
+        ``W2 da/dx``, change only when the activation pattern does, so both are kept until it changes."""
+        if self._pattern is None or not all(np.array_equal(a, b) for a, b in zip(self._pattern, self._p.slopes,
+                                                                                 strict=True)):
+            self._pattern = tuple(s.copy() for s in self._p.slopes)
+            self._hidden_jacobian = self.emulator.hidden_jacobian(self._p.slopes, np.float32)
+            self._product = None
+        return self._hidden_jacobian

@@ -1,0 +1,100 @@
+"""The bounded least-squares solver against SciPy's TRF on small problems with a known answer."""
+import numpy as np
+import pytest
+from scipy.optimize import least_squares
+
+from astra_thepayne.solver import SolverFailure, minimise
+
+
+class Exponential:
+    """``w (a exp(-b t) + c - y)``: chi2, gradient and normal matrix, optionally a deliberately poor matrix."""
+
+    def __init__(self, t, y, w, distort=None):
+        self.t, self.y, self.w, self.distort = t, y, w, distort
+
+    def residuals(self, x):
+        return self.w * (x[0] * np.exp(-x[1] * self.t) + x[2] - self.y)
+
+    def jac(self, x):
+        e = np.exp(-x[1] * self.t)
+        return self.w[:, None] * np.column_stack([e, -x[0] * self.t * e, np.ones_like(self.t)])
+
+    # the solver's protocol: generators (these need nothing from a driver, so they never yield)
+    def chi2(self, x):
+        r = self.residuals(x)
+        return float(r @ r)
+        yield
+
+    def gradient(self, x):
+        return self.jac(x).T @ self.residuals(x)
+        yield
+
+    def normal_matrix(self, x, exact):
+        jac = self.jac(x)
+        matrix = jac.T @ jac
+        return matrix if exact or self.distort is None else self.distort @ matrix @ self.distort
+        yield
+
+
+def run(generator):
+    try:
+        while True:
+            next(generator)
+    except StopIteration as stop:
+        return stop.value
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(3)
+    t = np.linspace(0, 4, 200)
+    w = np.full_like(t, 50.0)
+    y = 2.0 * np.exp(-1.3 * t) + 0.5 + rng.normal(0, 1 / 50, t.size)
+    return t, y, w
+
+
+def scipy_solution(problem, x0, lower, upper):
+    return least_squares(problem.residuals, x0, jac=problem.jac, bounds=(lower, upper), method="trf",
+                         xtol=1e-12, ftol=1e-12, gtol=1e-12).x
+
+
+@pytest.mark.parametrize("distorted", [False, True])
+def test_reaches_scipys_minimum_with_an_exact_or_a_poor_matrix(data, distorted):
+    """An approximate matrix (here off by up to 30% and correlated wrongly) changes the path, not the answer;
+    the returned matrix is the exact one."""
+    distort = np.array([[1.3, 0.1, 0.0], [0.1, 0.8, 0.05], [0.0, 0.05, 1.1]]) if distorted else None
+    problem = Exponential(*data, distort=distort)
+    lower, upper = np.array([0.0, 0.0, -1.0]), np.array([5.0, 5.0, 1.0])
+    solution = run(minimise(problem, np.zeros(3), lower, upper, tolerance=1e-8, x_tolerance=1e-10))
+    expected = scipy_solution(problem, np.full(3, 0.1), lower, upper)
+    covariance = np.linalg.inv(problem.jac(expected).T @ problem.jac(expected))
+    assert np.all(np.abs(solution.x - expected) < 1e-3 * np.sqrt(np.diag(covariance)))
+    np.testing.assert_allclose(solution.normal_matrix, problem.jac(solution.x).T @ problem.jac(solution.x))
+    assert solution.chi2 == pytest.approx(np.sum(problem.residuals(expected) ** 2), rel=1e-9)
+
+
+def test_a_minimum_beyond_a_bound_ends_on_that_bound(data):
+    problem = Exponential(*data)
+    lower, upper = np.array([0.0, 0.0, -1.0]), np.array([5.0, 5.0, 0.2])  # the offset wants 0.5
+    solution = run(minimise(problem, np.zeros(3), lower, upper, tolerance=1e-8))
+    expected = scipy_solution(problem, np.full(3, 0.1), lower, upper)
+    assert solution.x[2] <= 0.2 and solution.x[2] == pytest.approx(0.2, abs=1e-4)
+    np.testing.assert_allclose(solution.x[:2], expected[:2], atol=1e-3)
+    assert np.all(solution.x >= lower) and np.all(solution.x <= upper)
+
+
+def test_starting_point_on_a_bound_or_outside_is_moved_inside(data):
+    problem = Exponential(*data)
+    lower, upper = np.array([0.0, 0.0, -1.0]), np.array([5.0, 5.0, 1.0])
+    solution = run(minimise(problem, np.array([-3.0, 5.0, 1.0]), lower, upper, tolerance=1e-8))
+    expected = scipy_solution(problem, np.full(3, 0.1), lower, upper)
+    np.testing.assert_allclose(solution.x, expected, atol=1e-4)
+
+
+def test_non_finite_start_and_exhausted_budget_raise(data):
+    t, y, w = data
+    problem = Exponential(t, np.where(t > 1, np.nan, y), w)
+    with pytest.raises(SolverFailure, match="not finite"):
+        run(minimise(problem, np.zeros(3), -5.0, 5.0))
+    with pytest.raises(SolverFailure, match="no convergence after 3 evaluations"):
+        run(minimise(Exponential(*data), np.zeros(3), -5.0, 5.0, max_evaluations=3))
