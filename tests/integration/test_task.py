@@ -127,8 +127,11 @@ def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monke
 
 @pytest.mark.postgres
 def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tmp_path, spectra_dir, toy_model_path):
+    # 8 copies of the 6 spectra: enough work that the runs overlap after their start-up (a fit takes milliseconds)
+    for copy in range(8):
+        shutil.copytree(spectra_dir, tmp_path / "spectra" / str(copy))
     assert main(["--database", postgres_url, "init"]) == 0
-    assert main(["--database", postgres_url, "ingest", str(spectra_dir)]) == 0
+    assert main(["--database", postgres_url, "ingest", str(tmp_path / "spectra")]) == 0
     env = dict(os.environ, THEPAYNE_OUTPUT_DIR=str(tmp_path / "out"), OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1")
     command = [sys.executable, "-c", "import sys; from astra_thepayne.cli import main; sys.exit(main())",
@@ -138,11 +141,11 @@ def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tm
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], [err for _, err in outputs]
     fitted = [int(out.split("thepayne run: ")[1].split()[0]) for out, _ in outputs]
-    assert sum(fitted) == 6  # each spectrum claimed by exactly one process
+    assert sum(fitted) == 48  # each spectrum claimed by exactly one process
     assert sum(1 for n in fitted if n > 0) >= 2  # the work really was shared
     database = connect(postgres_url)
-    assert ThePayne.select().count() == 6
-    assert ThePayne.select(ThePayne.spectrum_pk).distinct().count() == 6
+    assert ThePayne.select().count() == 48
+    assert ThePayne.select(ThePayne.spectrum_pk).distinct().count() == 48
     database.close()
 
 
