@@ -148,6 +148,7 @@ class PayneFitter:
         self.continuum_degree = int(continuum_degree)
         self.joint_continuum = bool(joint_continuum)
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
+        self._design_support = (self._design != 0).astype(np.int64)
         self._segments = self._model_segments()
         self._layer = OutputLayer(emulator, self._design)
 
@@ -237,7 +238,7 @@ class PayneFitter:
     def _problem(self, prepared, joint):
         y, weight = self._data(prepared)
         used = weight > 0
-        columns = np.flatnonzero(np.any(self._design[used] != 0, axis=0)) if joint else None  # no data: no freedom
+        columns = np.flatnonzero(used @ self._design_support) if joint else None  # no data: no freedom
         v_scale = 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None  # v / v_scale in [-0.5, 0.5]
         problem = PayneProblem(self._layer, y, weight, self._segments, v_scale, columns)
         n_params = self.emulator.n_labels + int(v_scale is not None) + problem.n_design

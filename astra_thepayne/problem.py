@@ -129,8 +129,9 @@ class OutputLayer:
             out = np.ascontiguousarray((self.w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
             return list(out)
         if kind == "times":
-            out = self.w2 @ np.hstack(arrays).astype(np.float32)
-            return np.split(out, np.cumsum([a.shape[1] for a in arrays])[:-1], axis=1)
+            # computed transposed, so that each caller's block is contiguous (a Fortran-ordered P x n matrix)
+            out = np.vstack([a.T for a in arrays]).astype(np.float32) @ self.w2.T
+            return [block.T for block in np.split(out, np.cumsum([a.shape[1] for a in arrays])[:-1], axis=0)]
         raise ValueError(f"unknown request {kind!r}")
 
     def run_one(self, step):
@@ -258,7 +259,12 @@ class PayneProblem:
         if self.v_scale:
             u = self._p.shift.transpose(u)
         g_labels = self.emulator.hidden_vjp(self._p.slopes, (yield ("transpose", u)).astype(np.float64))
-        return np.concatenate([g_labels, self._cheap_columns().T @ self._p.r])
+        parts = [g_labels]
+        if self.v_scale:
+            parts.append([(self._label_weight() * self._p.d_flux_d_v) @ self._p.r])
+        if self.n_design:
+            parts.append(self.design.T @ (self.weight * self._p.flux * self._p.r))
+        return np.concatenate(parts)
 
     def jacobian(self, theta):
         """The exact Jacobian of the residuals ``(P, n)``."""
@@ -272,8 +278,11 @@ class PayneProblem:
 
     def normal_matrix(self, theta, exact):
         if exact:
-            jac = yield from self.jacobian(theta)
-            return jac.T @ jac
+            yield from self._evaluate(theta)
+            if getattr(self._p, "exact_matrix", None) is None:
+                jac = yield from self.jacobian(theta)
+                self._p.exact_matrix = jac.T @ jac
+            return self._p.exact_matrix
         yield from self._evaluate(theta)
         m = self._jacobian_of_hidden()
         labels_block = m.T.astype(np.float64) @ (self._gram @ m)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 __all__ = ["LeastSquaresProblem", "Solution", "SolverFailure", "minimise"]
 
@@ -74,19 +75,19 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
     evaluations = 1
     gradient = yield from problem.gradient(x)
     exact = False
-    matrix = yield from problem.normal_matrix(x, exact)
+    model = _Model((yield from problem.normal_matrix(x, exact)))
     radius = max(np.linalg.norm(x), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
 
     while True:
-        if exact and _decrement(matrix, gradient, x, lower, upper) < tolerance:
+        matrix = model.matrix
+        if exact and model.decrement(gradient, x, lower, upper) < tolerance:
             return Solution(x, 2 * cost, matrix, evaluations, "a full step would lower chi2 by less than the tolerance")
         if evaluations >= max_evaluations:
             raise SolverFailure(f"no convergence after {evaluations} evaluations")
-        plain = np.linalg.eigh(matrix)
         scaled = None
         reduction, stop = -1.0, None
         while reduction <= 0 and evaluations < max_evaluations:
-            step = _trust_region_step(*plain, gradient, radius)
+            step = model.trust_region_step(gradient, radius)
             if np.all((x + step > lower) & (x + step < upper)):
                 # the step stays inside the box: take it as it is (the scaling below only slows the approach)
                 step_h, predicted = step, -_quadratic(matrix, gradient, step)
@@ -99,8 +100,8 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
                     g_h = d * gradient
                     b_h = matrix * np.outer(d, d) + np.diag(gradient * dv)
                     theta = max(0.995, 1.0 - np.linalg.norm(gradient * v, ord=np.inf))  # closeness to a bound
-                    scaled = np.linalg.eigh(b_h)
-                p_h = _trust_region_step(*scaled, g_h, radius)
+                    scaled = _Model(b_h)
+                p_h = scaled.trust_region_step(g_h, radius)
                 step, step_h, predicted = _select_step(x, b_h, g_h, p_h, d, radius, lower, upper, theta)
             trial = _strictly_inside(x + step, lower, upper, 0.0)
             trial_cost = 0.5 * (yield from problem.chi2(trial))
@@ -124,6 +125,10 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
         if reduction > 0:
             x, cost = trial, trial_cost
             gradient = yield from problem.gradient(x)
+            if 2 * reduction < len(x):
+                # chi2 fell by less than one per parameter: the fit is within a few sigma of the minimum, where
+                # the exact matrix converges quadratically and an approximate one only linearly
+                exact = True
         else:
             yield from problem.chi2(x)  # back to the state at x
         if stop is not None:
@@ -131,10 +136,10 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
                 matrix = yield from problem.normal_matrix(x, True)
                 return Solution(x, 2 * cost, matrix, evaluations, stop)
             exact = True  # near the minimum: from here on only the exact matrix
-        matrix = yield from problem.normal_matrix(x, exact)
-        if not exact and _decrement(matrix, gradient, x, lower, upper) < tolerance:
+        model = _Model((yield from problem.normal_matrix(x, exact)))
+        if not exact and model.decrement(gradient, x, lower, upper) < tolerance:
             exact = True  # apparently converged: confirm (or continue) with the exact matrix
-            matrix = yield from problem.normal_matrix(x, True)
+            model = _Model((yield from problem.normal_matrix(x, True)))
 
 
 def _strictly_inside(x, lower, upper, relative_step):
@@ -161,26 +166,62 @@ def _scaling(x, gradient, lower, upper):
     return v, dv
 
 
-def _trust_region_step(values, vectors, g, radius):
-    """Minimiser of ``g.p + p.B.p / 2`` with ``|p| <= radius``, ``B = vectors diag(values) vectors^T`` (positive
-    semi-definite): the Newton step if it fits, otherwise ``-(B + alpha)^-1 g`` with ``alpha`` such that
-    ``|p| = radius`` (Newton's method on ``1/|p| - 1/radius``, which is nearly linear in alpha)."""
-    g_t = vectors.T @ g
-    floor = 1e-12 * max(values[-1], 1e-300)
-    if values[0] > floor:
-        p_t = -g_t / values
-        if np.linalg.norm(p_t) <= radius:
-            return vectors @ p_t
-    alpha = max(0.0, -values[0]) + floor
-    for _ in range(30):
-        shifted = values + alpha
-        p_t = -g_t / shifted
-        norm = np.linalg.norm(p_t)
-        if abs(norm - radius) <= 1e-3 * radius:
-            break
-        derivative = np.sum(g_t**2 / shifted**3) / norm**3  # d(1/|p|)/d alpha
-        alpha = max(alpha - (1.0 / norm - 1.0 / radius) / derivative, 0.5 * alpha + floor)
-    return vectors @ p_t
+class _Model:
+    """A symmetric positive semi-definite matrix ``B`` of a quadratic model ``g.p + p.B.p / 2``, factored as
+    needed: Cholesky for the Newton step, the eigen-decomposition only when the step must be shortened."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+        self._newton_for = self._newton = self._eigen = None
+
+    def newton_step(self, g):
+        """``-B^-1 g``, or None if B is not positive definite."""
+        if self._newton_for is not g:
+            try:
+                factor = cho_factor(self.matrix)
+                self._newton = -cho_solve(factor, g)
+            except LinAlgError:
+                self._newton = None
+            self._newton_for = g
+        return self._newton
+
+    def trust_region_step(self, g, radius):
+        """Minimiser of the model with ``|p| <= radius``: the Newton step if it fits, otherwise
+        ``-(B + alpha)^-1 g`` with ``alpha`` such that ``|p| = radius`` (Newton's method on ``1/|p| - 1/radius``,
+        which is nearly linear in alpha)."""
+        p = self.newton_step(g)
+        if p is not None and np.all(np.isfinite(p)) and np.linalg.norm(p) <= radius:
+            return p
+        if self._eigen is None:
+            self._eigen = np.linalg.eigh(self.matrix)
+        values, vectors = self._eigen
+        g_t = vectors.T @ g
+        floor = 1e-12 * max(values[-1], 1e-300)
+        alpha = max(0.0, -values[0]) + floor
+        for _ in range(30):
+            shifted = values + alpha
+            p_t = -g_t / shifted
+            norm = np.linalg.norm(p_t)
+            if norm <= radius and alpha == floor or abs(norm - radius) <= 1e-3 * radius:
+                break
+            derivative = np.sum(g_t**2 / shifted**3) / norm**3  # d(1/|p|)/d alpha
+            alpha = max(alpha - (1.0 / norm - 1.0 / radius) / derivative, 0.5 * alpha + floor)
+        return vectors @ p_t
+
+    def decrement(self, g, x, lower, upper):
+        """Predicted chi2 decrease of a full Gauss-Newton step over the parameters not held at a bound."""
+        span = np.where(np.isfinite(upper - lower), upper - lower, 1.0)
+        held = ((x - lower <= 1e-6 * span) & (g > 0)) | ((upper - x <= 1e-6 * span) & (g < 0))
+        if not held.any():
+            p = self.newton_step(g)
+            if p is not None:
+                return float(-g @ p)
+        free = ~held
+        if not free.any():
+            return 0.0
+        a = self.matrix[np.ix_(free, free)]
+        a = a + np.diag(np.full(len(a), 1e-12 * (np.mean(np.diag(a)) or 1.0)))
+        return float(g[free] @ np.linalg.solve(a, g[free]))
 
 
 def _quadratic(b, g, p):
@@ -250,16 +291,3 @@ def _to_sphere(start, direction, radius):
     b = start @ direction
     c = start @ start - radius**2
     return float((-b + np.sqrt(max(b * b - a * c, 0.0))) / a)
-
-
-def _decrement(matrix, gradient, x, lower, upper):
-    """Predicted chi2 decrease of a full Gauss-Newton step over the parameters not held at a bound."""
-    span = np.where(np.isfinite(upper - lower), upper - lower, 1.0)
-    held = ((x - lower <= 1e-6 * span) & (gradient > 0)) | ((upper - x <= 1e-6 * span) & (gradient < 0))
-    free = ~held
-    if not free.any():
-        return 0.0
-    a = matrix if free.all() else matrix[np.ix_(free, free)]
-    a = a + np.diag(np.full(len(a), 1e-12 * (np.mean(np.diag(a)) or 1.0)))
-    g = gradient[free]
-    return float(g @ np.linalg.solve(a, g))
