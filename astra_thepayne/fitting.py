@@ -28,7 +28,7 @@ from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
 
-__all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "load_pixel_array"]
+__all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "batches", "load_pixel_array"]
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,9 @@ class PayneFitter:
     def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=BATCH_SIZE):
         """Fit spectra in order, ``batch_size`` at a time in lockstep (:meth:`fit_batch`); with ``processes > 1``
         the batches go to worker processes (one BLAS thread each)."""
-        batches = _batches(spectra, batch_size)
+        chunks = batches(spectra, batch_size)
         if processes <= 1:
-            for batch in batches:
+            for batch in chunks:
                 yield from self.fit_batch(batch, initial_labels)
             return
         import multiprocessing
@@ -341,7 +341,7 @@ class PayneFitter:
         try:
             context = multiprocessing.get_context("spawn")
             with context.Pool(processes, initializer=_init_worker, initargs=(self,)) as pool:
-                for results in pool.imap(_fit_in_worker, ((batch, initial_labels) for batch in batches)):
+                for results in pool.imap(_fit_in_worker, ((batch, initial_labels) for batch in chunks)):
                     yield from results
         finally:
             for variable, value in saved.items():
@@ -351,7 +351,8 @@ class PayneFitter:
                     os.environ[variable] = value
 
 
-def _batches(items, size):
+def batches(items, size):
+    """Lists of up to ``size`` consecutive items."""
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, max(int(size), 1))):
         yield batch

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -160,10 +161,17 @@ def _paired(fitter, inputs, processes, initial_labels):
         return FitResult.failure(names, message)
 
     if processes <= 1:
-        for item in inputs:
-            spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
-            result = fitter.fit(spectrum, initial_labels) if spectrum is not None else failure(spectrum, item, error)
-            yield item, spectrum_pk, source_pk, spectrum, result
+        from .fitting import BATCH_SIZE, batches
+
+        for chunk in batches(inputs, BATCH_SIZE):  # fitted together in lockstep (PayneFitter.fit_batch)
+            start = time.perf_counter()
+            converted = [(item, *to_spectrum(item)) for item in chunk]
+            fitted = iter(fitter.fit_batch([c[1] for c in converted if c[1] is not None], initial_labels))
+            share = (time.perf_counter() - start) / len(converted)  # reading and fitting, per spectrum
+            for item, spectrum, spectrum_pk, source_pk, error in converted:
+                result = next(fitted) if spectrum is not None else failure(spectrum, item, error)
+                result.seconds = share
+                yield item, spectrum_pk, source_pk, spectrum, result
         return
     from peewee import BaseQuery
 
@@ -227,6 +235,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     yield ...  # loading the network and building masks is overhead shared by every result
 
     for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
+        started = time.perf_counter()
         fields = row_to_fields(result.as_row(), model)
         if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
             fields["snr"] = float(spectrum.snr)
@@ -240,6 +249,9 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
             if "intermediate_file" in model._meta.fields:
                 row.intermediate_file = str(path.resolve())
         row.set_arrays(result.continuum, result.rectified_model_flux)
+        if result.seconds is not None:
+            # spectra are fitted in batches: time each row by its share, not by when the batch happened to finish
+            row.t_elapsed = result.seconds + (time.perf_counter() - started)
         yield row
 
 

@@ -233,8 +233,8 @@ def test_velocity_and_continuum_jacobians_match_finite_differences(toy_emulator)
     theta = np.concatenate([rng.uniform(-0.3, 0.3, 25), [0.37], rng.normal(0, 0.01, len(columns))])
     analytic = _run(problem, "jacobian", theta)
     eps = 1e-4  # the output layer is float32: smaller steps measure its rounding, not the derivative
-    numeric = np.column_stack([(_run(problem, "residuals", theta + eps * e) - _run(problem, "residuals", theta - eps * e))
-                               / (2 * eps) for e in np.eye(len(theta))])
+    numeric = np.column_stack([_run(problem, "residuals", theta + eps * e) - _run(problem, "residuals", theta - eps * e)
+                               for e in np.eye(len(theta))]) / (2 * eps)
     assert np.max(np.abs(analytic - numeric)) < 1e-4 * np.max(np.abs(numeric))
     velocity = 25
     np.testing.assert_allclose(analytic[:, velocity], numeric[:, velocity], rtol=1e-3, atol=1e-6 * np.abs(
