@@ -38,7 +38,7 @@ _MIN_PIXELS_PER_PARAMETER = 5
 _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apStar pixel, about 4.1
 #: Spectra fitted together in lockstep by default: enough for the output layer's products to run at matrix speed,
 #: few enough that results keep flowing (and a killed run loses little).
-BATCH_SIZE = 16
+BATCH_SIZE = 32
 
 
 @dataclass
