@@ -329,6 +329,8 @@ class PayneFitter:
     def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=BATCH_SIZE):
         """Fit spectra in order, ``batch_size`` at a time in lockstep (:meth:`fit_batch`); with ``processes > 1``
         the batches go to worker processes (one BLAS thread each)."""
+        if processes > 1 and hasattr(spectra, "__len__"):
+            batch_size = min(batch_size, -(-len(spectra) // processes))  # a few spectra still reach every worker
         chunks = batches(spectra, batch_size)
         if processes <= 1:
             for batch in chunks:
