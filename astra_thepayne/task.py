@@ -272,7 +272,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     continuum_pixels_path : str, optional
         ``.npy`` list of continuum pixels; None for pixels chosen from the network.
     opt_tolerance : float
-        ``xtol`` and ``ftol`` of the optimiser (default 5e-4).
+        Optimiser tolerance (default 5e-4): on the chi2 decrease, and relative on the step (see docs/science.md).
     v_rad_tolerance : float
         Largest |v_rel| fitted in km/s; 0 (default) does not fit the radial velocity.
     initial_labels : array_like, shape (K,), optional
