@@ -7,7 +7,7 @@ from numpy.polynomial import chebyshev
 
 from .grid import CONTINUUM_REGIONS
 
-__all__ = ["fit_continuum", "continuum_pixels_from_model", "continuum_design"]
+__all__ = ["ContinuumBasis", "fit_continuum", "continuum_pixels_from_model", "continuum_design"]
 
 
 def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONTINUUM_REGIONS, n_clip=3,
@@ -32,38 +32,54 @@ def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONT
     continuum : ndarray, shape (P,)
         NaN outside the regions and in regions with too few usable continuum pixels.
     """
-    wavelength = np.asarray(wavelength, dtype=float)
-    continuum = np.full(wavelength.shape, np.nan)
-    for lo, hi in regions:
-        in_region = np.flatnonzero((wavelength >= lo) & (wavelength <= hi))
-        if not len(in_region):
-            continue
-        # Chebyshev basis on [-1, 1] across the region, built once and reused by every clipping round
-        basis = chebyshev.chebvander(2 * (wavelength[in_region] - lo) / (hi - lo) - 1, degree)
-        f, w = flux[in_region], ivar[in_region]
-        use = continuum_mask[in_region] & (w > 0) & np.isfinite(f)
-        f = np.where(use, f, 0.0)
-        sigma_weight = np.sqrt(np.where(use, w, 0.0))
-        coefficients = None
-        for _ in range(n_clip + 1):
-            if use.sum() < 3 * (degree + 1):
-                coefficients = None
-                break
-            # inverse-variance weighted least squares through its normal equations: a (degree + 1)-column
-            # Chebyshev basis on [-1, 1] is well conditioned, and unused pixels simply get weight 0
-            weighted = basis * np.where(use, w, 0.0)[:, None]
-            try:
-                coefficients = np.linalg.solve(weighted.T @ basis, weighted.T @ f)
-            except np.linalg.LinAlgError:
-                coefficients = None
-                break
-            keep = use & (np.abs((f - basis @ coefficients) * sigma_weight) < clip_sigma)
-            if keep.sum() == use.sum():
-                break
-            use = keep
-        if coefficients is not None:
-            continuum[in_region] = basis @ coefficients
-    return continuum
+    return ContinuumBasis(wavelength, degree, regions).fit(flux, ivar, continuum_mask, n_clip, clip_sigma)
+
+
+class ContinuumBasis:
+    """The Chebyshev basis of :func:`fit_continuum` on one wavelength grid, built once for many spectra."""
+
+    def __init__(self, wavelength, degree=4, regions=CONTINUUM_REGIONS):
+        wavelength = np.asarray(wavelength, dtype=float)
+        self.size, self.degree = len(wavelength), int(degree)
+        self.regions = []
+        for lo, hi in regions:
+            index = np.flatnonzero((wavelength >= lo) & (wavelength <= hi))
+            if len(index):
+                basis = chebyshev.chebvander(2 * (wavelength[index] - lo) / (hi - lo) - 1, self.degree)  # [-1, 1]
+                # products of basis functions per pixel: a weighted normal matrix is then one vector product
+                products = (basis[:, :, None] * basis[:, None, :]).reshape(len(index), -1)
+                self.regions.append((index, basis, products))
+
+    def fit(self, flux, ivar, continuum_mask, n_clip=3, clip_sigma=3.0):
+        """See :func:`fit_continuum`."""
+        n_terms = self.degree + 1
+        continuum = np.full(self.size, np.nan)
+        for index, basis, products in self.regions:
+            f, w = flux[index], ivar[index]
+            use = continuum_mask[index] & (w > 0) & np.isfinite(f)
+            f = np.where(use, f, 0.0)
+            sigma_weight = np.sqrt(np.where(use, w, 0.0))
+            coefficients = None
+            for _ in range(n_clip + 1):
+                if use.sum() < 3 * n_terms:
+                    coefficients = None
+                    break
+                # inverse-variance weighted least squares through its normal equations: a Chebyshev basis on
+                # [-1, 1] is well conditioned, and unused pixels simply get weight 0
+                weights = np.where(use, w, 0.0)
+                try:
+                    coefficients = np.linalg.solve((weights @ products).reshape(n_terms, n_terms),
+                                                   basis.T @ (weights * f))
+                except np.linalg.LinAlgError:
+                    coefficients = None
+                    break
+                keep = use & (np.abs((f - basis @ coefficients) * sigma_weight) < clip_sigma)
+                if keep.sum() == use.sum():
+                    break
+                use = keep
+            if coefficients is not None:
+                continuum[index] = basis @ coefficients
+        return continuum
 
 
 def continuum_pixels_from_model(emulator, tolerance=0.01, min_fraction=0.05, n_samples=256, seed=0):

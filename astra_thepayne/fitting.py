@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .continuum import continuum_design, continuum_pixels_from_model, fit_continuum
+from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
 from .preprocess import to_apstar_grid
@@ -149,6 +149,7 @@ class PayneFitter:
         self.joint_continuum = bool(joint_continuum)
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
         self._design_support = (self._design != 0).astype(np.int64)
+        self._continuum_basis = ContinuumBasis(_APSTAR_WAVELENGTH, self.continuum_degree)
         self._segments = self._model_segments()
         self._layer = OutputLayer(emulator, self._design)
 
@@ -170,7 +171,7 @@ class PayneFitter:
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
-        continuum = fit_continuum(_APSTAR_WAVELENGTH, flux, ivar, continuum_pixels, degree=self.continuum_degree)
+        continuum = self._continuum_basis.fit(flux, ivar, continuum_pixels)
         on_model = np.zeros(APSTAR_NPIX, dtype=bool)
         on_model[self.model_to_apstar] = True
         continuum[~on_model] = np.nan
