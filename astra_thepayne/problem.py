@@ -192,7 +192,7 @@ class PayneProblem:
         self.n_design = 0 if design_columns is None else len(design_columns)
         self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
         self._p = self._previous = None  # evaluated states: the current point and the one before
-        self._pattern = self._hidden_jacobian = self._product = None
+        self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
         self._continuum_blocks = None
 
     # -- parameters --------------------------------------------------------------------------------------------
@@ -280,8 +280,15 @@ class PayneProblem:
         if exact:
             yield from self._evaluate(theta)
             if getattr(self._p, "exact_matrix", None) is None:
-                jac = yield from self.jacobian(theta)
-                self._p.exact_matrix = jac.T @ jac
+                constant_weights = not self.v_scale and not self.n_design
+                self._jacobian_of_hidden()  # forgets what belonged to another activation pattern
+                if constant_weights and self._pattern_matrix is not None:
+                    # same activation pattern, same weights: the same Jacobian
+                    self._p.exact_matrix = self._pattern_matrix
+                else:
+                    jac = yield from self.jacobian(theta)
+                    self._p.exact_matrix = jac.T @ jac
+                    self._pattern_matrix = self._p.exact_matrix if constant_weights else None
             return self._p.exact_matrix
         yield from self._evaluate(theta)
         m = self._jacobian_of_hidden()
@@ -338,5 +345,5 @@ class PayneProblem:
                                                                                  strict=True)):
             self._pattern = tuple(s.copy() for s in self._p.slopes)
             self._hidden_jacobian = self.emulator.hidden_jacobian(self._p.slopes, np.float32)
-            self._product = None
+            self._product = self._pattern_matrix = None
         return self._hidden_jacobian

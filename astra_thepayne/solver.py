@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
 __all__ = ["LeastSquaresProblem", "Solution", "SolverFailure", "minimise"]
 
@@ -168,19 +167,19 @@ def _scaling(x, gradient, lower, upper):
 
 class _Model:
     """A symmetric positive semi-definite matrix ``B`` of a quadratic model ``g.p + p.B.p / 2``, factored as
-    needed: Cholesky for the Newton step, the eigen-decomposition only when the step must be shortened."""
+    needed: one solve for the Newton step, the eigen-decomposition only when the step must be shortened."""
 
     def __init__(self, matrix):
         self.matrix = matrix
         self._newton_for = self._newton = self._eigen = None
 
     def newton_step(self, g):
-        """``-B^-1 g``, or None if B is not positive definite."""
+        """``-B^-1 g``, or None if B is singular or the step is not a descent direction."""
         if self._newton_for is not g:
             try:
-                factor = cho_factor(self.matrix)
-                self._newton = -cho_solve(factor, g)
-            except LinAlgError:
+                step = -np.linalg.solve(self.matrix, g)
+                self._newton = step if np.all(np.isfinite(step)) and g @ step < 0 else None
+            except np.linalg.LinAlgError:
                 self._newton = None
             self._newton_for = g
         return self._newton
@@ -190,7 +189,7 @@ class _Model:
         ``-(B + alpha)^-1 g`` with ``alpha`` such that ``|p| = radius`` (Newton's method on ``1/|p| - 1/radius``,
         which is nearly linear in alpha)."""
         p = self.newton_step(g)
-        if p is not None and np.all(np.isfinite(p)) and np.linalg.norm(p) <= radius:
+        if p is not None and np.linalg.norm(p) <= radius:
             return p
         if self._eigen is None:
             self._eigen = np.linalg.eigh(self.matrix)
