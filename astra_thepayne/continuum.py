@@ -40,45 +40,51 @@ class ContinuumBasis:
 
     def __init__(self, wavelength, degree=4, regions=CONTINUUM_REGIONS):
         wavelength = np.asarray(wavelength, dtype=float)
-        self.size, self.degree = len(wavelength), int(degree)
-        self.regions = []
+        self.size, self.n_terms = len(wavelength), int(degree) + 1
+        pixels, bases = [], []
         for lo, hi in regions:
             index = np.flatnonzero((wavelength >= lo) & (wavelength <= hi))
             if len(index):
-                basis = chebyshev.chebvander(2 * (wavelength[index] - lo) / (hi - lo) - 1, self.degree)  # [-1, 1]
-                # products of basis functions per pixel: a weighted normal matrix is then one vector product
-                products = (basis[:, :, None] * basis[:, None, :]).reshape(len(index), -1)
-                self.regions.append((index, basis, products))
+                pixels.append(index)
+                bases.append(chebyshev.chebvander(2 * (wavelength[index] - lo) / (hi - lo) - 1, degree))  # [-1, 1]
+        # the regions' pixels one after the other; region r is self.slices[r] of them
+        ends = np.cumsum([len(p) for p in pixels])
+        self.slices = [slice(a, b) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)]
+        self.pixels = np.concatenate(pixels) if pixels else np.zeros(0, dtype=int)
+        self.basis = np.vstack(bases) if bases else np.zeros((0, self.n_terms))
+        # products of basis functions per pixel: weights @ products is a normal matrix
+        self.products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(len(self.pixels), -1)
 
     def fit(self, flux, ivar, continuum_mask, n_clip=3, clip_sigma=3.0):
         """See :func:`fit_continuum`."""
-        n_terms = self.degree + 1
+        n = self.n_terms
         continuum = np.full(self.size, np.nan)
-        for index, basis, products in self.regions:
-            f, w = flux[index], ivar[index]
-            use = continuum_mask[index] & (w > 0) & np.isfinite(f)
-            f = np.where(use, f, 0.0)
-            sigma_weight = np.sqrt(np.where(use, w, 0.0))
-            coefficients = None
+        f, w = flux[self.pixels], ivar[self.pixels]
+        usable = continuum_mask[self.pixels] & (w > 0) & np.isfinite(f)
+        f = np.where(usable, f, 0.0)
+        sigma_weight = np.sqrt(np.where(usable, w, 0.0))
+        for part in self.slices:
+            use, coefficients = usable[part], None
             for _ in range(n_clip + 1):
-                if use.sum() < 3 * n_terms:
+                if np.count_nonzero(use) < 3 * n:
                     coefficients = None
                     break
-                # inverse-variance weighted least squares through its normal equations: a Chebyshev basis on
+                # inverse-variance weighted least squares through the normal equations: a Chebyshev basis on
                 # [-1, 1] is well conditioned, and unused pixels simply get weight 0
-                weights = np.where(use, w, 0.0)
+                weights = np.where(use, w[part], 0.0)
                 try:
-                    coefficients = np.linalg.solve((weights @ products).reshape(n_terms, n_terms),
-                                                   basis.T @ (weights * f))
+                    coefficients = np.linalg.solve((weights @ self.products[part]).reshape(n, n),
+                                                   (weights * f[part]) @ self.basis[part])
                 except np.linalg.LinAlgError:
                     coefficients = None
                     break
-                keep = use & (np.abs((f - basis @ coefficients) * sigma_weight) < clip_sigma)
-                if keep.sum() == use.sum():
+                model = self.basis[part] @ coefficients
+                keep = use & (np.abs((f[part] - model) * sigma_weight[part]) < clip_sigma)
+                if np.array_equal(keep, use):
                     break
                 use = keep
             if coefficients is not None:
-                continuum[index] = basis @ coefficients
+                continuum[self.pixels[part]] = model
         return continuum
 
 

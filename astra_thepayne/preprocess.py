@@ -65,7 +65,8 @@ def to_apstar_grid(spectrum, pixel_flag_mask):
     ivar = np.asarray(spectrum.ivar, dtype=float)
     good = good_pixels(flux, ivar, spectrum.pixel_flags, pixel_flag_mask)
     on_grid = (spectrum.rest_frame and len(flux) == APSTAR_NPIX
-               and np.allclose(spectrum.wavelength, _APSTAR_WAVELENGTH, rtol=1e-9, atol=0))
+               and (np.array_equal(spectrum.wavelength, _APSTAR_WAVELENGTH)  # the usual case, and quick to tell
+                    or np.allclose(spectrum.wavelength, _APSTAR_WAVELENGTH, rtol=1e-9, atol=0)))
     if on_grid:
         return np.where(good, flux, 0.0), np.where(good, ivar, 0.0)
     wavelength = np.asarray(spectrum.wavelength, dtype=float)

@@ -143,6 +143,8 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
 
 def _strictly_inside(x, lower, upper, relative_step):
     """``x`` moved just inside any bound it touches or crosses (the scaling needs a distance to the bound)."""
+    if np.all((x > lower) & (x < upper)):
+        return x
     x = np.clip(x, lower, upper)
     on_lower, on_upper = (x <= lower) & (lower < upper), (x >= upper) & (lower < upper)
     if relative_step:
@@ -209,8 +211,8 @@ class _Model:
 
     def decrement(self, g, x, lower, upper):
         """Predicted chi2 decrease of a full Gauss-Newton step over the parameters not held at a bound."""
-        span = np.where(np.isfinite(upper - lower), upper - lower, 1.0)
-        held = ((x - lower <= 1e-6 * span) & (g > 0)) | ((upper - x <= 1e-6 * span) & (g < 0))
+        margin = 1e-6 * np.where(np.isfinite(upper - lower), upper - lower, 1.0)
+        held = ((x - lower <= margin) & (g > 0)) | ((upper - x <= margin) & (g < 0))
         if not held.any():
             p = self.newton_step(g)
             if p is not None:
