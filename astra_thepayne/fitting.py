@@ -215,7 +215,6 @@ class PayneFitter:
                     return (yield from self._result(problem, solution, prepared))
                 start = solution.x
             problem = self._problem(prepared, joint=self.joint_continuum)
-            start = np.concatenate([start, np.zeros(problem.n_design)])
             solution = yield from self._solve(problem, start)
             return (yield from self._result(problem, solution, prepared))
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
@@ -262,9 +261,8 @@ class PayneFitter:
         return problem, solution
 
     def _solve(self, problem, start):
-        """Scaled labels and velocity within [-0.5, 0.5], continuum coefficients free."""
-        n_bounded = problem.n_labels + int(bool(problem.v_scale))
-        lower = np.concatenate([np.full(n_bounded, -0.5), np.full(problem.n_design, -np.inf)])
+        """Scaled labels and velocity within [-0.5, 0.5]."""
+        lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
         try:
             solution = yield from minimise(problem, start, lower, -lower, tolerance=self.opt_tolerance,
                                            x_tolerance=self.opt_tolerance)
@@ -275,8 +273,8 @@ class PayneFitter:
         return solution
 
     def _result(self, problem, solution, prepared):
-        """A FitResult from a solution whose first K parameters are scaled labels (then v_rel, then nuisance
-        parameters, over which the label covariance is marginalised)."""
+        """A FitResult from a solution of scaled labels (then v_rel); the solution's matrix has the continuum
+        coefficients profiled out, so its inverse is the covariance marginalised over them."""
         emulator = self.emulator
         k = emulator.n_labels
         fit_v = bool(problem.v_scale)
@@ -287,11 +285,11 @@ class PayneFitter:
         sigma = np.sqrt(np.diag(covariance))
         labels = emulator.unscale(x[:k])
         n_used = int(np.count_nonzero(problem.weight))
-        dof = n_used - len(x)
+        dof = n_used - len(x) - problem.n_design
         at_bound = bool(np.any(np.abs(x[:k]) >= _AT_BOUND))
         flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound)
         continuum = prepared.continuum.copy()
-        continuum[self.model_to_apstar] *= problem.correction(x)
+        continuum[self.model_to_apstar] *= yield from problem.correction(x)
         rectified = np.full(APSTAR_NPIX, np.nan)
         rectified[self.model_to_apstar] = yield from problem.rectified_model(x)
         return FitResult(

@@ -3,7 +3,7 @@
 Weighted residuals ``r = w (c * S_v(f(x)) - y)`` over the model pixels, with ``f(x) = W2 a(x) + b2`` the network
 (``a`` its last hidden layer), ``S_v`` an optional Doppler shift (linear interpolation within each chip) and
 ``c = 1 + D g`` an optional multiplicative continuum correction (Chebyshev basis ``D``). Parameters are the scaled
-labels ``x``, then the scaled velocity, then ``g``.
+labels ``x`` and the scaled velocity; ``g`` is solved for at every evaluation (see :class:`PayneProblem`).
 
 What makes it fast: the output layer ``W2`` (P x H, 7214 x 300 in production) is nearly all of the network, and
 the exact Jacobian ``W2 (da/dx)`` costs P H K multiply-adds. Chi2 and the exact gradient need only two
@@ -169,6 +169,14 @@ class OutputLayer:
 class PayneProblem:
     """Chi2, gradient and Gauss-Newton matrix of the network against one spectrum (see the module docstring).
 
+    The parameters are the scaled labels and, with ``v_scale``, the scaled velocity. The continuum coefficients
+    ``g`` are not among them: they enter the residuals linearly, so at every evaluation they are solved for exactly
+    (a 15-parameter linear least-squares problem) and chi2 is minimised over the labels with ``g`` always at its
+    best (variable projection). By the envelope theorem the gradient is then the partial one; the Gauss-Newton
+    matrix of the labels is the Schur complement over ``g`` of the full one, whose inverse is the label covariance
+    marginalised over the continuum. The optimiser thus works in 25 dimensions instead of 40 and never wanders in
+    the continuum's.
+
     Parameters
     ----------
     layer : OutputLayer
@@ -179,7 +187,7 @@ class PayneProblem:
     v_scale : float, optional
         Fit the radial velocity as the parameter after the labels, in units of ``v_scale`` km/s.
     design_columns : ndarray of int, optional
-        Fit a continuum correction ``1 + D g`` with these columns ``D`` of ``layer.design`` and the last parameters.
+        Fit a continuum correction ``1 + D g`` with these columns ``D`` of ``layer.design``.
     """
 
     def __init__(self, layer, y, weight, segments=None, v_scale=None, design_columns=None):
@@ -193,24 +201,12 @@ class PayneProblem:
         self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
         self._p = self._previous = None  # evaluated states: the current point and the one before
         self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
-        self._continuum_blocks = None
+        self._hidden_cross = None
 
     # -- parameters --------------------------------------------------------------------------------------------
-    def split(self, theta):
-        """``(labels, velocity or None, continuum coefficients or None)`` of a parameter vector."""
-        k = self.n_labels
-        v = theta[k] if self.v_scale else None
-        g = theta[len(theta) - self.n_design:] if self.n_design else None
-        return theta[:k], v, g
-
     def velocity(self, theta):
         """km/s."""
-        return float(self.split(theta)[1] * self.v_scale) if self.v_scale else 0.0
-
-    def correction(self, theta):
-        """Continuum correction ``1 + D g`` on the model pixels (1 without a design)."""
-        g = self.split(theta)[2]
-        return 1.0 + self.design @ g if g is not None else np.ones_like(self.y)
+        return float(theta[self.n_labels] * self.v_scale) if self.v_scale else 0.0
 
     # -- evaluation --------------------------------------------------------------------------------------------
     # These are generators: they yield requests for products with the output layer (see OutputLayer.run) and
@@ -223,20 +219,30 @@ class PayneProblem:
         if self._previous is not None and np.array_equal(theta, self._previous.x):
             self._p, self._previous = self._previous, self._p
             return
-        x, v, g = self.split(theta)
-        p = SimpleNamespace(x=np.array(theta, copy=True))
-        p.a1, p.slopes = self.emulator.hidden_forward(x)
+        p = SimpleNamespace(x=np.array(theta, copy=True), exact_matrix=None)
+        p.a1, p.slopes = self.emulator.hidden_forward(theta[:self.n_labels])
         rest = yield ("flux", p.a1)
         if self.v_scale:
-            p.shift = Shift(self.segments, pixel_shift(v * self.v_scale))
+            v = theta[self.n_labels] * self.v_scale
+            p.shift = Shift(self.segments, pixel_shift(v))
             p.flux = p.shift.apply(rest)
-            d_shift = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v * self.v_scale))
+            d_shift = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
             p.d_flux_d_v = p.shift.derivative(rest) * d_shift
         else:
             p.flux = rest
-        p.c = 1.0 + self.design @ g if g is not None else None
-        model = p.flux * p.c if g is not None else p.flux
-        p.r = self.weight * (model - self.y)
+        weighted = self.weight * p.flux
+        if self.n_design:
+            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly
+            p.continuum_columns = weighted[:, None] * self.design
+            p.continuum_matrix = p.continuum_columns.T @ p.continuum_columns
+            ridge = 1e-12 * (np.mean(np.diag(p.continuum_matrix)) or 1.0)
+            p.g = np.linalg.solve(p.continuum_matrix + ridge * np.eye(self.n_design),
+                                  p.continuum_columns.T @ (self.weight * self.y - weighted))
+            p.c = 1.0 + self.design @ p.g
+            p.r = weighted * p.c - self.weight * self.y
+        else:
+            p.c = None
+            p.r = weighted - self.weight * self.y
         self._p, self._previous = p, self._p
 
     def chi2(self, theta):
@@ -253,44 +259,52 @@ class PayneProblem:
         yield from self._evaluate(theta)
         return self._p.flux.copy()
 
+    def correction(self, theta):
+        """Continuum correction ``1 + D g`` on the model pixels at its best for ``theta`` (1 without a design)."""
+        yield from self._evaluate(theta)
+        return self._p.c.copy() if self._p.c is not None else np.ones_like(self.y)
+
     def gradient(self, theta):
+        """``J^T r`` with respect to the labels (and velocity); that of ``g`` is zero, ``g`` being at its best."""
         yield from self._evaluate(theta)
         u = self._label_weight() * self._p.r
         if self.v_scale:
             u = self._p.shift.transpose(u)
         g_labels = self.emulator.hidden_vjp(self._p.slopes, (yield ("transpose", u)).astype(np.float64))
-        parts = [g_labels]
         if self.v_scale:
-            parts.append([(self._label_weight() * self._p.d_flux_d_v) @ self._p.r])
-        if self.n_design:
-            parts.append(self.design.T @ (self.weight * self._p.flux * self._p.r))
-        return np.concatenate(parts)
+            return np.append(g_labels, self._velocity_column() @ self._p.r)
+        return g_labels
 
     def jacobian(self, theta):
-        """The exact Jacobian of the residuals ``(P, n)``."""
+        """The exact Jacobian of the residuals ``(P, n)``: labels, velocity, then continuum coefficients."""
         yield from self._evaluate(theta)
         m = self._jacobian_of_hidden()
         if self._product is None:
             self._product = yield ("times", m)
         product = self._p.shift.apply(self._product) if self.v_scale else self._product
-        labels = self._label_weight()[:, None] * product  # float64
-        return np.hstack([labels, self._cheap_columns()]) if self.v_scale or self.n_design else labels
+        columns = [self._label_weight()[:, None] * product]  # float64
+        if self.v_scale:
+            columns.append(self._velocity_column()[:, None])
+        if self.n_design:
+            columns.append(self._p.continuum_columns)
+        return np.hstack(columns) if len(columns) > 1 else columns[0]
 
     def normal_matrix(self, theta, exact):
+        """``J^T J`` of the labels (and velocity), with the continuum coefficients profiled out."""
+        yield from self._evaluate(theta)
+        p = self._p
         if exact:
-            yield from self._evaluate(theta)
-            if getattr(self._p, "exact_matrix", None) is None:
+            if p.exact_matrix is None:
                 constant_weights = not self.v_scale and not self.n_design
                 self._jacobian_of_hidden()  # forgets what belonged to another activation pattern
                 if constant_weights and self._pattern_matrix is not None:
                     # same activation pattern, same weights: the same Jacobian
-                    self._p.exact_matrix = self._pattern_matrix
+                    p.exact_matrix = self._pattern_matrix
                 else:
                     jac = yield from self.jacobian(theta)
-                    self._p.exact_matrix = jac.T @ jac
-                    self._pattern_matrix = self._p.exact_matrix if constant_weights else None
-            return self._p.exact_matrix
-        yield from self._evaluate(theta)
+                    p.exact_matrix = self._profiled(jac.T @ jac)
+                    self._pattern_matrix = p.exact_matrix if constant_weights else None
+            return p.exact_matrix
         m = self._jacobian_of_hidden()
         labels_block = m.T.astype(np.float64) @ (self._gram @ m)
         if not self.v_scale and not self.n_design:
@@ -300,43 +314,40 @@ class PayneProblem:
         matrix = np.empty((n, n))
         matrix[:k, :k] = labels_block
         if self.n_design:
-            # what the continuum blocks take from the model changes little over a fit, and here only the speed of
-            # convergence depends on it: it is computed at the first point and kept
-            if self._continuum_blocks is None:
-                continuum_columns = self._cheap_columns()[:, n_v:]
-                weights = self.weight**2 * self._p.flux * (self._p.c if self._p.c is not None else 1.0)
-                self._continuum_blocks = (self.layer.approximate_cross(weights, self.design_columns),
-                                          continuum_columns.T @ continuum_columns, continuum_columns)
-            hidden_cross, square, continuum_columns = self._continuum_blocks
-            cross = m.T.astype(np.float64) @ hidden_cross
-            matrix[:k, k + n_v:], matrix[k + n_v:, k + n_v:] = cross, square
-            matrix[k + n_v:, :k] = cross.T
+            # what the label-continuum block takes from the model changes little over a fit, and only the speed
+            # of convergence depends on it here: it is computed at the first point and kept
+            if self._hidden_cross is None:
+                weights = self.weight**2 * p.flux * p.c
+                self._hidden_cross = self.layer.approximate_cross(weights, self.design_columns)
+            cross = m.T.astype(np.float64) @ self._hidden_cross
+            matrix[:k, k + n_v:], matrix[k + n_v:, :k] = cross, cross.T
+            matrix[k + n_v:, k + n_v:] = p.continuum_matrix
         if self.v_scale:  # one column: exact, two matrix-vector products
-            column = self._cheap_columns()[:, 0]
-            u = self._p.shift.transpose(self._label_weight() * column)
-            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(self._p.slopes,
+            column = self._velocity_column()
+            u = p.shift.transpose(self._label_weight() * column)
+            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(p.slopes,
                                                                      (yield ("transpose", u)).astype(np.float64))
             matrix[k, k] = column @ column
             if self.n_design:
-                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ continuum_columns
-        return matrix
+                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ p.continuum_columns
+        return self._profiled(matrix)
+
+    def _profiled(self, matrix):
+        """The Schur complement over the continuum coefficients (the last ``n_design`` rows and columns)."""
+        if not self.n_design:
+            return matrix
+        k = len(matrix) - self.n_design
+        a, b, c = matrix[:k, :k], matrix[:k, k:], matrix[k:, k:]
+        ridge = 1e-12 * (np.mean(np.diag(c)) or 1.0)
+        return a - b @ np.linalg.solve(c + ridge * np.eye(len(c)), b.T)
 
     def _label_weight(self):
         """``d r / d flux``: the factor between residuals and (shifted) network flux."""
         return self.weight * self._p.c if self._p.c is not None else self.weight
 
-    def _cheap_columns(self):
-        """Jacobian columns of the velocity and the continuum coefficients ``(P, n)``, exact and cheap (kept with
-        the point, as the gradient and the matrix both use them)."""
-        p = self._p
-        if getattr(p, "cheap", None) is None:
-            columns = []
-            if self.v_scale:
-                columns.append((self._label_weight() * p.d_flux_d_v)[:, None])
-            if self.n_design:
-                columns.append((self.weight * p.flux)[:, None] * self.design)
-            p.cheap = np.hstack(columns) if columns else np.zeros((len(self.y), 0))
-        return p.cheap
+    def _velocity_column(self):
+        """``d r / d v`` (scaled velocity), exact and cheap."""
+        return self._label_weight() * self._p.d_flux_d_v
 
     def _jacobian_of_hidden(self):
         """``da/dx`` at the last evaluated point. The network is piecewise linear: it, and the expensive product
