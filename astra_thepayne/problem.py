@@ -80,7 +80,7 @@ class OutputLayer:
 
     def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
         state = dict(self.__dict__)
-        state["_grams"] = state["_cross"] = None
+        state["_grams"] = state["_cross"] = state["_regions"] = None
         return state
 
     # -- lockstep execution ------------------------------------------------------------------------------------
@@ -154,6 +154,18 @@ class OutputLayer:
             self._grams = np.stack([(w2[b].T @ w2[b]).ravel() for b in self._blocks()]).astype(np.float32)
         return (self._block_means(weights) @ self._grams).reshape(self.w2.shape[1], -1)
 
+    def design_regions(self):
+        """The continuum basis as blocks: ``(rows, columns, basis, products)`` per chip region, where ``basis`` is
+        ``design[rows, columns]`` (zero elsewhere) and ``products`` holds each pixel's outer product of it, so that
+        ``weights[rows] @ products`` is the region's weighted normal matrix."""
+        if getattr(self, "_regions", None) is None:
+            self._regions = []
+            for rows, columns in _column_groups(self.design):
+                basis = self.design[rows, columns]
+                products = (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
+                self._regions.append((rows, columns, basis, products))
+        return self._regions
+
     def approximate_cross(self, weights, columns):
         """``sum_b mean_b(weights) W2_b^T D_b`` ~ ``W2^T diag(weights) D`` ``(H, len(columns))``."""
         key = tuple(columns)
@@ -164,6 +176,20 @@ class OutputLayer:
             self._cross[key] = np.stack([(w2[b].T @ self.design[b][:, columns]).ravel()
                                          for b in self._blocks()]).astype(np.float32)
         return (self._block_means(weights) @ self._cross[key]).reshape(self.w2.shape[1], -1)
+
+
+def _column_groups(design):
+    """``(rows, columns)`` of the design's blocks: columns grouped by the range of rows where they are non-zero (the
+    columns of one chip region). The ranges must not overlap: the continuum solve treats the blocks separately."""
+    groups = {}
+    for column in range(design.shape[1]):
+        rows = np.flatnonzero(design[:, column])
+        key = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        groups.setdefault(key, []).append(column)
+    ranges = sorted(groups)
+    if any(a[1] > b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True)):
+        raise ValueError("continuum basis: the regions' rows overlap")
+    return [(slice(*key), np.array(columns)) for key, columns in groups.items()]
 
 
 class PayneProblem:
@@ -202,6 +228,11 @@ class PayneProblem:
         self._p = self._previous = None  # evaluated states: the current point and the one before
         self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
         self._hidden_cross = None
+        # the continuum basis by region, with each region's columns placed among the problem's coefficients
+        position = {int(c): i for i, c in enumerate(design_columns)} if design_columns is not None else {}
+        self._regions = [(rows, np.array([position[int(c)] for c in columns]), basis, products)
+                         for rows, columns, basis, products in (layer.design_regions() if self.n_design else [])
+                         if all(int(c) in position for c in columns)]
 
     # -- parameters --------------------------------------------------------------------------------------------
     def velocity(self, theta):
@@ -232,13 +263,18 @@ class PayneProblem:
             p.flux = rest
         weighted = self.weight * p.flux
         if self.n_design:
-            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly
-            p.continuum_columns = weighted[:, None] * self.design
-            p.continuum_matrix = p.continuum_columns.T @ p.continuum_columns
-            ridge = 1e-12 * (np.mean(np.diag(p.continuum_matrix)) or 1.0)
-            p.g = np.linalg.solve(p.continuum_matrix + ridge * np.eye(self.n_design),
-                                  p.continuum_columns.T @ (self.weight * self.y - weighted))
-            p.c = 1.0 + self.design @ p.g
+            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly, region by region (each
+            # region's basis is zero outside it, so the normal matrix is block diagonal)
+            p.g, p.c = np.zeros(self.n_design), np.ones_like(weighted)
+            p.continuum_matrix = np.zeros((self.n_design, self.n_design))
+            for rows, positions, basis, products in self._regions:
+                w_f = weighted[rows]
+                block = ((w_f * w_f) @ products).reshape(len(positions), -1)
+                block += 1e-12 * (np.mean(np.diag(block)) or 1.0) * np.eye(len(block))
+                g = np.linalg.solve(block, basis.T @ (w_f * (self.weight[rows] * self.y[rows] - w_f)))
+                p.g[positions], p.c[rows] = g, 1.0 + basis @ g
+                p.continuum_matrix[np.ix_(positions, positions)] = block
+            p.continuum_columns = None  # made when an exact Jacobian asks for it
             p.r = weighted * p.c - self.weight * self.y
         else:
             p.c = None
@@ -286,7 +322,7 @@ class PayneProblem:
         if self.v_scale:
             columns.append(self._velocity_column()[:, None])
         if self.n_design:
-            columns.append(self._p.continuum_columns)
+            columns.append(self._continuum_columns())
         return np.hstack(columns) if len(columns) > 1 else columns[0]
 
     def normal_matrix(self, theta, exact):
@@ -329,7 +365,7 @@ class PayneProblem:
                                                                      (yield ("transpose", u)).astype(np.float64))
             matrix[k, k] = column @ column
             if self.n_design:
-                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ p.continuum_columns
+                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ self._continuum_columns()
         return self._profiled(matrix)
 
     def _profiled(self, matrix):
@@ -340,6 +376,13 @@ class PayneProblem:
         a, b, c = matrix[:k, :k], matrix[:k, k:], matrix[k:, k:]
         ridge = 1e-12 * (np.mean(np.diag(c)) or 1.0)
         return a - b @ np.linalg.solve(c + ridge * np.eye(len(c)), b.T)
+
+    def _continuum_columns(self):
+        """``d r / d g`` ``(P, n_design)`` at the current point."""
+        p = self._p
+        if p.continuum_columns is None:
+            p.continuum_columns = (self.weight * p.flux)[:, None] * self.design
+        return p.continuum_columns
 
     def _label_weight(self):
         """``d r / d flux``: the factor between residuals and (shifted) network flux."""
