@@ -238,7 +238,8 @@ class PayneFitter:
     def _problem(self, prepared, joint):
         y, weight = self._data(prepared)
         used = weight > 0
-        columns = np.flatnonzero(used @ self._design_support) if joint else None  # no data: no freedom
+        # a region's correction needs as many usable pixels as its continuum fit does; with fewer it stays at 1
+        columns = np.flatnonzero(used @ self._design_support >= 3 * (self.continuum_degree + 1)) if joint else None
         v_scale = 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None  # v / v_scale in [-0.5, 0.5]
         problem = PayneProblem(self._layer, y, weight, self._segments, v_scale, columns)
         n_params = self.emulator.n_labels + int(v_scale is not None) + problem.n_design
