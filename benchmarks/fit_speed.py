@@ -13,7 +13,7 @@ All see identical continuum-normalised data. BLAS is limited to one thread so th
 The network is 25 labels -> 300 -> 300 -> 7214 pixels (the DR19 production shape), random but well conditioned
 (``astra_thepayne.synthetic.toy_network``), or any network file given with ``--model``.
 
-    python benchmarks/fit_speed.py [--spectra 64] [--rounds 3] [--model PATH]
+    python benchmarks/fit_speed.py [--spectra 64] [--rounds 5] [--model PATH]
 """
 import os
 
@@ -52,7 +52,7 @@ def main():
     parser.add_argument("--spectra", type=int, default=64)
     parser.add_argument("--model", default=None, help="network file (default: a random 25 x 300 x 300 x 7214)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="times each method fits all spectra (interleaved)")
+    parser.add_argument("--rounds", type=int, default=5, help="times each method fits all spectra (interleaved)")
     args = parser.parse_args()
 
     emulator = PayneEmulator.load(args.model) if args.model else toy_network(hidden=300, seed=args.seed)
