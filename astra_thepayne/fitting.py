@@ -110,8 +110,8 @@ class PayneFitter:
     continuum_degree : int
         Chebyshev degree of the continuum per chip region.
     joint_continuum : bool
-        After the first fit, fit the labels together with a multiplicative correction to the continuum (the same
-        Chebyshev degree per chip region), on every usable pixel (default).
+        Fit the labels together with a multiplicative correction to the continuum (the same Chebyshev degree per
+        chip region, solved for exactly at every step of the fit), on every usable pixel (default).
         Continuum pixels rarely sit exactly at 1 in a real star, and a realistic network leaves few of them; fixing
         the continuum from them biases labels by several sigma, and its uncertainty would be missing from the
         errors. The joint fit removes the bias and its covariance marginalises over the continuum.
@@ -192,8 +192,9 @@ class PayneFitter:
         as :meth:`fit` one at a time, in less time. Each result's ``seconds`` is its share of the batch's time."""
         start = time.perf_counter()
         results = self._layer.run([self._fit_steps(spectrum, initial_labels) for spectrum in spectra])
+        share = (time.perf_counter() - start) / max(len(results), 1)
         for result in results:
-            result.seconds = (time.perf_counter() - start) / len(results)
+            result.seconds = share
         return results
 
     def _fit_steps(self, spectrum, initial_labels):
