@@ -83,7 +83,7 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
             return Solution(x, 2 * cost, matrix, evaluations, "a full step would lower chi2 by less than the tolerance")
         if evaluations >= max_evaluations:
             raise SolverFailure(f"no convergence after {evaluations} evaluations")
-        scaled = None
+        scaled, step_from_exact = None, exact
         reduction, stop = -1.0, None
         while reduction <= 0 and evaluations < max_evaluations:
             step = model.trust_region_step(gradient, radius)
@@ -131,7 +131,7 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
         else:
             yield from problem.chi2(x)  # back to the state at x
         if stop is not None:
-            if exact:
+            if step_from_exact:
                 matrix = yield from problem.normal_matrix(x, True)
                 return Solution(x, 2 * cost, matrix, evaluations, stop)
             exact = True  # near the minimum: from here on only the exact matrix
