@@ -7,36 +7,12 @@ from numpy.polynomial import chebyshev
 
 from .grid import CONTINUUM_REGIONS
 
-__all__ = ["ContinuumBasis", "fit_continuum", "continuum_pixels_from_model", "continuum_design"]
-
-
-def fit_continuum(wavelength, flux, ivar, continuum_mask, degree=4, regions=CONTINUUM_REGIONS, n_clip=3,
-                  clip_sigma=3.0):
-    """Fit the continuum of one spectrum.
-
-    Parameters
-    ----------
-    wavelength, flux, ivar : ndarray, shape (P,)
-        Pixels with ``ivar == 0`` carry no weight.
-    continuum_mask : ndarray of bool, shape (P,)
-        Pixels allowed to define the continuum.
-    degree : int
-        Chebyshev degree per region (4, as in the Astra seed).
-    n_clip, clip_sigma : int, float
-        Rounds of clipping: continuum pixels further than ``clip_sigma`` from the current fit (in units of their
-        own noise) are dropped and the fit repeated. This keeps cosmic rays, unflagged bad pixels and weak lines
-        that fall on nominal continuum pixels from pulling the polynomial.
-
-    Returns
-    -------
-    continuum : ndarray, shape (P,)
-        NaN outside the regions and in regions with too few usable continuum pixels.
-    """
-    return ContinuumBasis(wavelength, degree, regions).fit(flux, ivar, continuum_mask, n_clip, clip_sigma)
+__all__ = ["ContinuumBasis", "continuum_pixels_from_model", "continuum_design"]
 
 
 class ContinuumBasis:
-    """The Chebyshev basis of :func:`fit_continuum` on one wavelength grid, built once for many spectra."""
+    """The continuum model on one wavelength grid: a Chebyshev basis of ``degree`` per region, built once and used
+    for many spectra by :meth:`fit`."""
 
     def __init__(self, wavelength, degree=4, regions=CONTINUUM_REGIONS):
         wavelength = np.asarray(wavelength, dtype=float)
@@ -56,7 +32,24 @@ class ContinuumBasis:
         self.products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(len(self.pixels), -1)
 
     def fit(self, flux, ivar, continuum_mask, n_clip=3, clip_sigma=3.0):
-        """See :func:`fit_continuum`."""
+        """Fit the continuum of one spectrum on this grid.
+
+        Parameters
+        ----------
+        flux, ivar : ndarray, shape (P,)
+            Pixels with ``ivar == 0`` carry no weight.
+        continuum_mask : ndarray of bool, shape (P,)
+            Pixels allowed to define the continuum.
+        n_clip, clip_sigma : int, float
+            Rounds of clipping: continuum pixels further than ``clip_sigma`` from the current fit (in units of their
+            own noise) are dropped and the fit repeated. This keeps cosmic rays, unflagged bad pixels and weak lines
+            that fall on nominal continuum pixels from pulling the polynomial.
+
+        Returns
+        -------
+        continuum : ndarray, shape (P,)
+            NaN outside the regions and in regions with too few usable continuum pixels.
+        """
         n = self.n_terms
         continuum = np.full(self.size, np.nan)
         f, w = flux[self.pixels], ivar[self.pixels]

@@ -148,8 +148,9 @@ class PayneFitter:
         self.continuum_degree = int(continuum_degree)
         self.joint_continuum = bool(joint_continuum)
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
-        self._design_support = (self._design != 0).astype(np.int64)
         self._continuum_basis = ContinuumBasis(_APSTAR_WAVELENGTH, self.continuum_degree)
+        self._on_model = np.zeros(APSTAR_NPIX, dtype=bool)
+        self._on_model[self.model_to_apstar] = True
         self._segments = self._model_segments()
         self._layer = OutputLayer(emulator, self._design)
 
@@ -172,10 +173,8 @@ class PayneFitter:
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
         continuum = self._continuum_basis.fit(flux, ivar, continuum_pixels)
-        on_model = np.zeros(APSTAR_NPIX, dtype=bool)
-        on_model[self.model_to_apstar] = True
-        continuum[~on_model] = np.nan
-        usable = on_model & np.isfinite(continuum) & (continuum > 0) & (ivar > 0)
+        continuum[~self._on_model] = np.nan
+        usable = self._on_model & np.isfinite(continuum) & (continuum > 0) & (ivar > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
             norm_ivar = np.where(usable, ivar * continuum**2, 0.0)
@@ -239,8 +238,12 @@ class PayneFitter:
     def _problem(self, prepared, joint):
         y, weight = self._data(prepared)
         used = weight > 0
-        # a region's correction needs as many usable pixels as its continuum fit does; with fewer it stays at 1
-        columns = np.flatnonzero(used @ self._design_support >= 3 * (self.continuum_degree + 1)) if joint else None
+        columns = None
+        if joint:
+            # a region's correction needs as many usable pixels as its continuum fit does; with fewer it stays at 1
+            needed = 3 * (self.continuum_degree + 1)
+            columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
+                                      if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
         v_scale = 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None  # v / v_scale in [-0.5, 0.5]
         problem = PayneProblem(self._layer, y, weight, self._segments, v_scale, columns)
         n_params = self.emulator.n_labels + int(v_scale is not None) + problem.n_design

@@ -203,7 +203,7 @@ class _Model:
             shifted = values + alpha
             p_t = -g_t / shifted
             norm = np.linalg.norm(p_t)
-            if norm <= radius and alpha == floor or abs(norm - radius) <= 1e-3 * radius:
+            if (norm <= radius and alpha == floor) or abs(norm - radius) <= 1e-3 * radius:
                 break
             derivative = np.sum(g_t**2 / shifted**3) / norm**3  # d(1/|p|)/d alpha
             alpha = max(alpha - (1.0 / norm - 1.0 / radius) / derivative, 0.5 * alpha + floor)
