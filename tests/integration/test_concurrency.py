@@ -22,11 +22,12 @@ def test_four_concurrent_runs_fit_each_spectrum_once(tmp_path, toy_emulator, pos
     env = cli_environment(tmp_path / "out")
     model = tmp_path / "toy.pkl"
     toy_emulator.save(model)
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=4, visits=3, seed=8)
+    # enough spectra that the runs overlap after their start-up, now that a fit takes milliseconds
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=12, visits=3, seed=8)
     thepayne(postgres_url, "init", env=env)
     thepayne(postgres_url, "ingest", tmp_path / "spectra", env=env)
     keys = registered_keys(postgres_url)
-    assert len(keys) == 16
+    assert len(keys) == 48
 
     # small batches, so that the processes claim many times while the others hold locks and commit
     argv = [*thepayne_command(), "--database", postgres_url, "run", "--model", str(model), "--batch-size", "2",

@@ -87,11 +87,12 @@ def test_sigkill_mid_batch_then_rerun_gives_one_complete_row_per_spectrum(tmp_pa
     env = cli_environment(out_dir)
     model = tmp_path / "toy.pkl"
     toy_emulator.save(model)
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=6, visits=3, seed=21)
+    # enough spectra that a run is still going when it is killed, now that a fit takes milliseconds
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=12, visits=3, seed=21)
     thepayne(url, "init", env=env)
     thepayne(url, "ingest", tmp_path / "spectra", env=env)
     keys = registered_keys(url)
-    assert len(keys) == 24
+    assert len(keys) == 48
 
     argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--batch-size", str(BATCH),
             *FAST_FIT]
