@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .files import atomic_write
+from .labels import BAD_RESULT_FLAGS
 
 __all__ = ["catalogue_columns", "catalogue_data", "export_catalogue"]
 
@@ -72,7 +73,7 @@ def catalogue_data(visits: bool = False, tag: str | None = "", model_sha256: str
         if name == "flag_warn":
             data[name] = flags > 0
         elif name == "flag_bad":
-            data[name] = (flags & 1) != 0
+            data[name] = (flags & BAD_RESULT_FLAGS) != 0
         else:
             data[name] = _column(field, [r[name] for r in rows])
     return data

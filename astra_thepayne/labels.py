@@ -10,7 +10,7 @@ from itertools import combinations
 
 __all__ = [
     "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
-    "flag_result", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
+    "flag_result", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
 ]
 
 
@@ -89,15 +89,22 @@ RESULT_FLAGS: tuple[ResultFlag, ...] = (
     ResultFlag("warn_fe_h", 3, "fe_h > 0.4 or fe_h < -1.4"),
     ResultFlag("low_snr", 4, "S/N < 70"),
     ResultFlag("label_at_bound", 5, "At least one label ended on the bound of the fit (edge of the training grid)"),
+    ResultFlag("star_not_found", 6, "The best fit is far worse than the network fits a star it covers (reduced chi2 "
+               "criterion, see docs/science.md): the labels do not describe this spectrum", bad=True),
+    ResultFlag("v_rel_at_bound", 7, "v_rel ended on +-v_rad_tolerance: the star's velocity is probably outside the "
+               "range searched, and its labels are unreliable", bad=True),
 )
 _FLAG = {flag.name: flag.value for flag in RESULT_FLAGS}
+#: The bits that make a result unusable (``flag_bad``).
+BAD_RESULT_FLAGS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
 
 #: APOGEE_PIXMASK bits 0-7 and 14 (BADPIX ... NOSKY, NOT_ENOUGH_PSF): pixels treated as bad by default.
 APOGEE_BAD_PIXEL_MASK = 16639
 LOW_SNR_THRESHOLD = 70.0
 
 
-def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound: bool = False) -> int:
+def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound: bool = False,
+                star_not_found: bool = False, v_rel_at_bound: bool = False) -> int:
     """Compute ``result_flags`` from fitted labels (physical units) and the spectrum's S/N.
 
     Labels the network does not have (e.g. no ``logg``) raise no warning for that label.
@@ -116,4 +123,8 @@ def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound:
         flags |= _FLAG["low_snr"]
     if at_bound:
         flags |= _FLAG["label_at_bound"]
+    if star_not_found:
+        flags |= _FLAG["star_not_found"]
+    if v_rel_at_bound:
+        flags |= _FLAG["v_rel_at_bound"]
     return flags

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .grid import APSTAR_NPIX
-from .labels import RESULT_FLAGS, label_pairs, rho_name
+from .labels import BAD_RESULT_FLAGS, label_pairs, rho_name
 
 __all__ = ["FitResult", "row_keys"]
 
-_BAD_BITS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+_BAD_BITS = BAD_RESULT_FLAGS
 
 
 def row_keys(label_names) -> list[str]:

@@ -35,7 +35,7 @@ from peewee import (
 )
 from playhouse.hybrid import hybrid_property
 
-from ..labels import LABELS, RESULT_FLAGS, label_pairs, rho_name
+from ..labels import BAD_RESULT_FLAGS, LABELS, RESULT_FLAGS, label_pairs, rho_name
 from .database import database_proxy
 
 __all__ = [
@@ -48,7 +48,7 @@ SPECTRUM_TYPES = ("apstar_coadd", "apstar_visit", "apvisit", "mwmstar", "mwmvisi
 COADD_TYPES = ("apstar_coadd", "mwmstar", "aspcapstar")
 VISIT_TYPES = ("apstar_visit", "apvisit", "mwmvisit")
 
-_BAD_BITS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+_BAD_BITS = BAD_RESULT_FLAGS
 
 
 def version_to_int(version: str) -> int:
