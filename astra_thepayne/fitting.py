@@ -315,7 +315,7 @@ class PayneFitter:
     def _edge_weight(self):
         """Zero weight for pixels within the largest allowed shift of a chip edge, where a shifted model would
         need flux from beyond the chip."""
-        margin = int(np.ceil(self.v_rad_tolerance / _PIXEL_VELOCITY)) + 1
+        margin = int(np.ceil(self.v_rad_tolerance / _PIXEL_VELOCITY)) + 2  # the shift reaches two pixels beyond
         weight = np.ones(len(self.model_to_apstar))
         for start, stop in self._segments:
             weight[start:start + margin] = 0.0

@@ -11,9 +11,18 @@ __all__ = ["synthetic_spectrum", "doppler_shift", "smooth_continuum", "toy_netwo
 
 def doppler_shift(model_wavelength, model_flux, wavelength, v_rel):
     """Flux of a rest-frame model seen at ``wavelength`` from a source with radial velocity ``v_rel`` (km/s, > 0 =
-    receding): ``f_obs(lambda) = f_model(lambda / (1 + v/c))``, linear interpolation, NaN outside the model."""
-    rest = np.asarray(wavelength) / (1.0 + v_rel / SPEED_OF_LIGHT_KMS)
-    return np.interp(rest, model_wavelength, model_flux, left=np.nan, right=np.nan)
+    receding): ``f_obs(lambda) = f_model(lambda / (1 + v/c))``, NaN outside the model.
+
+    The model is interpolated with a quintic spline in log-lambda: a star's spectrum is smooth between pixels, and
+    this is not the interpolation the fitter uses (a cubic spline, :class:`astra_thepayne.problem.Shift`), as real
+    data would not be.
+    """
+    from scipy.interpolate import make_interp_spline
+
+    rest = np.log(np.asarray(wavelength) / (1.0 + v_rel / SPEED_OF_LIGHT_KMS))
+    grid = np.log(np.asarray(model_wavelength))
+    flux = make_interp_spline(grid, model_flux, k=5)(np.clip(rest, grid[0], grid[-1]))
+    return np.where((rest >= grid[0]) & (rest <= grid[-1]), flux, np.nan)
 
 
 def smooth_continuum(wavelength, rng, level=1000.0):
