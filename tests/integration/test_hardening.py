@@ -1,0 +1,118 @@
+"""Hardening (issue 10): one bad input never costs the others, no file is mistaken for another's, no injected
+shell line, and every failure names its cause. Real files, real processes, SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from _scale import FAST_FIT, cli_environment, thepayne
+from _spectra_files import write_apstar
+from astropy.table import Table
+
+from astra_thepayne.slurm import thepayne_command
+from astra_thepayne.synthetic import synthetic_spectrum
+
+UNICODE_NAME = "apStar-ünï—cødé★.fits"
+
+
+@pytest.fixture
+def model(tmp_path, toy_emulator):
+    path = tmp_path / "toy.pkl"
+    toy_emulator.save(path)
+    return path
+
+
+def _write_star(path, emulator, seed, obj=None):
+    mid = (emulator.x_min + emulator.x_max) / 2
+    return write_apstar(path, [synthetic_spectrum(emulator, mid, snr=100, rng=seed)], obj or f"2M{seed:08d}+0000000",
+                        snr=100)
+
+
+def _unprivileged(argv):
+    """argv run without the file-permission override, so that permission bits apply even to root."""
+    if os.geteuid() != 0:
+        return list(argv)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv is not installed: cannot drop the read override")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+# -- item 2: one unreadable file ---------------------------------------------------------------------------------
+
+def test_fit_with_one_unreadable_file_writes_the_others_and_flags_it(tmp_path, toy_emulator, model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for seed in (1, 2):
+        _write_star(folder / f"apStar-{seed}.fits", toy_emulator, seed)
+    locked = _write_star(folder / "apStar-locked.fits", toy_emulator, 3)
+    locked.chmod(0)
+    env = cli_environment(tmp_path / "out")
+    out = tmp_path / "x.fits"
+    argv = _unprivileged([*thepayne_command(), "fit", "--model", str(model), *FAST_FIT, str(folder), str(locked),
+                          "--output", str(out)])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{locked.name}: cannot read (Permission denied)" in proc.stderr
+    table = Table.read(out)
+    good = table[~table["flag_bad"]]
+    assert sorted(os.path.basename(p) for p in good["path"]) == ["apStar-1.fits", "apStar-2.fits"]
+    assert np.all(np.isfinite(good["teff"]))
+    bad = table[table["flag_bad"]]
+    assert {os.path.basename(p) for p in bad["path"]} == {locked.name}
+
+
+def test_fit_where_every_input_is_unreadable_exits_2(tmp_path, toy_emulator, model):
+    locked = _write_star(tmp_path / "apStar-locked.fits", toy_emulator, 3)
+    locked.chmod(0)
+    argv = _unprivileged([*thepayne_command(), "fit", "--model", str(model), str(locked)])
+    proc = subprocess.run(argv, env=cli_environment(tmp_path / "out"), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: none of the 1 input file(s) could be read") and locked.name in last
+
+
+# -- item 3: a symlink loop among the inputs ---------------------------------------------------------------------
+
+def test_ingest_skips_a_symlink_loop_and_registers_the_rest(tmp_path, toy_emulator):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_star(folder / "apStar-1.fits", toy_emulator, 1)
+    _write_star(folder / "apStar-2.fits", toy_emulator, 2)
+    (folder / "loop-a.fits").symlink_to("loop-b.fits")
+    (folder / "loop-b.fits").symlink_to("loop-a.fits")
+    (tmp_path / "self.fits").symlink_to("self.fits")
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    proc = thepayne(url, "ingest", folder, tmp_path / "self.fits", env=env)
+    assert "ingested 2 file(s): 2 new spectra" in proc.stdout
+    loops = [line for line in proc.stderr.splitlines() if "symbolic link loop" in line]
+    assert len(loops) == 3 and "Traceback" not in proc.stderr
+
+
+# -- item 4: a non-ASCII path ------------------------------------------------------------------------------------
+
+def test_non_ascii_path_survives_fit_output_and_export(tmp_path, toy_emulator, model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_star(folder / "apStar-1.fits", toy_emulator, 1)
+    odd = _write_star(folder / UNICODE_NAME, toy_emulator, 2)
+    env = cli_environment(tmp_path / "out")
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    for output in ("x.fits", "x.csv"):
+        thepayne(url, "fit", "--model", model, *FAST_FIT, folder, "--output", tmp_path / output, env=env)
+        table = Table.read(tmp_path / output)
+        assert sorted(map(str, table["path"])) == sorted([str(folder / "apStar-1.fits"), str(odd)])
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", folder, env=env)
+    thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+    thepayne(url, "export", tmp_path / "cat.fits", env=env)
+    catalogue = Table.read(tmp_path / "cat.fits", hdu=2)
+    assert str(odd) in [str(p) for p in catalogue["path"]]
+    assert len(catalogue) == 2
