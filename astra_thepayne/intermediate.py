@@ -23,13 +23,21 @@ from .config import output_dir
 from .files import atomic_write
 from .grid import APSTAR_NPIX
 
-__all__ = ["intermediate_path", "write_intermediate", "read_intermediate", "IntermediateFileError"]
+__all__ = ["intermediate_path", "write_intermediate", "read_intermediate", "IntermediateFileError", "check_tag"]
 
 _TAG_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 class IntermediateFileError(OSError):
     """An intermediate pickle is missing or unreadable; the message names the file."""
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if it can name a folder (letters, digits, '.', '_', '-'; not '.' or '..'), else ValueError."""
+    tag = str(tag or "")
+    if tag and (not set(tag) <= _TAG_CHARS or tag in (".", "..")):
+        raise ValueError(f"tag {tag!r}: use letters, digits, '.', '_' and '-' only")
+    return tag
 
 
 def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = None, root=None,
@@ -53,9 +61,7 @@ def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = Non
     base = Path(root) if root is not None else output_dir(version)
     if model_sha256:
         base = base / str(model_sha256)[:12]
-    if tag:
-        if not set(tag) <= _TAG_CHARS or tag in (".", ".."):
-            raise ValueError(f"tag {tag!r}: use letters, digits, '.', '_' and '-' only")
+    if check_tag(tag):
         base = base / tag
     return base / pk[-4:-2] / pk[-2:] / f"{int(spectrum_pk)}.pkl"
 

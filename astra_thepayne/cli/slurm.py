@@ -82,7 +82,12 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
     Prints one job id per line.
     """
     from ..config import resolve_database_url, resolve_model_path
+    from ..intermediate import check_tag
 
+    try:  # the jobs would refuse it after waiting in the queue: refuse it now, --dry-run included
+        tag = check_tag(tag)
+    except ValueError as exc:
+        raise ConfigurationError(f"--{exc}") from None
     options = _options(profile, nodes=nodes, procs_per_node=procs_per_node, threads=threads, account=account,
                        partition=partition, time=walltime, mem=mem, gres=gres, job_name=job_name, log_dir=log_dir,
                        workdir=os.getcwd())

@@ -25,7 +25,7 @@ __all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgr
 #: The database every model of :mod:`astra_thepayne.db.models` is bound to, until :func:`connect` initialises it.
 database_proxy = DatabaseProxy()
 
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: "$" would accept a final "\n"
 
 # SQLite settings for several writer processes: WAL lets readers run beside one writer, busy_timeout makes a writer
 # wait for the lock instead of failing at once, foreign_keys enforces the foreign keys the models declare.
@@ -70,7 +70,7 @@ def _open(url: str):
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     elif schema:
-        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(f"database URL {redact(url)!r}: schema name {schema!r} is not a plain identifier")
         kwargs["options"] = f"-c search_path={schema},public"
     try:
