@@ -85,4 +85,6 @@ def upgrade(database, target: str | None = None) -> list[str]:
                 module.upgrade(database, SchemaMigrator.from_database(database))
                 _History.create(name=name, applied=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
                 applied.append(name)
+    if applied and hasattr(database, "thepayne_identity"):
+        del database.thepayne_identity  # m0004 may just have given the database its identity
     return applied

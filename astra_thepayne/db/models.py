@@ -162,8 +162,19 @@ class _ThePayneMixin:
         stored = getattr(self, "intermediate_file", None)
         if stored:
             return Path(stored)
-        return intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
-                                 model_sha256=self.model_sha256)
+        path = intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
+                                 model_sha256=self.model_sha256, database_id=self._database_id())
+        if not path.exists():  # rows written before pickles had a database folder
+            legacy = intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
+                                       model_sha256=self.model_sha256)
+            if legacy.exists():
+                return legacy
+        return path
+
+    def _database_id(self):
+        from .database import database_identity
+
+        return database_identity(self._meta.database)
 
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
@@ -175,7 +186,12 @@ class _ThePayneMixin:
                 nan = np.full(APSTAR_NPIX, np.nan)
                 cached = (nan, nan.copy())
             else:
-                cached = read_intermediate(self.intermediate_path)
+                # the file's header must name this row: never return another database's or spectrum's arrays
+                database_id = self._database_id()
+                owner = {"database": None if database_id.startswith("loc") else database_id,
+                         "spectrum_pk": self.spectrum_pk_id, "model_sha256": getattr(self, "model_sha256", None),
+                         "tag": self.tag}
+                cached = read_intermediate(self.intermediate_path, expect=owner)
             self.__dict__["_intermediate"] = cached
         return cached
 

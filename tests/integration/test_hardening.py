@@ -3,6 +3,7 @@ shell line, and every failure names its cause. Real files, real processes, SQLit
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 
@@ -116,3 +117,56 @@ def test_non_ascii_path_survives_fit_output_and_export(tmp_path, toy_emulator, m
     catalogue = Table.read(tmp_path / "cat.fits", hdu=2)
     assert str(odd) in [str(p) for p in catalogue["path"]]
     assert len(catalogue) == 2
+
+
+# -- item 1: two databases in one folder -------------------------------------------------------------------------
+
+def _flux_of_spectrum_1(url):
+    """``(intermediate path, model_flux)`` of the row of spectrum 1, read while its database is the bound one."""
+    from astra_thepayne import connect
+    from astra_thepayne.db.models import ThePayne
+
+    database = connect(url)
+    try:
+        row = ThePayne.get(ThePayne.spectrum_pk == 1)
+        return row.intermediate_path, row.model_flux
+    finally:
+        database.close()
+
+
+def test_two_sqlite_databases_in_one_folder_keep_their_own_arrays(tmp_path, toy_emulator, model, monkeypatch):
+    from astra_thepayne.intermediate import NotThisRowsFileError, read_intermediate
+    from astra_thepayne.synthetic import synthetic_spectrum
+
+    lower, upper = toy_emulator.x_min, toy_emulator.x_max
+    for name, fraction in (("a", 0.3), ("b", 0.7)):  # two different stars, both spectrum pk 1 in their database
+        (tmp_path / name).mkdir()
+        labels = lower + fraction * (upper - lower)
+        write_apstar(tmp_path / name / "apStar-1.fits", [synthetic_spectrum(toy_emulator, labels, snr=200, rng=1)],
+                     f"2M0000000{name}", snr=200)
+    env = cli_environment(tmp_path / "unused")
+    del env["THEPAYNE_OUTPUT_DIR"]  # the default ./thepayne-output, shared by both databases
+    for name in ("a", "b"):
+        url = f"sqlite:///{tmp_path / (name + '.db')}"
+        thepayne(url, "init", env=env, cwd=tmp_path)
+        thepayne(url, "ingest", tmp_path / name, env=env, cwd=tmp_path)
+        thepayne(url, "run", "--model", model, env=env, cwd=tmp_path)
+    pickles = sorted((tmp_path / "thepayne-output").rglob("*.pkl"))
+    assert len(pickles) == 2, pickles  # one per database, not one overwritten by the other
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("THEPAYNE_OUTPUT_DIR", raising=False)
+    monkeypatch.delenv("MWM_ASTRA", raising=False)
+    url_a, url_b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    path_a, flux_a = _flux_of_spectrum_1(url_a)
+    path_b, flux_b = _flux_of_spectrum_1(url_b)
+    assert path_a != path_b
+    assert not np.allclose(flux_a, flux_b, equal_nan=True)
+    # the other database's file under this row's name: refused, never returned as this row's arrays
+    shutil.copyfile(path_b, path_a)
+    with pytest.raises(NotThisRowsFileError, match="belongs to another result"):
+        _flux_of_spectrum_1(url_a)
+    # Astra's own pickles (the bare tuple) are still read
+    continuum, rectified = read_intermediate(path_b)
+    with open(path_a, "wb") as handle:
+        pickle.dump((continuum, rectified), handle)
+    np.testing.assert_allclose(_flux_of_spectrum_1(url_a)[1], flux_b)
