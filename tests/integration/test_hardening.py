@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +171,59 @@ def test_two_sqlite_databases_in_one_folder_keep_their_own_arrays(tmp_path, toy_
     with open(path_a, "wb") as handle:
         pickle.dump((continuum, rectified), handle)
     np.testing.assert_allclose(_flux_of_spectrum_1(url_a)[1], flux_b)
+
+
+# -- item 6: temporaries left by SIGKILL -------------------------------------------------------------------------
+
+_WRITER = """
+import sys, time
+from astra_thepayne.files import atomic_write
+def write(handle):
+    handle.write(b"partial")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+atomic_write(sys.argv[1], write)
+"""
+
+
+def _start_writer(target):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout.readline().strip() == "writing"  # its temporary file exists now
+    return proc
+
+
+def test_a_later_run_removes_temporaries_of_killed_writers_but_not_of_live_ones(tmp_path, toy_emulator, model):
+    from astra_thepayne import connect
+    from astra_thepayne.db.database import database_identity
+    from astra_thepayne.emulator import PayneEmulator
+    from astra_thepayne.intermediate import intermediate_path
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_star(folder / "apStar-1.fits", toy_emulator, 1)
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    out = tmp_path / "out"
+    env = cli_environment(out)
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", folder, env=env)
+    database = connect(url)
+    target = intermediate_path(1, model_sha256=PayneEmulator.load(model).sha256, root=out,
+                               database_id=database_identity(database))
+    database.close()
+    dead, live = _start_writer(target), _start_writer(target.with_name("other.pkl"))
+    try:
+        dead.kill()
+        dead.wait(timeout=30)
+        temporaries = sorted(p.name for p in target.parent.glob(".*.tmp"))
+        assert len(temporaries) == 2
+        thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+        left = sorted(p.name for p in target.parent.glob(".*.tmp"))
+        assert left == [name for name in temporaries if f"-{live.pid}." in name], left
+        assert target.is_file()
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+        dead.stdout.close()
+        live.stdout.close()
