@@ -10,9 +10,18 @@ installed.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 from peewee import chunked
+from peewee import fn as _fn
+
+log = logging.getLogger(__name__)
+
+
+def fn_max(column):
+    return _fn.MAX(column)
 
 __all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
 
@@ -196,9 +205,10 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
     setup_seconds : float
         Time already spent loading the network; shared as overhead by the results of the first batch.
     """
+    from peewee import fn
+
     from .db.database import is_postgres
     from .db.models import SpectrumRecord
-    from .task import fit_rows
 
     summary = RunSummary()
     start = time.perf_counter()
@@ -212,6 +222,9 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
     database = SpectrumRecord._meta.database
     postgres = is_postgres(database)
     pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types)
+    if not postgres:
+        release_dead_claims()
+        pending = pending.where(~fn.EXISTS(_claims_of(fitter.emulator.sha256, tag)))
     total = pending.count()
     if limit:
         total = min(total, int(limit))
@@ -234,19 +247,14 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                     records = _without_results(records, fitter.emulator.sha256, tag)
                     if not records:
                         continue
-                    rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
+                    rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
+                                      setup_seconds)
                     insert_rows(rows, database)
             else:
-                records = list(pending.limit(n))
-                if not records:
+                records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
+                                                            setup_seconds)
+                if records is None:
                     break
-                rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
-                insert_rows(rows, database)
-                # SQLite's INSERT OR IGNORE also skips rows that break NOT NULL; without this check such a batch
-                # would be claimed and fitted again forever
-                lost = _without_results(records, fitter.emulator.sha256, tag)
-                if lost:
-                    raise RuntimeError(f"{len(lost)} result row(s) were not stored (spectrum {lost[0].pk} first)")
             setup_seconds = 0.0
             summary.add(rows)
             if remaining is not None:
@@ -258,6 +266,94 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _fit_rows(*args, **kwargs):
+    from .task import fit_rows
+
+    return fit_rows(*args, **kwargs)
+
+
+def _owner() -> str:
+    from .files import _HOST
+
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _claims_of(model_sha256, tag):
+    """Subquery: a claim on the outer query's spectrum for this network and tag."""
+    from .db.models import Claim, SpectrumRecord
+
+    return Claim.select(Claim.spectrum_pk).where(
+        (Claim.spectrum_pk == SpectrumRecord.pk) & (Claim.model_sha256 == model_sha256) & (Claim.tag == tag))
+
+
+def release_dead_claims(stale_seconds: float | None = None) -> int:
+    """Remove the SQLite work claims of processes that are gone; returns how many were removed.
+
+    A claim of this host whose process id no longer runs is removed; a claim of another host (a database on a
+    shared file system) when older than ``stale_seconds`` (default :data:`astra_thepayne.files.STALE_SECONDS`).
+    """
+    import datetime
+
+    from .db.models import Claim
+    from .files import _HOST, STALE_SECONDS, _alive
+
+    stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    dead = []
+    for owner, claimed in Claim.select(Claim.owner, fn_max(Claim.claimed)).group_by(Claim.owner).tuples():
+        host, _, pid = owner.rpartition("-")
+        if host == _HOST and pid.isdigit():
+            gone = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            if isinstance(claimed, str):
+                claimed = datetime.datetime.fromisoformat(claimed)
+            gone = claimed is None or (now - claimed).total_seconds() > stale_seconds
+        if gone:
+            dead.append(owner)
+    if not dead:
+        return 0
+    removed = Claim.delete().where(Claim.owner.in_(dead)).execute()
+    log.info("released %d work claim(s) of %d process(es) that are gone", removed, len(dead))
+    return removed
+
+
+def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds):
+    """One SQLite batch: claim up to ``n`` pending spectra no other process claimed, fit them, store the rows and
+    drop the claims. Returns ``(records, rows)``, or ``(None, None)`` when nothing is left to claim."""
+    from .db.models import Claim
+
+    owner = _owner()
+    sha256 = fitter.emulator.sha256
+    # BEGIN IMMEDIATE takes SQLite's write lock before the read: no other process can claim the same spectra
+    # between this read and the claim (busy_timeout makes the others wait for it)
+    with database.atomic("IMMEDIATE"):
+        records = list(pending.limit(n))
+        if not records:
+            return None, None
+        Claim.insert_many([{"spectrum_pk": r.pk, "model_sha256": sha256, "tag": tag, "owner": owner}
+                           for r in records]).on_conflict_ignore().execute()
+    keys = [r.pk for r in records]
+    mine = (Claim.owner == owner) & Claim.spectrum_pk.in_(keys) & (Claim.model_sha256 == sha256) & (Claim.tag == tag)
+    try:
+        rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
+        with database.atomic():
+            insert_rows(rows, database)
+            Claim.delete().where(mine).execute()
+    except BaseException:
+        try:  # give the spectra back at once; if even this fails, the next run releases them
+            with database.atomic():
+                Claim.delete().where(mine).execute()
+        except Exception:
+            pass
+        raise
+    # SQLite's INSERT OR IGNORE also skips rows that break NOT NULL; without this check such a batch would be
+    # claimed and fitted again forever
+    lost = _without_results(records, sha256, tag)
+    if lost:
+        raise RuntimeError(f"{len(lost)} result row(s) were not stored (spectrum {lost[0].pk} first)")
+    return records, rows
 
 
 def _without_results(records, model_sha256, tag):

@@ -26,6 +26,7 @@ from peewee import (
     BigIntegerField,
     BitField,
     BooleanField,
+    CompositeKey,
     DateTimeField,
     FloatField,
     ForeignKeyField,
@@ -40,7 +41,7 @@ from .database import database_proxy
 
 __all__ = [
     "BaseModel", "Source", "SpectrumRecord", "ThePayne", "make_result_model", "result_field_names", "SPECTRUM_TYPES",
-    "COADD_TYPES", "VISIT_TYPES", "version_to_int", "row_to_fields", "ALL_MODELS",
+    "COADD_TYPES", "VISIT_TYPES", "version_to_int", "row_to_fields", "ALL_MODELS", "Claim",
 ]
 
 #: Spectrum types a row of ``spectrum`` can have (the readers' ``Spectrum.spectrum_type``).
@@ -291,6 +292,21 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
 ThePayne = make_result_model()
 
 ALL_MODELS = (Source, SpectrumRecord, ThePayne)
+
+
+class Claim(BaseModel):
+    """A spectrum being fitted by one ``thepayne run`` process on SQLite (migration m0005; see
+    :func:`astra_thepayne.runner.run_pending`). ``owner`` is ``<host>-<pid>``."""
+
+    spectrum_pk = IntegerField()
+    model_sha256 = TextField()
+    tag = TextField()
+    owner = TextField(index=True)
+    claimed = DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "thepayne_claim"
+        primary_key = CompositeKey("spectrum_pk", "model_sha256", "tag")
 
 # flag_warn and flag_bad of FitResult.as_row() are derived from result_flags (hybrid properties here).
 _DERIVED = {"flag_warn", "flag_bad"}
