@@ -227,3 +227,81 @@ def test_a_later_run_removes_temporaries_of_killed_writers_but_not_of_live_ones(
         live.wait(timeout=30)
         dead.stdout.close()
         live.stdout.close()
+
+
+# -- item 7: Ctrl-C ----------------------------------------------------------------------------------------------
+
+def _ctrl_c(argv, env, started, timeout=60):
+    """Start ``argv`` as a terminal would (its own process group), wait until ``started()`` is true, send SIGINT to
+    the whole group like Ctrl-C; returns (exit code, stderr)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not started() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the command ended before Ctrl-C: make the corpus larger"
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"still running {timeout} s after Ctrl-C")
+        return proc.returncode, stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = ""
+        for _ in range(100):  # no worker may outlive the command (SIGTERM'ed workers take a moment to go)
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(proc.pid)], capture_output=True,
+                                  text=True).stdout
+            time.sleep(0.05)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"processes outlived the interrupted command:\n{left}")
+
+
+def test_ctrl_c_during_a_run_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
+    from _scale import registered_keys, results, write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=5)
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", tmp_path / "spectra", env=env)
+    argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--processes", "2",
+            "--batch-size", "4", *FAST_FIT]
+    code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("thepayne run: interrupted (Ctrl-C)") and "run the same `thepayne run`" in last
+    thepayne(url, *argv[argv.index("run"):], env=env)  # resuming fits the rest, once each
+    assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
+
+
+def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
+    from _scale import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=60, visits=3, seed=6)
+    plots = tmp_path / "plots"
+    argv = [*thepayne_command(), "fit", "--model", str(model), "--processes", "2", str(tmp_path / "spectra"),
+            "--output", str(tmp_path / "x.fits")]
+    env = cli_environment(tmp_path / "out")
+    import time
+
+    start = time.monotonic()  # the workers start within a second; the 240 fits take several
+    code, stderr = _ctrl_c(argv, env, started=lambda: time.monotonic() - start > 2)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("thepayne fit: interrupted (Ctrl-C)")
+    assert not (tmp_path / "x.fits").exists() and not plots.exists()
