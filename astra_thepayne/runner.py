@@ -117,6 +117,7 @@ class RunSummary:
     def __init__(self):
         self.fitted = self.flagged = self.failed = 0
         self.seconds = 0.0
+        self.registered = None  # spectra registered in the database (None: not counted)
 
     def add(self, rows):
         for row in rows:
@@ -131,21 +132,32 @@ class RunSummary:
         return self.fitted / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self):
+        if not self.fitted and self.registered == 0:
+            return ("0 spectra fitted: no spectra are registered in this database; run `thepayne ingest PATH...` "
+                    "first")
         if not self.fitted:
-            return "0 spectra fitted: every selected spectrum already has a result for this model and tag"
+            return ("0 spectra fitted: every selected spectrum already has a result for this model and tag "
+                    "(--retry-failed refits the failed ones)")
         return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} failed) in "
                 f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
 
 
-def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None):
-    """Query of the spectra without a result for this network and tag, in primary-key order."""
+def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None,
+                    retry_failed_before=None):
+    """Query of the spectra without a result for this network and tag, in primary-key order.
+
+    ``retry_failed_before`` (a UTC datetime): also the spectra whose result failed (``flag_bad``) and was created
+    before then, so that ``--retry-failed`` refits each failed spectrum once per run, not again and again.
+    """
     from peewee import fn
 
     from .db.models import SpectrumRecord, ThePayne
 
-    done = ThePayne.select(ThePayne.task_pk).where(
-        (ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256) & (ThePayne.tag == tag)
-    )
+    condition = ((ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256)
+                 & (ThePayne.tag == tag))
+    if retry_failed_before is not None:
+        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
+    done = ThePayne.select(ThePayne.task_pk).where(condition)
     query = SpectrumRecord.select().where(~fn.EXISTS(done))
     if pk_min is not None:
         query = query.where(SpectrumRecord.pk >= int(pk_min))
@@ -154,6 +166,19 @@ def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, 
     if spectrum_types:
         query = query.where(SpectrumRecord.spectrum_type.in_(list(spectrum_types)))
     return query.order_by(SpectrumRecord.pk)
+
+
+def _store(rows, records, database, model_sha256, tag, replace_failed):
+    """Insert the rows of one batch; with ``replace_failed``, first delete the failed rows they replace (same
+    transaction: a reader sees the old failed row or the new one, never neither)."""
+    from .db.models import ThePayne
+
+    with database.atomic():
+        if replace_failed:
+            ThePayne.delete().where(ThePayne.spectrum_pk.in_([r.pk for r in records])
+                                    & (ThePayne.model_sha256 == model_sha256) & (ThePayne.tag == tag)
+                                    & ThePayne.flag_bad).execute()
+        insert_rows(rows, database)
 
 
 def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
@@ -176,7 +201,7 @@ def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
 
 def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_max=None, batch_size: int = 100,
                 processes: int = 1, progress: bool = False, spectrum_types=None,
-                setup_seconds: float = 0.0) -> RunSummary:
+                setup_seconds: float = 0.0, retry_failed: bool = False) -> RunSummary:
     """Fit every registered spectrum without a result for ``fitter``'s network and ``tag``; save rows and pickles.
 
     Work is claimed in batches of ``batch_size`` spectra. On PostgreSQL each batch is one transaction:
@@ -204,6 +229,9 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         Restrict to these spectrum types.
     setup_seconds : float
         Time already spent loading the network; shared as overhead by the results of the first batch.
+    retry_failed : bool
+        Also refit the spectra whose result for this network and tag failed (``flag_bad``), once each: the new
+        row (and its pickle) replaces the failed row in the transaction that stores it.
     """
     from peewee import fn
 
@@ -221,7 +249,9 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         pk_min, pk_max = bounds
     database = SpectrumRecord._meta.database
     postgres = is_postgres(database)
-    pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types)
+    retry_before = _utcnow() if retry_failed else None
+    pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types, retry_before)
+    summary.registered = SpectrumRecord.select().count()
     if not postgres:
         release_dead_claims()
         pending = pending.where(~fn.EXISTS(_claims_of(fitter.emulator.sha256, tag)))
@@ -244,15 +274,15 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                         break
                     # The SELECT's snapshot predates its row locks: a spectrum whose claimer committed in between
                     # is unlocked yet done. A new statement sees that commit, so drop such spectra here.
-                    records = _without_results(records, fitter.emulator.sha256, tag)
+                    records = _without_results(records, fitter.emulator.sha256, tag, retry_before)
                     if not records:
                         continue
                     rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
                                       setup_seconds)
-                    insert_rows(rows, database)
+                    _store(rows, records, database, fitter.emulator.sha256, tag, retry_failed)
             else:
                 records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
-                                                            setup_seconds)
+                                                            setup_seconds, retry_failed)
                 if records is None:
                     break
             setup_seconds = 0.0
@@ -266,6 +296,12 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _utcnow():
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def _fit_rows(*args, **kwargs):
@@ -319,7 +355,7 @@ def release_dead_claims(stale_seconds: float | None = None) -> int:
     return removed
 
 
-def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds):
+def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds, retry_failed=False):
     """One SQLite batch: claim up to ``n`` pending spectra no other process claimed, fit them, store the rows and
     drop the claims. Returns ``(records, rows)``, or ``(None, None)`` when nothing is left to claim."""
     from .db.models import Claim
@@ -339,7 +375,7 @@ def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, se
     try:
         rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
         with database.atomic():
-            insert_rows(rows, database)
+            _store(rows, records, database, sha256, tag, retry_failed)
             Claim.delete().where(mine).execute()
     except BaseException:
         try:  # give the spectra back at once; if even this fails, the next run releases them
@@ -356,12 +392,14 @@ def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, se
     return records, rows
 
 
-def _without_results(records, model_sha256, tag):
+def _without_results(records, model_sha256, tag, retry_failed_before=None):
     from .db.models import ThePayne
 
-    done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(
-        ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
-        & (ThePayne.tag == tag)).tuples()}
+    condition = (ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
+                 & (ThePayne.tag == tag))
+    if retry_failed_before is not None:  # a failed row from before this run does not count as done
+        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
+    done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(condition).tuples()}
     return [r for r in records if r.pk not in done]
 
 

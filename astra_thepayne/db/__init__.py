@@ -20,8 +20,9 @@ def require_schema(database) -> None:
                                  "run `thepayne init` first")
 
 
-def pending_spectrum_keys(database_url, model_path, tag="") -> list[int]:
-    """Primary keys of the registered spectra without a result for this network and tag, ascending.
+def pending_spectrum_keys(database_url, model_path, tag="", retry_failed=False) -> list[int]:
+    """Primary keys of the registered spectra without a result for this network and tag, ascending (with
+    ``retry_failed``, also those whose result failed).
 
     Used by ``thepayne slurm`` to cut the pending work into stable ``[pk_min, pk_max]`` ranges.
     """
@@ -34,5 +35,8 @@ def pending_spectrum_keys(database_url, model_path, tag="") -> list[int]:
     database = connect(database_url)
     require_schema(database)
     sha256 = PayneEmulator.load(resolve_model_path(model_path)).sha256
-    query = pending_spectra(sha256, tag or "").select(SpectrumRecord.pk)
+    import datetime
+
+    before = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) if retry_failed else None
+    query = pending_spectra(sha256, tag or "", retry_failed_before=before).select(SpectrumRecord.pk)
     return [pk for (pk,) in query.tuples()]

@@ -305,3 +305,63 @@ def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, to
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("thepayne fit: interrupted (Ctrl-C)")
     assert not (tmp_path / "x.fits").exists() and not plots.exists()
+
+
+# -- item 8: --retry-failed --------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'payne.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_retry_failed_refits_exactly_the_failed_rows_once(tmp_path, toy_emulator, model, database_url):
+    from _scale import results
+
+    url = database_url
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for seed in (1, 2, 3):
+        _write_star(folder / f"apStar-{seed}.fits", toy_emulator, seed)
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", folder, env=env)
+    good = {p: p.read_bytes() for p in folder.iterdir()}
+    for name in ("apStar-2.fits", "apStar-3.fits"):  # unreadable at fit time: failed rows
+        (folder / name).write_bytes(b"SIMPLE  = garbage" + b"\0" * 100)
+    thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+    before = {pk: flags for pk, flags, _ in results(url)}
+    assert sorted(before) == [1, 2, 3] and [bool(before[pk] & 1) for pk in (1, 2, 3)] == [False, True, True]
+    (folder / "apStar-2.fits").write_bytes(good[folder / "apStar-2.fits"])  # fixed; apStar-3 stays broken
+
+    plain = thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+    assert "0 spectra fitted" in plain.stdout and "--retry-failed" in plain.stdout
+    script = thepayne(url, "slurm", "--dry-run", "--model", model, "--retry-failed", env=env)
+    assert "2 pending spectra" in script.stderr and " --retry-failed" in script.stdout
+
+    retry = thepayne(url, "run", "--model", model, *FAST_FIT, "--retry-failed", env=env)
+    assert "2 spectra fitted (0 flagged, 1 failed)" in retry.stdout  # each failed spectrum once, then it ends
+    after = results(url)
+    assert sorted(pk for pk, _, _ in after) == [1, 2, 3]  # replaced, not added
+    flags = {pk: f for pk, f, _ in after}
+    assert not flags[2] & 1 and flags[3] & 1 and flags[1] == before[1]
+    from astra_thepayne import connect
+    from astra_thepayne.db.models import ThePayne
+
+    database = connect(url)
+    try:
+        row = ThePayne.get(ThePayne.spectrum_pk == 2)
+        assert np.isfinite(row.model_flux).sum() > 7000  # its new pickle, read through the row
+    finally:
+        database.close()
+    again = thepayne(url, "run", "--model", model, *FAST_FIT, "--retry-failed", env=env)
+    assert "1 spectra fitted (0 flagged, 1 failed)" in again.stdout  # only the one still failing
+
+
+def test_run_with_nothing_ingested_says_so(tmp_path, model):
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    proc = thepayne(url, "run", "--model", model, env=env)
+    assert "no spectra are registered in this database; run `thepayne ingest PATH...` first" in proc.stdout
