@@ -145,6 +145,56 @@ def _interrupted_message(argv) -> str:
     return f"thepayne{' ' + command if command else ''}: interrupted (Ctrl-C), workers stopped; {how}"
 
 
+def _database_name() -> str:
+    try:
+        from ..db.database import database_proxy
+
+        database = database_proxy.obj
+    except Exception:
+        return "the database"
+    return getattr(database, "thepayne_url", None) or "the database"
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def explain(exc) -> str | None:
+    """One line naming the cause, the file or server, and what to do, for failures whose own message hides it."""
+    import errno
+
+    # SQLite rolls a transaction back by itself when the disk is full; peewee's own rollback then fails with
+    # "cannot rollback - no transaction is active", which hides the cause: look at the exception being handled
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__context__
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = item.filename or "a file"
+            return (f"no space left on the device (or quota exceeded) writing {where}: free some space or point "
+                    "THEPAYNE_OUTPUT_DIR (or MWM_ASTRA) at a larger disk, then run the same command again "
+                    "(results committed so far are kept)")
+    names = [f"{type(item).__module__}.{type(item).__name__}" for item in chain]
+    texts = [_first_line(item).lower() for item in chain]
+    for text in texts:
+        if "database or disk is full" in text or "disk i/o error" in text:
+            return (f"{_database_name()}: {text} (SQLite could not write its file): free space on that disk "
+                    "or move the database, then run the same command again (committed results are kept)")
+    for item, name, text in zip(chain, names, texts, strict=True):
+        postgres = name.startswith("psycopg2") or "postgres" in _database_name()
+        if postgres and (("interfaceerror" in name.lower() and "closed" in text)
+                         or "server closed the connection" in text or "terminating connection" in text
+                         or "could not connect" in text or "connection refused" in text
+                         or "no connection to the server" in text):
+            return (f"lost the connection to the database server {_database_name()} ({_first_line(item)}): check "
+                    "that the server is running and reachable, then run the same command again (committed results "
+                    "are kept)")
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``thepayne`` script; returns the exit code."""
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
@@ -178,6 +228,10 @@ def main(argv=None) -> int:
     except Exception as exc:
         if verbose:
             raise
+        explained = explain(exc)
+        if explained:
+            click.echo(f"Error: {explained}", err=True)
+            return 1
         click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", err=True)
         return 1
 

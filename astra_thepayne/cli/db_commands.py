@@ -140,8 +140,11 @@ def apply(ctx, corrections_path, tag, model):
     from ..emulator import PayneEmulator
     from ..noise_model import apply_corrections_to_database, load_corrections
 
-    if not corrections_path.is_file():
+    if not corrections_path.exists():
         raise ConfigurationError(f"corrections file {corrections_path}: does not exist")
+    if not corrections_path.is_file():
+        raise ConfigurationError(f"corrections file {corrections_path}: not a regular file (a device, folder or "
+                                 "pipe); give the .pkl written by `thepayne noise-model calibrate` or by Astra")
     corrections, _reference, sha256 = load_corrections(corrections_path)
     _database(ctx)
     where = None

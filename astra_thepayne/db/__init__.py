@@ -14,7 +14,13 @@ def require_schema(database) -> None:
         pending = pending_migrations(database)
     except Exception as exc:  # cannot even reach the database
         url = getattr(database, "thepayne_url", None) or redact(str(getattr(database, "database", "")))
-        raise ConfigurationError(f"cannot use database {url}: {str(exc).strip().splitlines()[0]}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "disk i/o error" in reason.lower() or "disk is full" in reason.lower():
+            hint = " (is its disk full or read-only? free space or move the database)"
+        elif "could not connect" in reason.lower() or "connection refused" in reason.lower():
+            hint = " (is the server running and reachable?)"
+        raise ConfigurationError(f"cannot use database {url}: {reason}{hint}") from None
     if pending:
         raise ConfigurationError(f"database schema is missing or out of date ({len(pending)} pending migration(s)): "
                                  "run `thepayne init` first")

@@ -365,3 +365,107 @@ def test_run_with_nothing_ingested_says_so(tmp_path, model):
     thepayne(url, "init", env=env)
     proc = thepayne(url, "run", "--model", model, env=env)
     assert "no spectra are registered in this database; run `thepayne ingest PATH...` first" in proc.stdout
+
+
+# -- item 11: messages that name the cause -----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs (root only); skipped where mounting is not permitted."""
+    mount = shutil.which("mount")
+    point = tmp_path / "disk"
+    point.mkdir()
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):  # CI runs as root where mount works
+            pytest.fail(f"CI=true: cannot mount a tmpfs: {proc.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _fill(disk, leave):
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\0" * max(0, free - leave))
+
+
+def _corpus(tmp_path, emulator, n):
+    from _scale import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "spectra", emulator, n_files=n, visits=1, seed=3)
+    return tmp_path / "spectra"
+
+
+def test_disk_full_for_pickles_names_the_file(tmp_path, toy_emulator, model, tiny_disk):
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tiny_disk / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", _corpus(tmp_path, toy_emulator, 4), env=env)
+    _fill(tiny_disk, 0)
+    proc = thepayne(url, "run", "--model", model, *FAST_FIT, env=env, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: no space left on the device") and str(tiny_disk / "out") in last, last
+    assert "THEPAYNE_OUTPUT_DIR" in last
+
+
+def test_disk_full_under_sqlite_names_the_database(tmp_path, toy_emulator, model, tiny_disk):
+    url = f"sqlite:///{tiny_disk / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", _corpus(tmp_path, toy_emulator, 60), env=env)
+    _fill(tiny_disk, 120 * 1024)  # room to open the database, not to store 60 results
+    proc = thepayne(url, "run", "--model", model, *FAST_FIT, "--batch-size", "5", env=env, check=False)
+    assert proc.returncode in (1, 2)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot rollback" not in last and "unexpected" not in last, last
+    assert str(tiny_disk / "payne.db") in last and ("disk is full" in last or "disk I/O error" in last), last
+
+
+@pytest.mark.postgres
+def test_postgresql_gone_mid_run_names_the_server(tmp_path, toy_emulator, model, postgres_url):
+    import time
+
+    import psycopg2
+    from _scale import results
+
+    env = cli_environment(tmp_path / "out")
+    thepayne(postgres_url, "init", env=env)
+    thepayne(postgres_url, "ingest", _corpus(tmp_path, toy_emulator, 60), env=env)
+    argv = [*thepayne_command(), "--database", postgres_url, "run", "--model", str(model), "--batch-size", "2"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(results(postgres_url)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the server went away"
+        admin = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
+        admin.autocommit = True
+        name = postgres_url.rsplit("/", 1)[1]
+        with admin.cursor() as cursor:  # the server ends every session of this database, as a restart would
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                           "AND pid <> pg_backend_pid()", (name,))
+        admin.close()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: lost the connection to the database server postgresql://"), last
+    assert "run the same command again" in last and "unexpected" not in last
+
+
+def test_noise_model_apply_on_a_device_says_what_is_wrong(tmp_path):
+    from _spectra_files import run_cli
+
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    assert run_cli("--database", url, "init")[0] == 0
+    code, _out, err = run_cli("--database", url, "noise-model", "apply", "/dev/null")
+    assert code == 2
+    assert "corrections file /dev/null: not a regular file" in err and "does not exist" not in err
