@@ -18,7 +18,7 @@ import numpy as np
 from .files import atomic_write
 from .labels import BAD_RESULT_FLAGS
 
-__all__ = ["catalogue_columns", "catalogue_data", "export_catalogue"]
+__all__ = ["catalogue_columns", "catalogue_data", "export_catalogue", "fits_text", "header_text"]
 
 _SOURCE_COLUMNS = ("sdss_id", "sdss4_apogee_id", "ra", "dec")
 _SPECTRUM_COLUMNS = ("path", "hdu", "row", "spectrum_type", "telescope", "mjd")
@@ -92,11 +92,44 @@ def _column(field, values):
     return np.array(["" if v is None else str(v) for v in values], dtype=str)
 
 
+def fits_text(values) -> np.ndarray:
+    """A FITS-writable string column: text as UTF-8 bytes (FITS character columns hold bytes).
+
+    FITS defines character columns as ASCII, and astropy refuses to write a ``str`` column holding anything else
+    (one file named ``apStar-\u00fcn\u00ef....fits`` made the whole catalogue fail). ASCII text is unchanged;
+    other text is stored as its UTF-8 bytes, which ``astropy.table.Table.read`` decodes back to the same ``str``
+    (with ``astropy.io.fits`` the values are ``bytes``: ``.decode("utf-8")``).
+    """
+    values = ["" if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+              for v in values]
+    if all(v.isascii() for v in values):
+        return np.array(values, dtype=str)
+    return np.array([v.encode("utf-8") for v in values], dtype=bytes)
+
+
+def header_text(value) -> str:
+    """A FITS header value: ASCII, other characters escaped as ``\\xNN``/``\\uNNNN`` (headers are ASCII)."""
+    return str(value).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def fits_safe(table):
+    """A copy of an astropy Table whose ``str`` columns and string header values FITS can hold (see
+    :func:`fits_text`, :func:`header_text`)."""
+    table = table.copy(copy_data=False)
+    for name in table.colnames:
+        if table[name].dtype.kind == "U":
+            table.replace_column(name, fits_text(list(table[name])))
+    for key, value in list(table.meta.items()):
+        if isinstance(value, str):
+            table.meta[key] = header_text(value)
+    return table
+
+
 def _table_hdu(data, name, help_texts):
     from astropy.io import fits
     from astropy.table import Table
 
-    table = Table({key: value for key, value in data.items()})
+    table = Table({key: (fits_text(value) if value.dtype.kind == "U" else value) for key, value in data.items()})
     hdu = fits.table_to_hdu(table)
     hdu.header["EXTNAME"] = name
     for i, key in enumerate(data, start=1):
@@ -137,15 +170,15 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
     header["V_PAYNE"] = (__version__, "astra_thepayne version that wrote this file")
     header["CREATED"] = (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "UTC")
     header["CATALOG"] = ("allVisit" if visits else "allStar", "One row per visit spectrum / per source")
-    header["TAG"] = ("" if tag is None else tag, "Tag of the results (empty = untagged)")
+    header["TAG"] = ("" if tag is None else header_text(tag), "Tag of the results (empty = untagged)")
     header["NROWS"] = (n, "Rows in the APOGEE HDU")
     models = sorted(set(data["model_sha256"]))
     header["NMODELS"] = (len(models), "Distinct networks in the APOGEE HDU")
     for i, sha in enumerate(models, start=1):
         header[f"MODEL{i}"] = sha  # SHA-256 of a network file (no room left on the card for a comment)
         paths = ThePayne.select(ThePayne.model_path).where(ThePayne.model_sha256 == sha).limit(1)
-        header[f"MPATH{i}"] = (os.path.basename(next(iter(paths)).model_path or "") if paths.exists() else "",
-                               "Network file name")
+        header[f"MPATH{i}"] = (header_text(os.path.basename(next(iter(paths)).model_path or ""))
+                               if paths.exists() else "", "Network file name")
     demo = bool(np.any(data["demonstration"]))
     header["DEMO"] = (demo, "Results made with the demonstration network")
     if demo:

@@ -1,12 +1,79 @@
 """Atomic file writes: a temporary file in the target's folder, then one rename. Readers see the old file or the
-new one, never a partial one, even when the writer is killed mid-way."""
+new one, never a partial one, even when the writer is killed mid-way.
+
+A writer killed by SIGKILL (or a power cut) leaves its temporary file behind. Temporary names carry the host and
+the process id of the writer, ``.<name>.<host>-<pid>.<random>.tmp``, so the first write of a process into a folder
+removes the temporaries there whose writer is gone: on this host, a process id that is no longer running; from
+another host (a shared file system), or without a process id (written by versions before this one), a file not
+touched for :data:`STALE_SECONDS`. A live writer's temporary is never removed.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_stale_temporaries", "STALE_SECONDS"]
+
+log = logging.getLogger(__name__)
+
+#: Age after which a temporary file whose writer cannot be checked is considered abandoned.
+STALE_SECONDS = 24 * 3600.0
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+_TEMPORARY = re.compile(r"\..+?\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[^.]+\.tmp")
+_cleaned: set = set()  # (pid, folder) already cleaned by this process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, now: float | None = None) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` whose writer is gone; returns them."""
+    folder = Path(folder)
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        host, pid = match.group("host"), match.group("pid")
+        if pid is not None and host == _HOST:
+            stale = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if stale:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:  # another process cleaned it first
+                continue
+            except OSError as exc:
+                log.debug("cannot remove the stale temporary %s: %s", entry.path, exc)
+                continue
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write(path, write, fsync=False) -> Path:
@@ -14,11 +81,16 @@ def atomic_write(path, write, fsync=False) -> Path:
 
     The file gets the permissions the umask gives new files (``mkstemp`` alone would leave it readable by its owner
     only, which breaks shared survey folders and packaged models). ``fsync=True`` forces the bytes to disk before
-    the rename, for files that a database row will point at once committed.
+    the rename, for files that a database row will point at once committed. The first write of a process into a
+    folder removes the temporaries that killed writers left there (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    key = (os.getpid(), str(path.parent))
+    if key not in _cleaned:
+        _cleaned.add(key)
+        remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -29,6 +101,11 @@ def atomic_write(path, write, fsync=False) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: name the one being written (disk full, ...)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

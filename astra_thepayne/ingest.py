@@ -7,8 +7,10 @@ one line and skipped; the others are still ingested.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,24 @@ class IngestSummary:
         return text
 
 
-def find_spectrum_files(paths) -> list[Path]:
+def _symlink_loop(path: Path) -> bool:
+    """True for a symbolic link that never reaches a file (a loop of links, or one through itself)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def find_spectrum_files(paths, skipped: list | None = None) -> list[Path]:
     """Absolute paths of the files :func:`astra_thepayne.io.iter_spectrum_files` finds, sorted, without repeats.
+
+    A symbolic link loop (given, or met in a folder) is left out with one warning line, and appended to
+    ``skipped`` as ``(path, reason)`` when a list is given; the other files are still returned.
 
     Raises
     ------
@@ -44,10 +62,31 @@ def find_spectrum_files(paths) -> list[Path]:
     """
     from .io import SpectrumFileError, iter_spectrum_files
 
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    skipped = [] if skipped is None else skipped
+
+    def skip(path):
+        reason = f"{path}: symbolic link loop (the link never reaches a file); skipped"
+        log.warning("%s", reason)
+        skipped.append((str(path), reason))
+
+    usable = []
+    for path in map(Path, paths):
+        if _symlink_loop(path):
+            skip(path)
+        else:
+            usable.append(path)
+    found = set()
     try:
-        return sorted({path.resolve() for path in iter_spectrum_files(paths)})
+        for path in iter_spectrum_files(usable):
+            if _symlink_loop(path):
+                skip(path)
+                continue
+            found.add(path.resolve())
     except SpectrumFileError as exc:
         raise ConfigurationError(str(exc)) from None
+    return sorted(found)
 
 
 def _mjd(meta):
@@ -92,8 +131,8 @@ def ingest(paths, progress: bool = False) -> IngestSummary:
     from .db.models import Source, SpectrumRecord
     from .io import SpectrumFileError, read_spectra
 
-    files = find_spectrum_files(paths)
     summary = IngestSummary()
+    files = find_spectrum_files(paths, skipped=summary.skipped)
     database = SpectrumRecord._meta.database
     n_spectra, n_sources = SpectrumRecord.select().count(), Source.select().count()
     iterator = files

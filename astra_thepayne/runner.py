@@ -10,9 +10,18 @@ installed.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 from peewee import chunked
+from peewee import fn as _fn
+
+log = logging.getLogger(__name__)
+
+
+def fn_max(column):
+    return _fn.MAX(column)
 
 __all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
 
@@ -108,6 +117,7 @@ class RunSummary:
     def __init__(self):
         self.fitted = self.flagged = self.failed = 0
         self.seconds = 0.0
+        self.registered = None  # spectra registered in the database (None: not counted)
 
     def add(self, rows):
         for row in rows:
@@ -122,21 +132,32 @@ class RunSummary:
         return self.fitted / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self):
+        if not self.fitted and self.registered == 0:
+            return ("0 spectra fitted: no spectra are registered in this database; run `thepayne ingest PATH...` "
+                    "first")
         if not self.fitted:
-            return "0 spectra fitted: every selected spectrum already has a result for this model and tag"
+            return ("0 spectra fitted: every selected spectrum already has a result for this model and tag "
+                    "(--retry-failed refits the failed ones)")
         return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} failed) in "
                 f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
 
 
-def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None):
-    """Query of the spectra without a result for this network and tag, in primary-key order."""
+def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None,
+                    retry_failed_before=None):
+    """Query of the spectra without a result for this network and tag, in primary-key order.
+
+    ``retry_failed_before`` (a UTC datetime): also the spectra whose result failed (``flag_bad``) and was created
+    before then, so that ``--retry-failed`` refits each failed spectrum once per run, not again and again.
+    """
     from peewee import fn
 
     from .db.models import SpectrumRecord, ThePayne
 
-    done = ThePayne.select(ThePayne.task_pk).where(
-        (ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256) & (ThePayne.tag == tag)
-    )
+    condition = ((ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256)
+                 & (ThePayne.tag == tag))
+    if retry_failed_before is not None:
+        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
+    done = ThePayne.select(ThePayne.task_pk).where(condition)
     query = SpectrumRecord.select().where(~fn.EXISTS(done))
     if pk_min is not None:
         query = query.where(SpectrumRecord.pk >= int(pk_min))
@@ -145,6 +166,19 @@ def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, 
     if spectrum_types:
         query = query.where(SpectrumRecord.spectrum_type.in_(list(spectrum_types)))
     return query.order_by(SpectrumRecord.pk)
+
+
+def _store(rows, records, database, model_sha256, tag, replace_failed):
+    """Insert the rows of one batch; with ``replace_failed``, first delete the failed rows they replace (same
+    transaction: a reader sees the old failed row or the new one, never neither)."""
+    from .db.models import ThePayne
+
+    with database.atomic():
+        if replace_failed:
+            ThePayne.delete().where(ThePayne.spectrum_pk.in_([r.pk for r in records])
+                                    & (ThePayne.model_sha256 == model_sha256) & (ThePayne.tag == tag)
+                                    & ThePayne.flag_bad).execute()
+        insert_rows(rows, database)
 
 
 def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
@@ -167,7 +201,7 @@ def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
 
 def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_max=None, batch_size: int = 100,
                 processes: int = 1, progress: bool = False, spectrum_types=None,
-                setup_seconds: float = 0.0) -> RunSummary:
+                setup_seconds: float = 0.0, retry_failed: bool = False) -> RunSummary:
     """Fit every registered spectrum without a result for ``fitter``'s network and ``tag``; save rows and pickles.
 
     Work is claimed in batches of ``batch_size`` spectra. On PostgreSQL each batch is one transaction:
@@ -195,10 +229,14 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         Restrict to these spectrum types.
     setup_seconds : float
         Time already spent loading the network; shared as overhead by the results of the first batch.
+    retry_failed : bool
+        Also refit the spectra whose result for this network and tag failed (``flag_bad``), once each: the new
+        row (and its pickle) replaces the failed row in the transaction that stores it.
     """
+    from peewee import fn
+
     from .db.database import is_postgres
     from .db.models import SpectrumRecord
-    from .task import fit_rows
 
     summary = RunSummary()
     start = time.perf_counter()
@@ -211,7 +249,12 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         pk_min, pk_max = bounds
     database = SpectrumRecord._meta.database
     postgres = is_postgres(database)
-    pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types)
+    retry_before = _utcnow() if retry_failed else None
+    pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types, retry_before)
+    summary.registered = SpectrumRecord.select().count()
+    if not postgres:
+        release_dead_claims()
+        pending = pending.where(~fn.EXISTS(_claims_of(fitter.emulator.sha256, tag)))
     total = pending.count()
     if limit:
         total = min(total, int(limit))
@@ -231,22 +274,17 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                         break
                     # The SELECT's snapshot predates its row locks: a spectrum whose claimer committed in between
                     # is unlocked yet done. A new statement sees that commit, so drop such spectra here.
-                    records = _without_results(records, fitter.emulator.sha256, tag)
+                    records = _without_results(records, fitter.emulator.sha256, tag, retry_before)
                     if not records:
                         continue
-                    rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
-                    insert_rows(rows, database)
+                    rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
+                                      setup_seconds)
+                    _store(rows, records, database, fitter.emulator.sha256, tag, retry_failed)
             else:
-                records = list(pending.limit(n))
-                if not records:
+                records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
+                                                            setup_seconds, retry_failed)
+                if records is None:
                     break
-                rows = _fit_batch(fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
-                insert_rows(rows, database)
-                # SQLite's INSERT OR IGNORE also skips rows that break NOT NULL; without this check such a batch
-                # would be claimed and fitted again forever
-                lost = _without_results(records, fitter.emulator.sha256, tag)
-                if lost:
-                    raise RuntimeError(f"{len(lost)} result row(s) were not stored (spectrum {lost[0].pk} first)")
             setup_seconds = 0.0
             summary.add(rows)
             if remaining is not None:
@@ -260,12 +298,108 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
     return summary
 
 
-def _without_results(records, model_sha256, tag):
+def _utcnow():
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _fit_rows(*args, **kwargs):
+    from .task import fit_rows
+
+    return fit_rows(*args, **kwargs)
+
+
+def _owner() -> str:
+    from .files import _HOST
+
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _claims_of(model_sha256, tag):
+    """Subquery: a claim on the outer query's spectrum for this network and tag."""
+    from .db.models import Claim, SpectrumRecord
+
+    return Claim.select(Claim.spectrum_pk).where(
+        (Claim.spectrum_pk == SpectrumRecord.pk) & (Claim.model_sha256 == model_sha256) & (Claim.tag == tag))
+
+
+def release_dead_claims(stale_seconds: float | None = None) -> int:
+    """Remove the SQLite work claims of processes that are gone; returns how many were removed.
+
+    A claim of this host whose process id no longer runs is removed; a claim of another host (a database on a
+    shared file system) when older than ``stale_seconds`` (default :data:`astra_thepayne.files.STALE_SECONDS`).
+    """
+    import datetime
+
+    from .db.models import Claim
+    from .files import _HOST, STALE_SECONDS, _alive
+
+    stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    dead = []
+    for owner, claimed in Claim.select(Claim.owner, fn_max(Claim.claimed)).group_by(Claim.owner).tuples():
+        host, _, pid = owner.rpartition("-")
+        if host == _HOST and pid.isdigit():
+            gone = int(pid) != os.getpid() and not _alive(int(pid))
+        else:
+            if isinstance(claimed, str):
+                claimed = datetime.datetime.fromisoformat(claimed)
+            gone = claimed is None or (now - claimed).total_seconds() > stale_seconds
+        if gone:
+            dead.append(owner)
+    if not dead:
+        return 0
+    removed = Claim.delete().where(Claim.owner.in_(dead)).execute()
+    log.info("released %d work claim(s) of %d process(es) that are gone", removed, len(dead))
+    return removed
+
+
+def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds, retry_failed=False):
+    """One SQLite batch: claim up to ``n`` pending spectra no other process claimed, fit them, store the rows and
+    drop the claims. Returns ``(records, rows)``, or ``(None, None)`` when nothing is left to claim."""
+    from .db.models import Claim
+
+    owner = _owner()
+    sha256 = fitter.emulator.sha256
+    # BEGIN IMMEDIATE takes SQLite's write lock before the read: no other process can claim the same spectra
+    # between this read and the claim (busy_timeout makes the others wait for it)
+    with database.atomic("IMMEDIATE"):
+        records = list(pending.limit(n))
+        if not records:
+            return None, None
+        Claim.insert_many([{"spectrum_pk": r.pk, "model_sha256": sha256, "tag": tag, "owner": owner}
+                           for r in records]).on_conflict_ignore().execute()
+    keys = [r.pk for r in records]
+    mine = (Claim.owner == owner) & Claim.spectrum_pk.in_(keys) & (Claim.model_sha256 == sha256) & (Claim.tag == tag)
+    try:
+        rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
+        with database.atomic():
+            _store(rows, records, database, sha256, tag, retry_failed)
+            Claim.delete().where(mine).execute()
+    except BaseException:
+        try:  # give the spectra back at once; if even this fails, the next run releases them
+            with database.atomic():
+                Claim.delete().where(mine).execute()
+        except Exception:
+            pass
+        raise
+    # SQLite's INSERT OR IGNORE also skips rows that break NOT NULL; without this check such a batch would be
+    # claimed and fitted again forever
+    lost = _without_results(records, sha256, tag)
+    if lost:
+        raise RuntimeError(f"{len(lost)} result row(s) were not stored (spectrum {lost[0].pk} first)")
+    return records, rows
+
+
+def _without_results(records, model_sha256, tag, retry_failed_before=None):
     from .db.models import ThePayne
 
-    done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(
-        ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
-        & (ThePayne.tag == tag)).tuples()}
+    condition = (ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
+                 & (ThePayne.tag == tag))
+    if retry_failed_before is not None:  # a failed row from before this run does not count as done
+        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
+    done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(condition).tuples()}
     return [r for r in records if r.pk not in done]
 
 

@@ -98,6 +98,22 @@ class KeyRange:
         return f"{self.pk_min}-{self.pk_max}"
 
 
+# sbatch values: (pattern the whole value must match, an example for the message)
+_FIELD_SYNTAX = {
+    "account": (r"[A-Za-z0-9_.+-]+", "'sdss-np'"),
+    "partition": (r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*", "'sdss-np' or 'a,b'"),
+    "mem": (r"\d+(\.\d+)?([KMGTkmgt][Bb]?)?", "'16G' or '0'"),
+    "gres": (r"[A-Za-z0-9_.+-]+(:[A-Za-z0-9_.+-]+)*(,[A-Za-z0-9_.+-]+(:[A-Za-z0-9_.+-]+)*)*", "'gpu:1'"),
+}
+
+
+def _reject_control_characters(name: str, value: str) -> None:
+    bad = [c for c in value if ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c in "\u2028\u2029"]
+    if bad:
+        raise ConfigurationError(f"{name} {value!r} holds a control character ({bad[0]!r}): not allowed in a "
+                                 "batch script")
+
+
 @dataclasses.dataclass
 class SlurmOptions:
     """What a batch job asks of the scheduler. ``None`` leaves a setting to the cluster's defaults.
@@ -147,8 +163,32 @@ class SlurmOptions:
         if isinstance(self.extra, str):
             self.extra = (self.extra,)
         self.extra = tuple(self.extra)
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.job_name):
+        if not isinstance(self.job_name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.job_name):
             raise ConfigurationError(f"job name {self.job_name!r} may hold only letters, digits and _.+-")
+        # Every value below ends up in the batch script; a newline in one would start a shell line there.
+        for name, (pattern, example) in _FIELD_SYNTAX.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ConfigurationError(f"{name} {value!r}: expected text, e.g. {example}")
+            value = str(value)
+            _reject_control_characters(name, value)
+            if value and not re.fullmatch(pattern, value):
+                raise ConfigurationError(f"{name} {value!r} is not a valid sbatch --{name} value (e.g. {example}); "
+                                         "fix it on the command line or in the profile")
+            setattr(self, name, value)
+        for item in self.extra:
+            if not isinstance(item, str):
+                raise ConfigurationError(f"extra {item!r}: each entry must be text such as '--qos=sdss'")
+            _reject_control_characters("extra", item)
+            if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"\\`$;&|<>]*)?", item):
+                raise ConfigurationError(f"extra {item!r} is not one sbatch option such as '--qos=sdss' "
+                                         "(no spaces, quotes or shell characters)")
+        for name in ("log_dir", "workdir"):
+            value = getattr(self, name)
+            if value is not None:
+                _reject_control_characters(name.replace("_", "-"), str(value))
 
     @property
     def slices(self) -> int:
@@ -290,6 +330,9 @@ def _directives(options: SlurmOptions, node_index: int, n_procs: int) -> list[st
         if value not in (None, ""):
             lines.append(f"--{name}={value}")
     lines.extend(options.extra)
+    for line in lines:  # SlurmOptions checked every value; a line break here would be a shell line of the script
+        if "\n" in line or "\r" in line:
+            raise ConfigurationError(f"#SBATCH {line!r}: a line break in a batch directive")
     return [f"#SBATCH {shlex.quote(line) if ' ' in line else line}" for line in lines]
 
 

@@ -213,6 +213,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     already built fitter (the ``thepayne run`` command reuses one across batches).
     """
     from . import __version__
+    from .db.database import database_identity
     from .intermediate import intermediate_path, write_intermediate
 
     if fitter is None:
@@ -232,6 +233,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
         initial_labels = np.asarray(initial_labels, dtype=float)
     provenance = {"model_sha256": emulator.sha256, "model_path": str(emulator.path) if emulator.path else None,
                   "demonstration": bool(emulator.is_demo), "tag": tag, "v_thepayne": __version__}
+    database_id = None  # looked up when the first pickle is written
     yield ...  # loading the network and building masks is overhead shared by every result
 
     for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
@@ -244,8 +246,13 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
             row.message = result.message
         if spectrum_pk is not None and not row.flag_bad:
             # the pickle is complete on disk before the row exists anywhere but in memory
-            path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256)
-            write_intermediate(path, result.continuum, result.rectified_model_flux)
+            if database_id is None:
+                database_id = database_identity(model._meta.database)
+            path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
+                                     database_id=database_id)
+            write_intermediate(path, result.continuum, result.rectified_model_flux,
+                               owner={"database": database_id, "spectrum_pk": spectrum_pk,
+                                      "model_sha256": emulator.sha256, "tag": tag})
             if "intermediate_file" in model._meta.fields:
                 row.intermediate_file = str(path.resolve())
         row.set_arrays(result.continuum, result.rectified_model_flux)

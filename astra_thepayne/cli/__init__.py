@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -61,9 +62,137 @@ class _LazyGroup(click.Group):
 def cli(ctx, database_url, verbose):
     """The Payne: neural-network stellar labels for APOGEE spectra."""
     ctx.ensure_object(dict)
+    _keep_ctrl_c_from_workers()
     ctx.obj["database_url"] = database_url
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+_SPAWNED: list = []  # process ids of the workers this process started
+
+
+def _stop_workers():
+    """After Ctrl-C: end every worker still running, silently (SIGTERM), and reap it.
+
+    A pool interrupted while it starts its workers does not stop the ones already started (the standard library's
+    ``Pool`` cleans up on Exception only); left alone they print tracebacks once the main process is gone.
+    """
+    import os
+
+    for pid in _SPAWNED:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            continue
+    import time
+
+    deadline = time.monotonic() + 10.0
+    for pid in _SPAWNED:
+        while True:
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # already reaped by multiprocessing
+                break
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    _SPAWNED.clear()
+
+
+def _keep_ctrl_c_from_workers():
+    """Start worker processes with SIGINT blocked, so that Ctrl-C reaches the main process only.
+
+    The terminal sends SIGINT to every process of its foreground group: workers of the fitting pools raised
+    KeyboardInterrupt (tracebacks) and the pool could hang. A signal mask is inherited through fork and exec, and
+    Python leaves it as it is, so a worker started while SIGINT is blocked never sees Ctrl-C; the main process
+    then stops the pool (SIGTERM) as it unwinds. Only the thread that starts a worker blocks SIGINT, and only
+    while it does, so the main process still gets every Ctrl-C.
+    """
+    from multiprocessing import util
+
+    original = getattr(util, "spawnv_passfds", None)
+    if original is None or getattr(original, "_thepayne", False) or not hasattr(signal, "pthread_sigmask"):
+        return
+
+    def spawnv_passfds(*args, **kwargs):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pid = original(*args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if not any("resource_tracker" in str(arg) for arg in (args[1] if len(args) > 1 else ())):
+            _SPAWNED.append(pid)  # the resource tracker ignores SIGTERM and ends by itself after the main process
+        return pid
+
+    spawnv_passfds._thepayne = True
+    util.spawnv_passfds = spawnv_passfds
+
+
+_RESUME = {
+    "run": "the results committed so far are kept; run the same `thepayne run` command again to fit the rest",
+    "slurm": "jobs already submitted keep running (see squeue); run `thepayne slurm` again to submit what is "
+             "still pending",
+    "fit": "nothing was written; run the same `thepayne fit` command again",
+    "ingest": "files registered so far are kept; run the same `thepayne ingest` command again (nothing is "
+              "registered twice)",
+}
+
+
+def _interrupted_message(argv) -> str:
+    """One line after Ctrl-C: what was kept and how to resume."""
+    command = next((arg for arg in argv if arg in _COMMANDS), None)
+    how = _RESUME.get(command, "run the command again")
+    return f"thepayne{' ' + command if command else ''}: interrupted (Ctrl-C), workers stopped; {how}"
+
+
+def _database_name() -> str:
+    try:
+        from ..db.database import database_proxy
+
+        database = database_proxy.obj
+    except Exception:
+        return "the database"
+    return getattr(database, "thepayne_url", None) or "the database"
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def explain(exc) -> str | None:
+    """One line naming the cause, the file or server, and what to do, for failures whose own message hides it."""
+    import errno
+
+    # SQLite rolls a transaction back by itself when the disk is full; peewee's own rollback then fails with
+    # "cannot rollback - no transaction is active", which hides the cause: look at the exception being handled
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__context__
+    for item in chain:
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = item.filename or "a file"
+            return (f"no space left on the device (or quota exceeded) writing {where}: free some space or point "
+                    "THEPAYNE_OUTPUT_DIR (or MWM_ASTRA) at a larger disk, then run the same command again "
+                    "(results committed so far are kept)")
+    names = [f"{type(item).__module__}.{type(item).__name__}" for item in chain]
+    texts = [_first_line(item).lower() for item in chain]
+    for text in texts:
+        if "database or disk is full" in text or "disk i/o error" in text:
+            return (f"{_database_name()}: {text} (SQLite could not write its file): free space on that disk "
+                    "or move the database, then run the same command again (committed results are kept)")
+    for item, name, text in zip(chain, names, texts, strict=True):
+        postgres = name.startswith("psycopg2") or "postgres" in _database_name()
+        if postgres and (("interfaceerror" in name.lower() and "closed" in text)
+                         or "server closed the connection" in text or "terminating connection" in text
+                         or "could not connect" in text or "connection refused" in text
+                         or "no connection to the server" in text):
+            return (f"lost the connection to the database server {_database_name()} ({_first_line(item)}): check "
+                    "that the server is running and reachable, then run the same command again (committed results "
+                    "are kept)")
+    return None
 
 
 def main(argv=None) -> int:
@@ -74,7 +203,11 @@ def main(argv=None) -> int:
         return result if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            _stop_workers()
+            click.echo(_interrupted_message(argv if argv is not None else sys.argv[1:]), err=True)
+            return 130
         click.echo("Aborted.", err=True)
         return 1
     except click.UsageError as exc:
@@ -89,11 +222,16 @@ def main(argv=None) -> int:
         click.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        _stop_workers()
+        click.echo(_interrupted_message(argv if argv is not None else sys.argv[1:]), err=True)
         return 130
     except Exception as exc:
         if verbose:
             raise
+        explained = explain(exc)
+        if explained:
+            click.echo(f"Error: {explained}", err=True)
+            return 1
         click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", err=True)
         return 1
 

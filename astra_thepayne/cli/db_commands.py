@@ -77,9 +77,12 @@ def ingest(ctx, paths):
               help="Spectra claimed, fitted and committed together.")
 @click.option("--pk-min", type=int, default=None, help="Smallest spectrum primary key to consider.")
 @click.option("--pk-max", type=int, default=None, help="Largest spectrum primary key to consider.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also refit the spectra whose result failed (flag_bad), once each; the new row replaces the "
+                   "failed one.")
 @fit_options
 @click.pass_context
-def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, model, mask, continuum_pixels,
+def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_failed, model, mask, continuum_pixels,
         v_rad_tolerance, opt_tolerance):
     """Fit the registered spectra that have no result yet for this model and tag.
 
@@ -98,7 +101,8 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, model, mas
         click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "
                    "not for science", err=True)
     summary = run_pending(fitter, tag=tag, limit=limit, page=page, pk_min=pk_min, pk_max=pk_max,
-                          batch_size=batch_size, processes=processes, progress=True, setup_seconds=setup_seconds)
+                          batch_size=batch_size, processes=processes, progress=True, setup_seconds=setup_seconds,
+                          retry_failed=retry_failed)
     click.echo(f"thepayne run: {summary}")
 
 
@@ -136,8 +140,11 @@ def apply(ctx, corrections_path, tag, model):
     from ..emulator import PayneEmulator
     from ..noise_model import apply_corrections_to_database, load_corrections
 
-    if not corrections_path.is_file():
+    if not corrections_path.exists():
         raise ConfigurationError(f"corrections file {corrections_path}: does not exist")
+    if not corrections_path.is_file():
+        raise ConfigurationError(f"corrections file {corrections_path}: not a regular file (a device, folder or "
+                                 "pipe); give the .pkl written by `thepayne noise-model calibrate` or by Astra")
     corrections, _reference, sha256 = load_corrections(corrections_path)
     _database(ctx)
     where = None

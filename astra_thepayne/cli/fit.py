@@ -53,9 +53,16 @@ def _write(table, path):
     if path.suffix.lower() == ".csv":
         table.write(path, format="ascii.csv", overwrite=True)
     elif path.suffix.lower() in (".fits", ".fit") or path.name.lower().endswith(".fits.gz"):
-        table.write(path, format="fits", overwrite=True)
+        from ..catalogue import fits_safe
+
+        fits_safe(table).write(path, format="fits", overwrite=True)  # non-ASCII text as UTF-8 bytes
     else:
         raise ConfigurationError(f"--output {path}: use a .fits or .csv file name")
+
+
+def _os_error_message(path, exc):
+    reason = exc.strerror or type(exc).__name__
+    return f"{path}: cannot read ({reason})"
 
 
 def _safe_name(text):
@@ -63,7 +70,7 @@ def _safe_name(text):
 
 
 @click.command("fit")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
 @fit_options
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
@@ -98,9 +105,10 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
     for path in paths:
         try:
             spectra.extend(read_spectra(path, coadd_only=coadd_only))
-        except SpectrumFileError as exc:
-            log.warning("%s", exc)  # one line per unreadable file; it still gets a flagged row
-            unreadable.append((None, FitResult.failure(emulator.label_names, str(exc)), path))
+        except (SpectrumFileError, OSError) as exc:  # OSError: permission denied, I/O error, not a regular file
+            message = str(exc) if isinstance(exc, SpectrumFileError) else _os_error_message(path, exc)
+            log.warning("%s", message)  # one line per unreadable file; it still gets a flagged row
+            unreadable.append((None, FitResult.failure(emulator.label_names, message), path))
 
     start = time.monotonic()
     results = []
@@ -132,6 +140,9 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
             if summary[column].dtype.kind == "f":
                 summary[column].format = ".3g"
         click.echo("\n".join(summary.pformat(max_lines=-1, max_width=-1)))
+    if unreadable and not spectra:
+        raise ConfigurationError(f"none of the {len(unreadable)} input file(s) could be read (first: "
+                                 f"{unreadable[0][1].message}); check the paths and their permissions")
     failed = int(np.sum(table["flag_bad"]))
     flagged = int(np.sum(table["flag_warn"])) - failed
     rate = len(results) / elapsed if elapsed > 0 else float("inf")

@@ -22,11 +22,12 @@ def _absolute(path):
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
-def _pending_keys(database_url: str, model_path: str, tag: str) -> list[int]:
-    """Primary keys of the registered spectra without a result for this model and tag, ascending."""
+def _pending_keys(database_url: str, model_path: str, tag: str, retry_failed: bool = False) -> list[int]:
+    """Primary keys of the registered spectra without a result for this model and tag (with ``retry_failed``,
+    also those whose result failed), ascending."""
     from ..db import pending_spectrum_keys
 
-    return pending_spectrum_keys(database_url, model_path, tag)
+    return pending_spectrum_keys(database_url, model_path, tag, retry_failed=retry_failed)
 
 
 def _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size) -> list[str]:
@@ -70,10 +71,12 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
 @fit_options(forwarded=True)
 @click.option("--tag", default="", show_default=True, help="Tag of the results.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Spectra claimed and committed at once.")
+@click.option("--retry-failed", is_flag=True,
+              help="Also refit the spectra whose result failed (flag_bad); passed on to every `thepayne run`.")
 @click.pass_context
 def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
           dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, tag,
-          batch_size):
+          batch_size, retry_failed):
     """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
 
     The pending spectra (registered, without a result for this model and tag) are cut into nodes x
@@ -82,7 +85,12 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
     Prints one job id per line.
     """
     from ..config import resolve_database_url, resolve_model_path
+    from ..intermediate import check_tag
 
+    try:  # the jobs would refuse it after waiting in the queue: refuse it now, --dry-run included
+        tag = check_tag(tag)
+    except ValueError as exc:
+        raise ConfigurationError(f"--{exc}") from None
     options = _options(profile, nodes=nodes, procs_per_node=procs_per_node, threads=threads, account=account,
                        partition=partition, time=walltime, mem=mem, gres=gres, job_name=job_name, log_dir=log_dir,
                        workdir=os.getcwd())
@@ -95,7 +103,7 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
     if not dry_run:
         _slurm.require_program("sbatch")  # fail before the database work when this is no SLURM login node
 
-    keys = _pending_keys(database_url, model, tag)
+    keys = _pending_keys(database_url, model, tag, retry_failed)
     ranges = _slurm.split_key_ranges(keys, options.slices)
     if not ranges:
         click.echo("thepayne slurm: no pending spectra; nothing to submit", err=True)
@@ -106,6 +114,8 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
 
     prefix = _slurm.thepayne_command(sys.executable)
     run_options = _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size)
+    if retry_failed:
+        run_options.append("--retry-failed")
     scripts = []
     for index, node_ranges in enumerate(_slurm.group_by_node(ranges, options.procs_per_node)):
         commands = [_slurm.run_command(prefix, database_url, key_range, run_options) for key_range in node_ranges]

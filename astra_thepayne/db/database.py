@@ -20,12 +20,13 @@ from playhouse import db_url
 from ..config import resolve_database_url
 from ..errors import ConfigurationError
 
-__all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgres", "is_sqlite", "redact"]
+__all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgres", "is_sqlite", "redact",
+           "database_identity"]
 
 #: The database every model of :mod:`astra_thepayne.db.models` is bound to, until :func:`connect` initialises it.
 database_proxy = DatabaseProxy()
 
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: "$" would accept a final "\n"
 
 # SQLite settings for several writer processes: WAL lets readers run beside one writer, busy_timeout makes a writer
 # wait for the lock instead of failing at once, foreign_keys enforces the foreign keys the models declare.
@@ -70,7 +71,7 @@ def _open(url: str):
         if path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     elif schema:
-        if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(f"database URL {redact(url)!r}: schema name {schema!r} is not a plain identifier")
         kwargs["options"] = f"-c search_path={schema},public"
     try:
@@ -135,3 +136,38 @@ def ensure_schema(database) -> None:
         exists = database.execute_sql("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
         if not exists:
             database.execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+
+
+def database_identity(database) -> str:
+    """A string of 32 characters that names this database: the random id (hex) ``thepayne init`` stored in
+    ``thepayne_database`` (a copy of the file keeps it); for a database without that table (Astra's own), ``loc``
+    and a hash of where it is (SQLite: the file's real path; PostgreSQL: host, port, database and schema), which
+    changes when the database moves (readers do not check such identities, see :mod:`astra_thepayne.intermediate`).
+    """
+    import hashlib
+    import os
+
+    database = _unwrap(database)
+    cached = getattr(database, "thepayne_identity", None)
+    if cached:
+        return cached
+    identity = None
+    try:
+        if "thepayne_database" in database.get_tables():
+            row = database.execute_sql("SELECT database_id FROM thepayne_database ORDER BY created LIMIT 1").fetchone()
+            identity = row[0] if row else None
+    except Exception:  # not reachable yet, or no permission on the catalogue: fall back to where it is
+        identity = None
+    if not identity:
+        if is_sqlite(database):
+            where = f"sqlite:{os.path.realpath(database.database)}"
+        else:
+            params = getattr(database, "connect_params", {}) or {}
+            where = (f"postgresql:{params.get('host', '')}:{params.get('port', '')}/{database.database}/"
+                     f"{schema_of(database) or getattr(database, 'schema', None) or ''}")
+        identity = "loc" + hashlib.sha256(where.encode()).hexdigest()[:29]  # "loc": derived from the location
+    try:
+        database.thepayne_identity = identity
+    except AttributeError:
+        pass
+    return identity

@@ -25,7 +25,7 @@ __all__ = ["HISTORY_TABLE", "available_migrations", "applied_migrations", "pendi
 log = logging.getLogger(__name__)
 
 HISTORY_TABLE = "thepayne_migration"
-_NAME = re.compile(r"^m\d{4}_\w+$")
+_NAME = re.compile(r"m\d{4}_\w+")  # used with fullmatch
 _LOCK_KEY = 0x7061796E  # arbitrary constant ("payn") for pg_advisory_xact_lock
 
 
@@ -45,7 +45,7 @@ def available_migrations() -> list[str]:
     """Names of the migration modules shipped with the package, in order."""
     from .. import migrations
 
-    return sorted(m.name for m in pkgutil.iter_modules(migrations.__path__) if _NAME.match(m.name))
+    return sorted(m.name for m in pkgutil.iter_modules(migrations.__path__) if _NAME.fullmatch(m.name))
 
 
 def applied_migrations(database) -> list[str]:
@@ -85,4 +85,6 @@ def upgrade(database, target: str | None = None) -> list[str]:
                 module.upgrade(database, SchemaMigrator.from_database(database))
                 _History.create(name=name, applied=datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
                 applied.append(name)
+    if applied and hasattr(database, "thepayne_identity"):
+        del database.thepayne_identity  # m0004 may just have given the database its identity
     return applied

@@ -26,6 +26,7 @@ from peewee import (
     BigIntegerField,
     BitField,
     BooleanField,
+    CompositeKey,
     DateTimeField,
     FloatField,
     ForeignKeyField,
@@ -40,7 +41,7 @@ from .database import database_proxy
 
 __all__ = [
     "BaseModel", "Source", "SpectrumRecord", "ThePayne", "make_result_model", "result_field_names", "SPECTRUM_TYPES",
-    "COADD_TYPES", "VISIT_TYPES", "version_to_int", "row_to_fields", "ALL_MODELS",
+    "COADD_TYPES", "VISIT_TYPES", "version_to_int", "row_to_fields", "ALL_MODELS", "Claim",
 ]
 
 #: Spectrum types a row of ``spectrum`` can have (the readers' ``Spectrum.spectrum_type``).
@@ -162,8 +163,19 @@ class _ThePayneMixin:
         stored = getattr(self, "intermediate_file", None)
         if stored:
             return Path(stored)
-        return intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
-                                 model_sha256=self.model_sha256)
+        path = intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
+                                 model_sha256=self.model_sha256, database_id=self._database_id())
+        if not path.exists():  # rows written before pickles had a database folder
+            legacy = intermediate_path(self.spectrum_pk_id, tag=self.tag, version=self.v_thepayne,
+                                       model_sha256=self.model_sha256)
+            if legacy.exists():
+                return legacy
+        return path
+
+    def _database_id(self):
+        from .database import database_identity
+
+        return database_identity(self._meta.database)
 
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
@@ -175,7 +187,12 @@ class _ThePayneMixin:
                 nan = np.full(APSTAR_NPIX, np.nan)
                 cached = (nan, nan.copy())
             else:
-                cached = read_intermediate(self.intermediate_path)
+                # the file's header must name this row: never return another database's or spectrum's arrays
+                database_id = self._database_id()
+                owner = {"database": None if database_id.startswith("loc") else database_id,
+                         "spectrum_pk": self.spectrum_pk_id, "model_sha256": getattr(self, "model_sha256", None),
+                         "tag": self.tag}
+                cached = read_intermediate(self.intermediate_path, expect=owner)
             self.__dict__["_intermediate"] = cached
         return cached
 
@@ -275,6 +292,21 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
 ThePayne = make_result_model()
 
 ALL_MODELS = (Source, SpectrumRecord, ThePayne)
+
+
+class Claim(BaseModel):
+    """A spectrum being fitted by one ``thepayne run`` process on SQLite (migration m0005; see
+    :func:`astra_thepayne.runner.run_pending`). ``owner`` is ``<host>-<pid>``."""
+
+    spectrum_pk = IntegerField()
+    model_sha256 = TextField()
+    tag = TextField()
+    owner = TextField(index=True)
+    claimed = DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "thepayne_claim"
+        primary_key = CompositeKey("spectrum_pk", "model_sha256", "tag")
 
 # flag_warn and flag_bad of FitResult.as_row() are derived from result_flags (hybrid properties here).
 _DERIVED = {"flag_warn", "flag_bad"}

@@ -140,3 +140,30 @@ def test_wait_reports_a_failed_job_and_a_rerun_resumes(tmp_path, survey):
     proc = thepayne(url, *argv, env=env, cwd=tmp_path, timeout=540)
     assert f"{16 - done} pending spectra" in proc.stderr
     _assert_each_spectrum_once_with_pickle(url, tmp_path / "out")
+
+
+def test_injected_account_is_refused_before_anything_is_submitted(survey, tmp_path):
+    url, model, env = survey
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env).stdout.split()
+    proc = thepayne(url, "slurm", "--model", model, "--account", "sdss\ntouch pwned", "--log-dir", tmp_path / "logs",
+                    env=env, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "control character" in proc.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "logs").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=env).stdout.split()
+    assert sorted(after) == sorted(before)
+
+
+def test_slurm_retry_failed_refits_the_failed_spectra(survey, tmp_path):
+    url, model, env = survey
+    spectra = sorted((tmp_path / "spectra").glob("*.fits"))
+    saved = spectra[0].read_bytes()
+    spectra[0].write_bytes(b"SIMPLE  = garbage" + b"\0" * 100)  # its 4 spectra fail
+    thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+    failed = sorted(pk for pk, flags, _ in results(url) if flags & 1)
+    assert len(failed) == 4
+    spectra[0].write_bytes(saved)
+    logs = tmp_path / "retry-logs"
+    thepayne(url, "slurm", "--model", model, *FAST_FIT, "--retry-failed", "--nodes", "2", "--wait",
+             "--poll-interval", "0.5", "--job-name", "retry", "--log-dir", logs, env=env, timeout=600, cwd=tmp_path)
+    assert sum(_fitted_counts(logs, "retry")) == 4
+    _assert_each_spectrum_once_with_pickle(url, tmp_path / "out")

@@ -45,7 +45,7 @@ def test_astra_pickle_round_trip(toy_emulator, tmp_path):
     assert loaded.label_names == LABEL_NAMES
     assert loaded.sha256 and len(loaded.sha256) == 64
     x = np.full(toy_emulator.n_labels, 0.1)
-    np.testing.assert_array_equal(loaded.predict(x), toy_emulator.predict(x))
+    np.testing.assert_allclose(loaded.predict(x), toy_emulator.predict(x), rtol=1e-12, atol=1e-15)
 
 
 def test_saved_files_are_readable_by_others_as_the_umask_allows(toy_emulator, tmp_path):
