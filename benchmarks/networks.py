@@ -140,9 +140,30 @@ def build_kurucz25(k5: PayneEmulator, seed=25) -> PayneEmulator:
         new_b2 += sign * (1 - share) * 0.5 * profile  # the linear unit's output is x + 1: remove its 0.5 offset
         if sign < 0:
             new_b2 -= profile  # 13C lines at full depth at the lowest ratio, fading to 0 at the top
-    return PayneEmulator([new_w0, new_w1, new_w2], [new_b0, new_b1, new_b2], x_min, x_max, k5.wavelength, names,
-                         meta={"description": f"kurucz25 ({_RECIPE}): kurucz5 plus weak localised lines for 20 labels,"
-                               " for benchmarks - not for science", "kurucz5_sha256": k5.sha256})
+    network = PayneEmulator([new_w0, new_w1, new_w2], [new_b0, new_b1, new_b2], x_min, x_max, k5.wavelength, names,
+                            meta={"description": f"kurucz25 ({_RECIPE}): kurucz5 plus weak localised lines for 20 "
+                                  "labels, for benchmarks - not for science", "kurucz5_sha256": k5.sha256})
+    _check_kurucz25(network, k5, driver, index, k5_index, rng)
+    return network
+
+
+def _check_kurucz25(network, k5, driver, index, k5_index, rng):
+    """kurucz25 must be kurucz5 wherever no extra line lies, and exactly kurucz5 with every extra label at the bottom
+    of its range (c12_c13 at the top; up to the LeakyReLU leak): a wrong rescaling of the first layer would show
+    everywhere."""
+    extra_pixels = np.any(network.weights[2][:, k5.weights[0].shape[0]:] != 0, axis=1)
+    for _ in range(4):
+        scaled = rng.uniform(-0.5, 0.5, network.n_labels)
+        labels = network.unscale(scaled)
+        k5_labels = np.zeros(k5.n_labels)
+        for name, source in driver.items():
+            k5_labels[k5_index[source]] = labels[index[name]]
+        expected = k5.predict(k5.scale(k5_labels))
+        got = network.predict(scaled)
+        assert np.allclose(got[~extra_pixels], expected[~extra_pixels], atol=1e-9), "kurucz25 is not kurucz5"
+        floor = np.where([n in driver for n in network.label_names], scaled, -0.5)
+        floor[index["c12_c13"]] = 0.5
+        assert np.allclose(network.predict(floor), expected, atol=1e-4), "kurucz25's extra lines do not vanish"
 
 
 def _strongest_lines(flux, n):
