@@ -13,7 +13,10 @@ All see identical continuum-normalised data. BLAS is limited to one thread so th
 The network is 25 labels -> 300 -> 300 -> 7214 pixels (the DR19 production shape), random but well conditioned
 (``astra_thepayne.synthetic.toy_network``), or any network file given with ``--model``.
 
-    python benchmarks/fit_speed.py [--spectra 64] [--rounds 5] [--model PATH]
+    python benchmarks/fit_speed.py [--spectra 64] [--rounds 5] [--model PATH | --network line|kurucz5|kurucz25]
+
+``--network`` takes a network by name from ``benchmarks/networks.py`` (kurucz25 is the realistic production-size
+one).
 """
 import os
 
@@ -51,11 +54,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spectra", type=int, default=64)
     parser.add_argument("--model", default=None, help="network file (default: a random 25 x 300 x 300 x 7214)")
+    parser.add_argument("--network", default=None, help="a network of benchmarks/networks.py, by name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5, help="times each method fits all spectra (interleaved)")
     args = parser.parse_args()
 
-    emulator = PayneEmulator.load(args.model) if args.model else toy_network(hidden=300, seed=args.seed)
+    if args.network:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from networks import load_network
+
+        emulator = load_network(args.network)
+        args.model = args.network
+    else:
+        emulator = PayneEmulator.load(args.model) if args.model else toy_network(hidden=300, seed=args.seed)
     w = emulator.weights
     print(f"network: {emulator.n_labels} labels, {w[0].shape[0]} x {w[1].shape[0]} hidden, {emulator.n_pixels} "
           f"pixels ({args.model or 'random, production size'}); {args.spectra} spectra at S/N 50-200; 1 BLAS thread")
