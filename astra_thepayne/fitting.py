@@ -23,19 +23,27 @@ import numpy as np
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
+from .model_bank import DEFAULT_BANK_SIZE, ModelBank
 from .preprocess import to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
 
-__all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "batches", "load_pixel_array"]
+__all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches", "load_pixel_array",
+           "misfit"]
 
 log = logging.getLogger(__name__)
 
 _APSTAR_WAVELENGTH = apstar_wavelength()
 _AT_BOUND = 0.5 - 1e-3  # scaled-label distance from the bound that counts as "on the bound"
 _MIN_PIXELS_PER_PARAMETER = 5
+_DISTINCT = 0.25  # scaled-label distance between the bank matches that start separate local fits
 _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apStar pixel, about 4.1
+#: A fit whose model misses the spectrum by more than this rms fraction of the continuum (:func:`misfit`) has not
+#: found the star (``star_not_found``): a network that covers a star fits it to about 1-2% (2M19485057+5005279, a K
+#: dwarf, with the dwarf-only kurucz5 network: 1.8-2.5%), one that does not, far worse (2M17335483-2753043, an M
+#: giant, with the same network: 9-14%).
+STAR_NOT_FOUND_MISFIT = 0.05
 #: Spectra fitted together in lockstep by default: enough for the output layer's products to run at matrix speed,
 #: few enough that results keep flowing (and a killed run loses little).
 BATCH_SIZE = 32
@@ -116,10 +124,17 @@ class PayneFitter:
         the continuum from them biases labels by several sigma, and its uncertainty would be missing from the
         errors. The joint fit removes the bias and its covariance marginalises over the continuum.
         False gives the seed's single pass.
+    bank_size : int
+        Members of the model bank that finds each fit's starting point (:mod:`astra_thepayne.model_bank`).
+    bank_cache_dir : path or False, optional
+        Where the bank is cached (default :func:`astra_thepayne.model_bank.default_cache_dir`; False: no cache).
+    n_starts : int
+        Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.
     """
 
     def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
-                 pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, joint_continuum=True):
+                 pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, joint_continuum=True,
+                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3):
         self.emulator = emulator
         if emulator.n_pixels == len(MODEL_TO_APSTAR):
             self.model_to_apstar = MODEL_TO_APSTAR
@@ -147,6 +162,9 @@ class PayneFitter:
         self.pixel_flag_mask = int(pixel_flag_mask)
         self.continuum_degree = int(continuum_degree)
         self.joint_continuum = bool(joint_continuum)
+        self.bank_size = int(bank_size)
+        self.bank_cache_dir = bank_cache_dir
+        self.n_starts = max(int(n_starts), 1)
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
         self._continuum_basis = ContinuumBasis(_APSTAR_WAVELENGTH, self.continuum_degree)
         self._on_model = np.zeros(APSTAR_NPIX, dtype=bool)
@@ -203,22 +221,107 @@ class PayneFitter:
         except Exception as exc:
             return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
         try:
-            start = self._start(initial_labels)
-            if self.v_rad_tolerance > 0:
-                # continuum pixels are chosen in the model's rest frame: move them with the star before normalising
-                v_guess = self._velocity_grid_search(start, *self._data(prepared))
-                shift = int(np.round(pixel_shift(v_guess)))
-                if shift:
-                    prepared = self.prepare(spectrum, continuum_shift=shift)
-                problem, solution = yield from self._fit_velocity(prepared, start, v_guess)
-                if not self.joint_continuum:
-                    return (yield from self._result(problem, solution, prepared))
-                start = solution.x
-            problem = self._problem(prepared, joint=self.joint_continuum)
-            solution = yield from self._solve(problem, start)
+            best = None
+            for start, v_guess in (yield from self._global_start(spectrum, prepared, initial_labels)):
+                candidate = prepared
+                if self.v_rad_tolerance > 0:
+                    shift = int(np.round(pixel_shift(v_guess)))
+                    if shift:  # continuum pixels are chosen in the model's rest frame: move them with the star
+                        candidate = self.prepare(spectrum, continuum_shift=shift)
+                    start = np.append(start, v_guess / (2.0 * self.v_rad_tolerance))
+                problem = self._problem(candidate, joint=self.joint_continuum)
+                solution = yield from self._solve(problem, start)
+                if best is None or solution.chi2 < best[1].chi2:
+                    best = (problem, solution, candidate)
+            problem, solution, prepared = best
             return (yield from self._result(problem, solution, prepared))
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
+
+    # -- the global start -------------------------------------------------------------------------------------
+    def _bank(self):
+        if self._layer.bank is None:
+            self._layer.bank = ModelBank.for_emulator(self.emulator, self.bank_size, self.bank_cache_dir)
+            self._layer.segments = self._segments
+        return self._layer.bank
+
+    def _global_start(self, spectrum, prepared, initial_labels):
+        """Starting points ``[(scaled labels, velocity in km/s), ...]`` in the basins of the lowest minima: the best
+        ``n_starts`` distinct matches in the model bank (:mod:`astra_thepayne.model_bank`); with a free velocity,
+        the velocity that best matches the first of them, the bank matched again with the spectrum moved to the
+        rest frame, and each match's own velocity. ``initial_labels`` replace the bank (one start)."""
+        y, weight = self._data(prepared)
+        if initial_labels is not None:
+            x0 = self._start(initial_labels)
+            v = self._velocity_scan(self.emulator.predict(x0), y, weight) if self.v_rad_tolerance > 0 else 0.0
+            return [(x0, v)]
+        starts = yield from self._bank_match(y, weight)
+        if self.v_rad_tolerance <= 0:
+            return [(x0, 0.0) for x0 in starts]
+        v = self._velocity_scan(self.emulator.predict(starts[0]), y, weight)
+        shift = int(np.round(pixel_shift(v)))
+        if shift:
+            y, weight = self._data(self.prepare(spectrum, continuum_shift=shift))
+        starts = yield from self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
+        return [(x0, self._velocity_scan(self.emulator.predict(x0), y, weight)) for x0 in starts]
+
+    def _bank_match(self, y, weight):
+        """The ``n_starts`` best bank members, each at least ``_DISTINCT`` (scaled) from the better ones."""
+        bank = self._bank()  # loaded before the request: the driver serves it from the layer's bank
+        w2 = weight**2
+        scores = yield ("bank", np.stack([w2 * y, w2]))
+        chosen = []
+        for index in np.argsort(scores)[::-1][:64]:
+            point = bank.points[index]
+            if all(np.linalg.norm(point - other) > _DISTINCT for other in chosen):
+                chosen.append(point.copy())
+                if len(chosen) == self.n_starts:
+                    break
+        return chosen
+
+    def _roll(self, values, shift):
+        """``values`` moved by a whole number of pixels within each chip segment (zeros enter at the ends)."""
+        if not shift:
+            return values
+        out = np.zeros_like(values)
+        for start, stop in self._segments:
+            if shift > 0:
+                out[start + shift:stop] = values[start:stop - shift]
+            else:
+                out[start:stop + shift] = values[start - shift:stop]
+        return out
+
+    def _velocity_scan(self, template, y, weight):
+        """Velocity (km/s) within +-v_rad_tolerance that best matches ``template`` (each chip's level profiled
+        out): chi2 on whole-pixel shifts, then quarter pixels around the best, then the vertex of a parabola."""
+        limit = pixel_shift(self.v_rad_tolerance)
+        coefficients = Shift.coefficients(template, self._segments)
+        w2 = weight**2
+
+        def chi2(shift):
+            model = Shift(self._segments, shift).apply_to_coefficients(coefficients)
+            value = 0.0
+            for start, stop in self._segments:
+                m, d, w = model[start:stop], y[start:stop], w2[start:stop]
+                mm = w @ (m * m)
+                value -= (w @ (m * d)) ** 2 / mm if mm > 0 else 0.0
+            return value
+
+        whole = np.arange(-np.floor(limit), np.floor(limit) + 1)
+        trials = np.unique(np.clip(np.concatenate([whole, [-limit, limit]]), -limit, limit))
+        values = np.array([chi2(s) for s in trials])
+        best = trials[int(np.argmin(values))]
+        fine = np.clip(best + np.arange(-1.0, 1.01, 0.25), -limit, limit)
+        fine_values = np.array([chi2(s) for s in fine])
+        i = int(np.argmin(fine_values))
+        shift = fine[i]
+        if 0 < i < len(fine) - 1:
+            a, b, c = fine_values[i - 1:i + 2]
+            curvature = a - 2 * b + c
+            if curvature > 0:
+                shift = fine[i] + 0.125 * (a - c) / curvature  # step 0.25: vertex at 0.25 * (a - c) / (2 curv.)
+        shift = float(np.clip(shift, -limit, limit))
+        return SPEED_OF_LIGHT_KMS * (10 ** (shift * APSTAR_CDELT1) - 1)
 
     def _failure(self, spectrum, message, snr, prepared=None):
         log.warning("%s: fit failed: %s", getattr(spectrum, "label", "spectrum"), message)
@@ -252,17 +355,9 @@ class PayneFitter:
         return problem
 
     def _fit_velocity(self, prepared, start, v_guess):
-        """Labels and velocity, without the continuum correction, from the grid search's velocity."""
+        """Labels and velocity, without the continuum correction, from the global start."""
         problem = self._problem(prepared, joint=False)
-        k = self.emulator.n_labels
         solution = yield from self._solve(problem, np.append(start, v_guess / problem.v_scale))
-        # The first velocity guess used the starting labels; with the fitted labels a different velocity may match
-        # better (line patterns repeat), so search again and keep whichever fit has the lower chi2.
-        v_again = self._velocity_grid_search(solution.x[:k], problem.y, problem.weight)
-        if abs(v_again - problem.velocity(solution.x)) > 2 * _PIXEL_VELOCITY:
-            retry = yield from self._solve(problem, np.append(solution.x[:k], v_again / problem.v_scale))
-            if retry.chi2 < solution.chi2:
-                solution = retry
         return problem, solution
 
     def _solve(self, problem, start):
@@ -292,7 +387,10 @@ class PayneFitter:
         n_used = int(np.count_nonzero(problem.weight))
         dof = n_used - len(x) - problem.n_design
         at_bound = bool(np.any(np.abs(x[:k]) >= _AT_BOUND))
-        flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound)
+        reduced_chi2 = solution.chi2 / dof if dof > 0 else float("nan")
+        flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound,
+                            star_not_found=misfit(reduced_chi2, prepared.snr) > STAR_NOT_FOUND_MISFIT,
+                            v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND)
         continuum = prepared.continuum.copy()
         continuum[self.model_to_apstar] *= yield from problem.correction(x)
         rectified = np.full(APSTAR_NPIX, np.nan)
@@ -300,7 +398,7 @@ class PayneFitter:
         return FitResult(
             label_names=emulator.label_names, labels=labels, raw_e=sigma[:k], covariance=covariance[:k, :k],
             v_rel=problem.velocity(x) if fit_v else float("nan"), e_v_rel=float(sigma[k]) if fit_v else float("nan"),
-            chi2=solution.chi2, dof=dof, reduced_chi2=solution.chi2 / dof if dof > 0 else float("nan"),
+            chi2=solution.chi2, dof=dof, reduced_chi2=reduced_chi2,
             snr=prepared.snr, result_flags=flags, continuum=continuum, rectified_model_flux=rectified,
             n_iterations=solution.n_evaluations,
         )
@@ -321,13 +419,6 @@ class PayneFitter:
             weight[start:start + margin] = 0.0
             weight[max(start, stop - margin):stop] = 0.0
         return weight
-
-    def _velocity_grid_search(self, x0, y, weight):
-        """Velocity (km/s) on a one-pixel grid over +-v_rad_tolerance that best matches the model at ``x0``."""
-        flux = self.emulator.predict(x0)
-        trial = np.arange(-self.v_rad_tolerance, self.v_rad_tolerance + 1e-9, _PIXEL_VELOCITY)
-        chi2 = [np.sum((weight * (Shift(self._segments, pixel_shift(v)).apply(flux) - y)) ** 2) for v in trial]
-        return float(trial[int(np.argmin(chi2))])
 
     # -- many spectra -------------------------------------------------------------------------------------------
     def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=BATCH_SIZE):
@@ -384,6 +475,15 @@ class _NotEnoughPixels(RuntimeError):
 
 class _OptimiserFailure(RuntimeError):
     pass
+
+
+def misfit(reduced_chi2, snr):
+    """The model's rms error in units of the continuum that explains a reduced chi2 above 1 at S/N ``snr`` per
+    pixel: ``sqrt(max(reduced_chi2 - 1, 0)) / snr`` (a fractional mismatch ``d`` adds ``(d snr)^2`` per pixel).
+    Unlike reduced chi2 itself it does not grow with S/N for the same model mismatch."""
+    if not (np.isfinite(reduced_chi2) and np.isfinite(snr) and snr > 0):
+        return 0.0
+    return float(np.sqrt(max(reduced_chi2 - 1.0, 0.0)) / snr)
 
 
 def _median_snr(flux, ivar):

@@ -88,6 +88,16 @@ class Shift:
 
         return solve_banded((1, 1), self._bands, values, check_finite=False)
 
+    @staticmethod
+    def coefficients(values, segments):
+        """The B-spline coefficients of ``values``, to shift one vector many times (:meth:`apply_to_coefficients`)."""
+        from scipy.linalg import solve_banded
+
+        return solve_banded((1, 1), _spline_bands(tuple(map(tuple, segments))), values, check_finite=False)
+
+    def apply_to_coefficients(self, coefficients):
+        return self._taps(self.weights, coefficients)
+
     def _taps(self, factors, c):
         return (factors[0] * c[self.taps[0]] + factors[1] * c[self.taps[1]] + factors[2] * c[self.taps[2]]
                 + factors[3] * c[self.taps[3]])
@@ -132,10 +142,11 @@ class OutputLayer:
         self.block_starts = np.linspace(0, n_pixels, min(n_blocks, n_pixels) + 1).astype(int)[:-1]
         self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
         self._grams = self._cross = None
+        self.bank = self.segments = None  # set by a fitter that matches spectra to a model bank
 
     def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
         state = dict(self.__dict__)
-        state["_grams"] = state["_cross"] = state["_regions"] = None
+        state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
         return state
 
     # -- lockstep execution ------------------------------------------------------------------------------------
@@ -183,6 +194,10 @@ class OutputLayer:
         if kind == "transpose":
             out = np.ascontiguousarray((self.w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
             return list(out)
+        if kind == "bank":
+            # a (2, P) request: w^2 y and w^2 of one spectrum, matched against every bank member at once
+            stacked = np.stack(arrays)
+            return list(self.bank.scores(stacked[:, 0], stacked[:, 1], self.segments))
         if kind == "times":
             # computed transposed, so that each caller's block is contiguous (a Fortran-ordered P x n matrix)
             out = np.vstack([a.T for a in arrays]).astype(np.float32) @ self.w2.T
