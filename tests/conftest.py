@@ -63,3 +63,17 @@ def postgres_url(postgres_server) -> str:
     with admin.cursor() as cursor:
         cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_bank_cache(tmp_path_factory):
+    """Model banks of the many networks the tests build go to a throwaway folder, not the user's ~/.cache (30 MB
+    each for production-size networks); subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("model-bank-cache")
+    saved = os.environ.get("THEPAYNE_CACHE_DIR")
+    os.environ["THEPAYNE_CACHE_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("THEPAYNE_CACHE_DIR", None)
+    else:
+        os.environ["THEPAYNE_CACHE_DIR"] = saved

@@ -214,3 +214,23 @@ def test_lines_are_sharp_and_respond_to_labels(network):
     # broadening: v_macro widens lines; teff changes the line pattern (molecules against atoms)
     assert np.median(_line_widths(flux_at(v_macro=0.45))[1]) > np.median(_line_widths(flux_at(v_macro=-0.45))[1]) + 0.3
     assert np.abs(flux_at(teff=0.4) - flux_at(teff=-0.4)).max() > 0.2
+
+
+def test_model_bank_is_cached_by_network_and_shared_read_only(network, tmp_path):
+    """Built once, then read back memory-mapped; another network or size gets its own file; an unwritable cache
+    still gives a working bank."""
+    from astra_thepayne.model_bank import ModelBank
+
+    first = ModelBank.for_emulator(network, 256, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(name.startswith("bank-v1-") for name in files)
+    again = ModelBank.for_emulator(network, 256, tmp_path)
+    assert isinstance(again.flux, np.memmap)
+    np.testing.assert_allclose(again.flux, first.flux, rtol=0, atol=0)
+    np.testing.assert_allclose(first.flux[3], network.predict(first.points[3]), rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(first.points) <= 0.5)
+    ModelBank.for_emulator(network, 128, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 4
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert ModelBank.for_emulator(network, 64, blocked / "cache").flux.shape == (64, network.n_pixels)
