@@ -230,10 +230,13 @@ class PayneFitter:
                         candidate = self.prepare(spectrum, continuum_shift=shift)
                     start = np.append(start, v_guess / (2.0 * self.v_rad_tolerance))
                 problem = self._problem(candidate, joint=self.joint_continuum)
-                solution = yield from self._solve(problem, start)
+                # with several starts, each goes only as far as the basin's floor; the best is then finished
+                solution = yield from self._solve(problem, start, coarse=self.n_starts > 1)
                 if best is None or solution.chi2 < best[1].chi2:
                     best = (problem, solution, candidate)
             problem, solution, prepared = best
+            if solution.normal_matrix is None:
+                solution = yield from self._solve(problem, solution.x)
             return (yield from self._result(problem, solution, prepared))
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
@@ -360,12 +363,12 @@ class PayneFitter:
         solution = yield from self._solve(problem, np.append(start, v_guess / problem.v_scale))
         return problem, solution
 
-    def _solve(self, problem, start):
-        """Scaled labels and velocity within [-0.5, 0.5]."""
+    def _solve(self, problem, start, coarse=False):
+        """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`astra_thepayne.solver.minimise`)."""
         lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
         try:
             solution = yield from minimise(problem, start, lower, -lower, tolerance=self.opt_tolerance,
-                                           x_tolerance=self.opt_tolerance)
+                                           x_tolerance=self.opt_tolerance, coarse=coarse)
         except SolverFailure as exc:
             raise _OptimiserFailure(f"optimiser stopped: {exc}") from None
         if not np.all(np.isfinite(solution.x)):

@@ -43,7 +43,7 @@ class LeastSquaresProblem(Protocol):
 class Solution:
     x: np.ndarray
     chi2: float
-    normal_matrix: np.ndarray  # exact J^T J at x
+    normal_matrix: np.ndarray | None  # exact J^T J at x (None for a coarse solution)
     n_evaluations: int
     message: str
 
@@ -53,7 +53,7 @@ class SolverFailure(RuntimeError):
 
 
 def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_tolerance=5e-4,
-             max_evaluations=None):
+             max_evaluations=None, coarse=False):
     """Minimise ``problem.chi2`` within ``lower <= x <= upper`` from ``x0``; a generator that passes on the
     problem's requests and returns a :class:`Solution`.
 
@@ -61,7 +61,8 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
     (absolute, in chi2 units) with a reliable model (SciPy's ``ftol`` rule, made absolute), when a full
     Gauss-Newton step would lower it by less than that, or when the step falls below
     ``x_tolerance * (x_tolerance + |x|)`` (SciPy's ``xtol`` rule; it also ends fits that sit on a kink of a
-    piecewise-linear network). Raises :class:`SolverFailure` when chi2 is not finite at the start or the
+    piecewise-linear network). With ``coarse``, returns instead as soon as the fit is near a minimum (where the
+    exact matrix would take over), with ``normal_matrix`` None: enough to compare starting points. Raises :class:`SolverFailure` when chi2 is not finite at the start or the
     evaluation budget (default 100 per parameter, as SciPy) runs out.
     """
     lower = np.broadcast_to(np.asarray(lower, dtype=float), np.shape(x0))
@@ -127,16 +128,22 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
             if 2 * reduction < len(x):
                 # chi2 fell by less than one per parameter: the fit is within a few sigma of the minimum, where
                 # the exact matrix converges quadratically and an approximate one only linearly
+                if coarse:
+                    return Solution(x, 2 * cost, None, evaluations, "near a minimum (coarse)")
                 exact = True
         else:
             yield from problem.chi2(x)  # back to the state at x
         if stop is not None:
+            if coarse:
+                return Solution(x, 2 * cost, None, evaluations, stop)
             if step_from_exact:
                 matrix = yield from problem.normal_matrix(x, True)
                 return Solution(x, 2 * cost, matrix, evaluations, stop)
             exact = True  # near the minimum: from here on only the exact matrix
         model = _Model((yield from problem.normal_matrix(x, exact)))
         if not exact and model.decrement(gradient, x, lower, upper) < tolerance:
+            if coarse:
+                return Solution(x, 2 * cost, None, evaluations, "near a minimum (coarse)")
             exact = True  # apparently converged: confirm (or continue) with the exact matrix
             model = _Model((yield from problem.normal_matrix(x, True)))
 
