@@ -252,7 +252,7 @@ class PayneFitter:
         """Starting points ``[(scaled labels, velocity in km/s), ...]`` in the basins of the lowest minima: the best
         ``n_starts`` distinct matches in the model bank (:mod:`astra_thepayne.model_bank`); with a free velocity,
         the velocity that best matches the first of them, the bank matched again with the spectrum moved to the
-        rest frame, and each match's own velocity. ``initial_labels`` replace the bank (one start)."""
+        rest frame, and the velocity of the best new match. ``initial_labels`` replace the bank (one start)."""
         y, weight = self._data(prepared)
         if initial_labels is not None:
             x0 = self._start(initial_labels)
@@ -260,24 +260,27 @@ class PayneFitter:
             return [(x0, v)]
         starts = yield from self._bank_match(y, weight)
         if self.v_rad_tolerance <= 0:
-            return [(x0, 0.0) for x0 in starts]
-        v = self._velocity_scan(self.emulator.predict(starts[0]), y, weight)
+            return [(x0, 0.0) for x0, _ in starts]
+        v = self._velocity_scan(starts[0][1], y, weight)
         shift = int(np.round(pixel_shift(v)))
         if shift:
             y, weight = self._data(self.prepare(spectrum, continuum_shift=shift))
         starts = yield from self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
-        return [(x0, self._velocity_scan(self.emulator.predict(x0), y, weight)) for x0 in starts]
+        # the best match's velocity starts every local fit; each fit then finds its own
+        v = self._velocity_scan(starts[0][1], y, weight)
+        return [(x0, v) for x0, _ in starts]
 
     def _bank_match(self, y, weight):
-        """The ``n_starts`` best bank members, each at least ``_DISTINCT`` (scaled) from the better ones."""
+        """The ``n_starts`` best bank members, each at least ``_DISTINCT`` (scaled) from the better ones, as
+        ``(scaled labels, model flux)``."""
         bank = self._bank()  # loaded before the request: the driver serves it from the layer's bank
         w2 = weight**2
         scores = yield ("bank", np.stack([w2 * y, w2]))
         chosen = []
         for index in np.argsort(scores)[::-1][:64]:
             point = bank.points[index]
-            if all(np.linalg.norm(point - other) > _DISTINCT for other in chosen):
-                chosen.append(point.copy())
+            if all(np.linalg.norm(point - other) > _DISTINCT for other, _ in chosen):
+                chosen.append((point.copy(), np.asarray(bank.flux[index], dtype=np.float64)))
                 if len(chosen) == self.n_starts:
                     break
         return chosen

@@ -74,26 +74,18 @@ class Shift:
         n = int(np.floor(shift))
         self.shift, self.frac = float(shift), float(shift - n)
         self.weights, self.slopes = _bspline_weights(self.frac)
-        taps = [[] for _ in range(4)]
-        for start, stop in segments:
-            index = np.arange(start, stop) - n
-            for tap, offset in enumerate((1, 0, -1, -2)):  # coefficients j+1, j, j-1, j-2 for output j + n
-                taps[tap].append(np.clip(index + offset, start, stop - 1))
-        self.taps = [np.concatenate(t) for t in taps]
+        segments = tuple(map(tuple, segments))
+        self.taps = _spline_taps(segments, n)
         self.size = len(self.taps[0])
-        self._bands = _spline_bands(tuple(map(tuple, segments)))
+        self._factor = _spline_factor(segments)
 
     def _coefficients(self, values):
-        from scipy.linalg import solve_banded
-
-        return solve_banded((1, 1), self._bands, values, check_finite=False)
+        return _spline_solve(self._factor, values)
 
     @staticmethod
     def coefficients(values, segments):
         """The B-spline coefficients of ``values``, to shift one vector many times (:meth:`apply_to_coefficients`)."""
-        from scipy.linalg import solve_banded
-
-        return solve_banded((1, 1), _spline_bands(tuple(map(tuple, segments))), values, check_finite=False)
+        return _spline_solve(_spline_factor(tuple(map(tuple, segments))), values)
 
     def apply_to_coefficients(self, coefficients):
         return self._taps(self.weights, coefficients)
@@ -122,8 +114,36 @@ class Shift:
 
 
 @functools.lru_cache(maxsize=8)
-def _spline_bands(segments):
-    return _spline_system(segments)
+def _spline_factor(segments):
+    """LDL^T factors of the (positive definite, tridiagonal) spline system, computed once per set of segments."""
+    from scipy.linalg import lapack
+
+    bands = _spline_system(segments)
+    d, e, info = lapack.dpttrf(bands[1].copy(), bands[0, 1:].copy())
+    if info != 0:
+        raise ValueError("spline system is not positive definite")
+    return d, e
+
+
+def _spline_solve(factor, values):
+    from scipy.linalg import lapack
+
+    solution, info = lapack.dpttrs(factor[0], factor[1], np.asarray(values, dtype=np.float64))
+    if info != 0:
+        raise ValueError("spline solve failed")
+    return solution
+
+
+@functools.lru_cache(maxsize=256)
+def _spline_taps(segments, n):
+    """Index arrays of the four coefficients (j+1, j, j-1, j-2) behind each output pixel at a shift of ``n`` whole
+    pixels plus a fraction, clamped to each segment."""
+    taps = [[] for _ in range(4)]
+    for start, stop in segments:
+        index = np.arange(start, stop) - n
+        for tap, offset in enumerate((1, 0, -1, -2)):
+            taps[tap].append(np.clip(index + offset, start, stop - 1))
+    return tuple(np.concatenate(t) for t in taps)
 
 
 class OutputLayer:

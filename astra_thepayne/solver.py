@@ -62,8 +62,9 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
     Gauss-Newton step would lower it by less than that, or when the step falls below
     ``x_tolerance * (x_tolerance + |x|)`` (SciPy's ``xtol`` rule; it also ends fits that sit on a kink of a
     piecewise-linear network). With ``coarse``, returns instead as soon as the fit is near a minimum (where the
-    exact matrix would take over), with ``normal_matrix`` None: enough to compare starting points. Raises :class:`SolverFailure` when chi2 is not finite at the start or the
-    evaluation budget (default 100 per parameter, as SciPy) runs out.
+    exact matrix would take over), with ``normal_matrix`` None: enough to compare starting points. Raises
+    :class:`SolverFailure` when chi2 is not finite at the start or the evaluation budget (default 100 per parameter,
+    as SciPy) runs out.
     """
     lower = np.broadcast_to(np.asarray(lower, dtype=float), np.shape(x0))
     upper = np.broadcast_to(np.asarray(upper, dtype=float), np.shape(x0))
