@@ -6,7 +6,7 @@
 * ``kurucz25``: a production-size 25-label network (labels in ``labels.LABEL_NAMES`` order, 340 x 340 hidden, 7214
   pixels) built from kurucz5 at run time, never committed: see :func:`kurucz25`.
 
-The kurucz5 file is found at ``--kurucz5``, ``$THEPAYNE_KURUCZ5``, or the shared data folder.
+The kurucz5 file (not part of this repository) is given with ``--kurucz5`` or ``$THEPAYNE_KURUCZ5``.
 
     from networks import load_network
     emulator = load_network("kurucz25")
@@ -23,7 +23,6 @@ from astra_thepayne.emulator import PayneEmulator
 from astra_thepayne.labels import LABELS
 
 NAMES = ("line", "kurucz5", "kurucz25")
-DEFAULT_KURUCZ5 = "/work/shared/data/kurucz5/payne_kurucz5_nn.pkl"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "astra_thepayne"
 _RECIPE = "kurucz25-v1"  # part of the cache key: change it when the construction below changes
 
@@ -36,7 +35,11 @@ _LINE_SIGMA_PX = 0.85  # FWHM 2 px
 
 
 def kurucz5_path(path=None) -> Path:
-    return Path(path or os.environ.get("THEPAYNE_KURUCZ5") or DEFAULT_KURUCZ5)
+    path = path or os.environ.get("THEPAYNE_KURUCZ5")
+    if not path:
+        raise SystemExit("kurucz5 network: give its path with --kurucz5 PATH or $THEPAYNE_KURUCZ5 "
+                         "(payne_kurucz5_nn.pkl, not part of this repository)")
+    return Path(path)
 
 
 def load_network(name, kurucz5=None) -> PayneEmulator:
