@@ -1,19 +1,35 @@
 """Put a spectrum onto the apStar rest-frame grid with bad pixels carrying zero weight.
 
 Pixels are bad when their flux or inverse variance is not finite, their inverse variance is not positive, or their
-APOGEE_PIXMASK bits intersect the chosen mask. Resampling (apVisit, other grids) interpolates flux and variance
-linearly between the two neighbouring input pixels and gives an output pixel zero weight whenever either neighbour
-is bad, so a bad pixel can never lend weight to a good one (the Astra seed interpolated ivar, which does).
+APOGEE_PIXMASK bits intersect the chosen mask. The pixel-weight rules of :mod:`astra_thepayne.pixel_weights`
+(sky lines, persistence, LITTROW ghosts) then act on the spectrum's own pixels.
+
+Resampling (apVisit, other grids) is flux-conserving: each output pixel is the overlap-weighted mean of the input
+pixels it covers (pixel edges half-way between centres, log-lambda edges on the apStar grid). An output pixel gets
+zero weight when any input pixel it overlaps is bad, when it is not covered completely (chip edges and gaps), so a
+bad pixel can never lend weight to a good one. Its inverse variance keeps the information honest:
+
+    ivar_out = (sum f_k^2 / sum f_k d_k / D) / sum f_k^2 var_k
+
+with ``f_k`` the fraction of the output pixel (width ``D``) covered by input pixel ``k`` (width ``d_k``). For
+uniform noise this is ``ivar_in D / d``: the information per unit wavelength of the input, so a chip's total
+weight is its input's; a pixel overlapping a noisy (e.g. sky-line) input pixel is down-weighted as a whole. Output
+pixels share the input pixels on their boundaries, so neighbours are correlated; this diagonal weight gives the right
+total information (label errors, chip weights) while the chi2 of the truth falls a little below the number of
+pixels (docs/science.md, section 2).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .grid import APSTAR_NPIX, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .grid import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
-__all__ = ["good_pixels", "to_apstar_grid", "resample"]
+__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "chip_bad_fractions",
+           "CHIP_NAMES"]
 
 _APSTAR_WAVELENGTH = apstar_wavelength()
+#: The three chips of the model grid, in ascending wavelength (MODEL_SEGMENTS order).
+CHIP_NAMES = ("blue", "green", "red")
 
 
 def good_pixels(flux, ivar, pixel_flags, pixel_flag_mask):
@@ -24,38 +40,76 @@ def good_pixels(flux, ivar, pixel_flags, pixel_flag_mask):
     return good
 
 
-def resample(wavelength, flux, ivar, good, new_wavelength):
-    """Linear resampling of flux and variance onto ``new_wavelength`` (both ascending).
+def pixel_edges(centres):
+    """Edges (n + 1) of pixels with ascending ``centres``: half-way between neighbours, half a step beyond the ends."""
+    centres = np.asarray(centres, dtype=float)
+    if len(centres) == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    middle = 0.5 * (centres[1:] + centres[:-1])
+    return np.concatenate([[centres[0] - (middle[0] - centres[0])], middle,
+                           [centres[-1] + (centres[-1] - middle[-1])]])
 
-    Returns ``(flux, ivar)`` on the new grid; ivar is 0 outside the input range, in input gaps wider than
-    three input pixels, and wherever a neighbouring input pixel is bad.
+
+def _segments(wavelength):
+    """(start, stop) of the runs of input pixels without a gap wider than three typical steps (chips)."""
+    if len(wavelength) < 2:
+        return [(0, len(wavelength))]
+    step = np.diff(wavelength)
+    breaks = np.flatnonzero(step > 3 * np.median(step)) + 1
+    edges = np.concatenate([[0], breaks, [len(wavelength)]])
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def resample(wavelength, flux, ivar, good, new_wavelength, new_edges=None):
+    """Flux-conserving resampling onto ``new_wavelength`` (both ascending) with information-conserving ivar.
+
+    Returns ``(flux, ivar)`` on the new grid; ivar is 0 where an output pixel is not fully covered by one run of input
+    pixels (ends, chip gaps) and wherever it overlaps a bad input pixel.
     """
     order = np.argsort(wavelength)
-    wavelength, flux, ivar, good = wavelength[order], flux[order], ivar[order], good[order]
-    right = np.searchsorted(wavelength, new_wavelength)
-    inside = (right > 0) & (right < len(wavelength))
-    right = np.clip(right, 1, len(wavelength) - 1)
-    left = right - 1
-    step = wavelength[right] - wavelength[left]
-    typical = np.median(np.diff(wavelength)) if len(wavelength) > 1 else np.inf
-    inside &= step < 3 * np.abs(typical)  # do not bridge chip gaps
+    wavelength, flux, ivar, good = (np.asarray(a)[order] for a in (wavelength, flux, ivar, good))
+    new_wavelength = np.asarray(new_wavelength, dtype=float)
+    out_edges = pixel_edges(new_wavelength) if new_edges is None else np.asarray(new_edges, dtype=float)
+    lo, hi = out_edges[:-1], out_edges[1:]
+    width = hi - lo
+    new_flux = np.zeros(len(new_wavelength))
+    new_ivar = np.zeros(len(new_wavelength))
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(step > 0, (new_wavelength - wavelength[left]) / step, 0.0)
         variance = np.where(good, 1.0 / np.where(good, ivar, 1.0), np.inf)
     flux_clean = np.where(good, flux, 0.0)
-    new_flux = (1 - t) * flux_clean[left] + t * flux_clean[right]
-    new_variance = (1 - t) ** 2 * variance[left] + t**2 * variance[right]
-    ok = inside & good[left] & good[right] & np.isfinite(new_variance) & (new_variance > 0)
-    new_ivar = np.zeros(len(new_wavelength))
-    new_ivar[ok] = 1.0 / new_variance[ok]
-    return np.where(ok, new_flux, 0.0), new_ivar
+    for start, stop in _segments(wavelength):
+        edges = pixel_edges(wavelength[start:stop])
+        inside = np.flatnonzero((lo >= edges[0]) & (hi <= edges[-1]))
+        if not len(inside):
+            continue
+        d = np.diff(edges)
+        n_cover = int(np.ceil(np.max(width[inside]) / np.min(d))) + 2  # input pixels one output can overlap
+        first = np.clip(np.searchsorted(edges, lo[inside], side="right") - 1, 0, len(d) - 1)
+        k = np.clip(first[:, None] + np.arange(n_cover)[None, :], 0, len(d) - 1)
+        overlap = np.clip(np.minimum(hi[inside, None], edges[k + 1]) - np.maximum(lo[inside, None], edges[k]),
+                          0.0, None)
+        overlap[:, 1:][k[:, 1:] == k[:, :-1]] = 0.0  # clipped duplicates at the end of a run
+        f = overlap / width[inside, None]
+        used = f > 0
+        bad = np.any(used & ~good[start:stop][k], axis=1)
+        var_k = np.where(used, variance[start:stop][k], 0.0)
+        exact = np.sum(f**2 * var_k, axis=1)
+        information = np.sum(f**2, axis=1) / np.sum(f * d[k] / width[inside, None], axis=1)
+        ok = ~bad & np.isfinite(exact) & (exact > 0)
+        new_flux[inside[ok]] = np.sum(f * flux_clean[start:stop][k], axis=1)[ok]
+        new_ivar[inside[ok]] = information[ok] / exact[ok]
+    return new_flux, new_ivar
 
 
-def to_apstar_grid(spectrum, pixel_flag_mask):
+_APSTAR_EDGES = 10 ** (4.179 + 6e-6 * (np.arange(APSTAR_NPIX + 1) - 0.5))
+
+
+def to_apstar_grid(spectrum, pixel_flag_mask, weights=None):
     """Flux and ivar of ``spectrum`` on the 8575-pixel apStar rest-frame grid, bad pixels at ivar 0.
 
     Spectra already on that grid in the rest frame (apStar, mwmStar, aspcapStar) are only masked; others are
-    shifted by ``spectrum.v_rel_known`` (when finite) and resampled.
+    shifted by ``spectrum.v_rel_known`` (when finite) and resampled. ``weights`` (a
+    :class:`~astra_thepayne.pixel_weights.PixelWeights`) applies the pipelines' pixel-weight rules first.
 
     Returns
     -------
@@ -64,6 +118,10 @@ def to_apstar_grid(spectrum, pixel_flag_mask):
     flux = np.asarray(spectrum.flux, dtype=float)
     ivar = np.asarray(spectrum.ivar, dtype=float)
     good = good_pixels(flux, ivar, spectrum.pixel_flags, pixel_flag_mask)
+    if weights is not None:
+        ivar = np.where(good, weights.apply(spectrum.spectrum_type, np.where(good, ivar, 0.0), spectrum.pixel_flags),
+                        0.0)
+        good &= ivar > 0
     on_grid = (spectrum.rest_frame and len(flux) == APSTAR_NPIX
                and (np.array_equal(spectrum.wavelength, _APSTAR_WAVELENGTH)  # the usual case, and quick to tell
                     or np.allclose(spectrum.wavelength, _APSTAR_WAVELENGTH, rtol=1e-9, atol=0)))
@@ -72,4 +130,31 @@ def to_apstar_grid(spectrum, pixel_flag_mask):
     wavelength = np.asarray(spectrum.wavelength, dtype=float)
     if not spectrum.rest_frame and np.isfinite(spectrum.v_rel_known):
         wavelength = wavelength / (1.0 + spectrum.v_rel_known / SPEED_OF_LIGHT_KMS)
-    return resample(wavelength, flux, ivar, good & np.isfinite(wavelength), _APSTAR_WAVELENGTH)
+    finite = np.isfinite(wavelength)
+    return resample(wavelength[finite], flux[finite], ivar[finite], good[finite], _APSTAR_WAVELENGTH,
+                    _APSTAR_EDGES)
+
+
+def median_snr(flux, ivar, pixels=None):
+    """The project's one S/N: median of ``|flux| sqrt(ivar)`` over the usable pixels (ivar > 0) among ``pixels``
+    (default: the model grid) of a spectrum on the apStar grid, i.e. the median S/N per apStar pixel, the
+    definition of the DRP's apStar ``SNR`` card. NaN without usable pixels."""
+    flux, ivar = np.asarray(flux, dtype=float), np.asarray(ivar, dtype=float)
+    if pixels is None:
+        pixels = np.concatenate([np.arange(a, b) for a, b in MODEL_SEGMENTS])
+    f, i = flux[pixels], ivar[pixels]
+    usable = np.isfinite(f) & np.isfinite(i) & (i > 0)
+    return float(np.median(np.abs(f[usable]) * np.sqrt(i[usable]))) if usable.any() else float("nan")
+
+
+def chip_bad_fractions(ivar, ignore=None):
+    """Fraction of each chip's model pixels (blue, green, red) without weight, not counting the pixels a model mask
+    ``ignore`` (apStar grid, True = ignore) removes anyway."""
+    ivar = np.asarray(ivar, dtype=float)
+    fractions = []
+    for a, b in MODEL_SEGMENTS:
+        considered = np.ones(b - a, dtype=bool) if ignore is None else ~np.asarray(ignore[a:b], dtype=bool)
+        n = int(np.count_nonzero(considered))
+        bad = np.count_nonzero(considered & ~(ivar[a:b] > 0))
+        fractions.append(float(bad / n) if n else float("nan"))
+    return tuple(fractions)
