@@ -1,5 +1,8 @@
 """Pixel weights as APOGEE's own pipelines set them, per spectrum type, and the error floor.
 
+Not yet applied by the fitter: :func:`astra_thepayne.preprocess.to_apstar_grid` takes them as ``weights``, and the
+fitter, its options and their tests on the real files are the next step.
+
 Each rule acts on a spectrum's own pixels (before resampling onto the apStar grid) through its inverse variance and
 its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
 

@@ -2,7 +2,8 @@
 
 Pixels are bad when their flux or inverse variance is not finite, their inverse variance is not positive, or their
 APOGEE_PIXMASK bits intersect the chosen mask. The pixel-weight rules of :mod:`astra_thepayne.pixel_weights`
-(sky lines, persistence, LITTROW ghosts) then act on the spectrum's own pixels.
+(sky lines, persistence, LITTROW ghosts) act on the spectrum's own pixels when ``weights`` are given; the fitter does
+not pass any yet.
 
 Resampling (apVisit, other grids) is flux-conserving: each output pixel is the overlap-weighted mean of the input
 pixels it covers (pixel edges half-way between centres, log-lambda edges on the apStar grid). An output pixel gets
