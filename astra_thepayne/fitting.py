@@ -1,14 +1,15 @@
 """Fit The Payne to spectra: masking, continuum normalisation, bounded least squares, covariance, statistics and
 flags.
 
-The problem is the Astra seed's (chi2 with absolute sigma over scaled labels bounded to [-0.5, 0.5], starting at 0
-or at given labels, tolerance 5e-4), solved by :func:`astra_thepayne.solver.minimise` on
+The problem is the Astra seed's (chi2 with absolute sigma over scaled labels bounded to [-0.5, 0.5], tolerance
+5e-4), started in the basin of the global minimum (a model bank, :mod:`astra_thepayne.model_bank`, and several local
+fits; or at given labels), solved by :func:`astra_thepayne.solver.minimise` on
 :class:`astra_thepayne.problem.PayneProblem`: exact chi2 and gradient at every step, an approximate Gauss-Newton
 matrix far from the minimum and the exact one near it, where it also gives the covariance. The tolerance is on
 chi2 in absolute terms, so fits end at the minimum rather than near it.
 With ``v_rad_tolerance > 0`` the radial velocity is a free parameter: the rectified model is Doppler shifted
-(linear interpolation in log-lambda within each chip) and its derivative with respect to the shift enters the
-Jacobian, after a coarse grid search over the allowed velocities to start the optimiser near the global minimum.
+(cubic spline within each chip) and its derivative with respect to the shift enters the Jacobian; its start comes
+from a chi2 scan over the allowed velocities against the best bank match.
 """
 from __future__ import annotations
 
