@@ -138,7 +138,7 @@ class RunSummary:
         if not self.fitted:
             return ("0 spectra fitted: every selected spectrum already has a result for this model and tag "
                     "(--retry-failed refits the failed ones)")
-        return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} failed) in "
+        return (f"{self.fitted} spectra fitted ({self.flagged} flagged, {self.failed} bad: failed or not found) in "
                 f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
 
 

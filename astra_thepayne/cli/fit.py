@@ -146,7 +146,7 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
     failed = int(np.sum(table["flag_bad"]))
     flagged = int(np.sum(table["flag_warn"])) - failed
     rate = len(results) / elapsed if elapsed > 0 else float("inf")
-    click.echo(f"{len(table)} spectra: {len(table) - failed - flagged} clean, {flagged} flagged, {failed} failed "
+    click.echo(f"{len(table)} spectra: {len(table) - failed - flagged} clean, {flagged} flagged, {failed} bad "
                f"({len(unreadable)} unreadable files); {rate:.1f} spectra/s"
                + (f"; wrote {output}" if output else "") + (f"; plots in {plot_dir}" if plot_dir else ""), err=True)
     return 0

@@ -341,7 +341,8 @@ def test_retry_failed_refits_exactly_the_failed_rows_once(tmp_path, toy_emulator
     assert "2 pending spectra" in script.stderr and " --retry-failed" in script.stdout
 
     retry = thepayne(url, "run", "--model", model, *FAST_FIT, "--retry-failed", env=env)
-    assert "2 spectra fitted (0 flagged, 1 failed)" in retry.stdout  # each failed spectrum once, then it ends
+    # each failed spectrum once, then it ends
+    assert "2 spectra fitted (0 flagged, 1 bad: failed or not found)" in retry.stdout
     after = results(url)
     assert sorted(pk for pk, _, _ in after) == [1, 2, 3]  # replaced, not added
     flags = {pk: f for pk, f, _ in after}
@@ -356,7 +357,7 @@ def test_retry_failed_refits_exactly_the_failed_rows_once(tmp_path, toy_emulator
     finally:
         database.close()
     again = thepayne(url, "run", "--model", model, *FAST_FIT, "--retry-failed", env=env)
-    assert "1 spectra fitted (0 flagged, 1 failed)" in again.stdout  # only the one still failing
+    assert "1 spectra fitted (0 flagged, 1 bad: failed or not found)" in again.stdout  # only the one still failing
 
 
 def test_run_with_nothing_ingested_says_so(tmp_path, model):

@@ -20,7 +20,7 @@ def test_run_fits_what_is_missing_and_a_rerun_adds_nothing(populated, db):
     code, out, _ = populated.first
     assert code == 0 and "2 spectra fitted" in out
     code, out, _ = populated.second
-    assert code == 0 and "4 spectra fitted" in out and "2 failed" in out and "spectra/s" in out
+    assert code == 0 and "4 spectra fitted" in out and "2 bad" in out and "spectra/s" in out
     assert populated.third[0] == 0 and "0 spectra fitted" in populated.third[1]
     assert ThePayne.select().count() == SpectrumRecord.select().count() == 6
     assert ThePayne.select(ThePayne.spectrum_pk).distinct().count() == 6
