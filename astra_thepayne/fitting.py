@@ -361,12 +361,6 @@ class PayneFitter:
             raise _NotEnoughPixels(f"only {int(used.sum())} usable pixels for {n_params} parameters")
         return problem
 
-    def _fit_velocity(self, prepared, start, v_guess):
-        """Labels and velocity, without the continuum correction, from the global start."""
-        problem = self._problem(prepared, joint=False)
-        solution = yield from self._solve(problem, np.append(start, v_guess / problem.v_scale))
-        return problem, solution
-
     def _solve(self, problem, start, coarse=False):
         """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`astra_thepayne.solver.minimise`)."""
         lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
