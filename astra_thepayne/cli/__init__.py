@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import signal
 import sys
 
 import click
@@ -62,70 +61,9 @@ class _LazyGroup(click.Group):
 def cli(ctx, database_url, verbose):
     """The Payne: neural-network stellar labels for APOGEE spectra."""
     ctx.ensure_object(dict)
-    _keep_ctrl_c_from_workers()
     ctx.obj["database_url"] = database_url
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-_SPAWNED: list = []  # process ids of the workers this process started
-
-
-def _stop_workers():
-    """After Ctrl-C: end every worker still running, silently (SIGTERM), and reap it.
-
-    A pool interrupted while it starts its workers does not stop the ones already started (the standard library's
-    ``Pool`` cleans up on Exception only); left alone they print tracebacks once the main process is gone.
-    """
-    import os
-
-    for pid in _SPAWNED:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            continue
-    import time
-
-    deadline = time.monotonic() + 10.0
-    for pid in _SPAWNED:
-        while True:
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # already reaped by multiprocessing
-                break
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-    _SPAWNED.clear()
-
-
-def _keep_ctrl_c_from_workers():
-    """Start worker processes with SIGINT blocked, so that Ctrl-C reaches the main process only.
-
-    The terminal sends SIGINT to every process of its foreground group: workers of the fitting pools raised
-    KeyboardInterrupt (tracebacks) and the pool could hang. A signal mask is inherited through fork and exec, and
-    Python leaves it as it is, so a worker started while SIGINT is blocked never sees Ctrl-C; the main process
-    then stops the pool (SIGTERM) as it unwinds. Only the thread that starts a worker blocks SIGINT, and only
-    while it does, so the main process still gets every Ctrl-C.
-    """
-    from multiprocessing import util
-
-    original = getattr(util, "spawnv_passfds", None)
-    if original is None or getattr(original, "_thepayne", False) or not hasattr(signal, "pthread_sigmask"):
-        return
-
-    def spawnv_passfds(*args, **kwargs):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            pid = original(*args, **kwargs)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        if not any("resource_tracker" in str(arg) for arg in (args[1] if len(args) > 1 else ())):
-            _SPAWNED.append(pid)  # the resource tracker ignores SIGTERM and ends by itself after the main process
-        return pid
-
-    spawnv_passfds._thepayne = True
-    util.spawnv_passfds = spawnv_passfds
 
 
 _RESUME = {
@@ -205,7 +143,6 @@ def main(argv=None) -> int:
         return exc.exit_code
     except click.exceptions.Abort as exc:
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            _stop_workers()
             click.echo(_interrupted_message(argv if argv is not None else sys.argv[1:]), err=True)
             return 130
         click.echo("Aborted.", err=True)
@@ -222,7 +159,6 @@ def main(argv=None) -> int:
         click.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        _stop_workers()
         click.echo(_interrupted_message(argv if argv is not None else sys.argv[1:]), err=True)
         return 130
     except Exception as exc:
