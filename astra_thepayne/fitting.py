@@ -13,9 +13,11 @@ from a chi2 scan over the allowed velocities against the best bank match.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_m
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
-from .preprocess import to_apstar_grid
+from .preprocess import median_snr, to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
@@ -197,7 +199,7 @@ class PayneFitter:
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
             norm_ivar = np.where(usable, ivar * continuum**2, 0.0)
-        snr = float(spectrum.snr) if np.isfinite(spectrum.snr) else _median_snr(flux, ivar)
+        snr = float(spectrum.snr) if np.isfinite(spectrum.snr) else median_snr(flux, ivar)
         return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr)
 
     # -- fitting ------------------------------------------------------------------------------------------------
@@ -223,12 +225,11 @@ class PayneFitter:
             return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
         try:
             best = None
-            for start, v_guess in (yield from self._global_start(spectrum, prepared, initial_labels)):
+            by_shift = {0: prepared}  # the spectrum normalised with its continuum pixels moved by whole pixels
+            for start, v_guess in (yield from self._global_start(spectrum, by_shift, initial_labels)):
                 candidate = prepared
                 if self.v_rad_tolerance > 0:
-                    shift = int(np.round(pixel_shift(v_guess)))
-                    if shift:  # continuum pixels are chosen in the model's rest frame: move them with the star
-                        candidate = self.prepare(spectrum, continuum_shift=shift)
+                    candidate = self._moved(spectrum, by_shift, v_guess)
                     start = np.append(start, v_guess / (2.0 * self.v_rad_tolerance))
                 problem = self._problem(candidate, joint=self.joint_continuum)
                 # with several starts, each goes only as far as the basin's floor; the best is then finished
@@ -249,12 +250,20 @@ class PayneFitter:
             self._layer.segments = self._segments
         return self._layer.bank
 
-    def _global_start(self, spectrum, prepared, initial_labels):
+    def _moved(self, spectrum, by_shift, v_rel):
+        """The spectrum prepared with the continuum pixels moved with a star at ``v_rel``: they are chosen in the
+        model's rest frame, and lines would otherwise slide onto them. Kept per whole-pixel shift in ``by_shift``."""
+        shift = int(np.round(pixel_shift(v_rel)))
+        if shift not in by_shift:
+            by_shift[shift] = self.prepare(spectrum, continuum_shift=shift)
+        return by_shift[shift]
+
+    def _global_start(self, spectrum, by_shift, initial_labels):
         """Starting points ``[(scaled labels, velocity in km/s), ...]`` in the basins of the lowest minima: the best
         ``n_starts`` distinct matches in the model bank (:mod:`astra_thepayne.model_bank`); with a free velocity,
         the velocity that best matches the first of them, the bank matched again with the spectrum moved to the
         rest frame, and the velocity of the best new match. ``initial_labels`` replace the bank (one start)."""
-        y, weight = self._data(prepared)
+        y, weight = self._data(by_shift[0])
         if initial_labels is not None:
             x0 = self._start(initial_labels)
             v = self._velocity_scan(self.emulator.predict(x0), y, weight) if self.v_rad_tolerance > 0 else 0.0
@@ -264,8 +273,7 @@ class PayneFitter:
             return [(x0, 0.0) for x0, _ in starts]
         v = self._velocity_scan(starts[0][1], y, weight)
         shift = int(np.round(pixel_shift(v)))
-        if shift:
-            y, weight = self._data(self.prepare(spectrum, continuum_shift=shift))
+        y, weight = self._data(self._moved(spectrum, by_shift, v))
         starts = yield from self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
         # the best match's velocity starts every local fit; each fit then finds its own
         v = self._velocity_scan(starts[0][1], y, weight)
@@ -437,8 +445,14 @@ class PayneFitter:
         saved = {v: os.environ.get(v) for v in _THREAD_VARIABLES}
         os.environ.update({v: "1" for v in _THREAD_VARIABLES})  # read by the spawned workers' BLAS at import
         try:
+            from multiprocessing import resource_tracker
+
             context = multiprocessing.get_context("spawn")
-            with context.Pool(processes, initializer=_init_worker, initargs=(self,)) as pool:
+            # started first: starting it later unblocks SIGINT (its own start blocks and then unblocks the signal)
+            resource_tracker.ensure_running()
+            with _ctrl_c_held():  # workers inherit the blocked SIGINT: Ctrl-C reaches this process alone
+                pool = context.Pool(processes, initializer=_init_worker, initargs=(self,))
+            with pool:  # on Ctrl-C (KeyboardInterrupt here) the pool terminates its workers on the way out
                 for results in pool.imap(_fit_in_worker, ((batch, initial_labels) for batch in chunks)):
                     yield from results
         finally:
@@ -447,6 +461,22 @@ class PayneFitter:
                     os.environ.pop(variable, None)
                 else:
                     os.environ[variable] = value
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """SIGINT blocked in this thread while a pool starts its workers. The terminal sends Ctrl-C to every process of
+    its foreground group: workers raised KeyboardInterrupt (tracebacks) and a pool interrupted while starting left
+    workers behind. A signal mask is inherited through fork and exec, so workers started now never see Ctrl-C, and
+    one pressed meanwhile is delivered to this process when the mask is restored, after the pool exists."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def batches(items, size):
@@ -485,11 +515,6 @@ def misfit(reduced_chi2, snr):
     if not (np.isfinite(reduced_chi2) and np.isfinite(snr) and snr > 0):
         return 0.0
     return float(np.sqrt(max(reduced_chi2 - 1.0, 0.0)) / snr)
-
-
-def _median_snr(flux, ivar):
-    good = ivar > 0
-    return float(np.median(np.abs(flux[good]) * np.sqrt(ivar[good]))) if good.any() else float("nan")
 
 
 def _covariance(normal_matrix):

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grid import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .grid import APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
-__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "chip_bad_fractions",
-           "CHIP_NAMES"]
+__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr"]
 
 _APSTAR_WAVELENGTH = apstar_wavelength()
-#: The three chips of the model grid, in ascending wavelength (MODEL_SEGMENTS order).
-CHIP_NAMES = ("blue", "green", "red")
 
 
 def good_pixels(flux, ivar, pixel_flags, pixel_flag_mask):
@@ -142,20 +139,7 @@ def median_snr(flux, ivar, pixels=None):
     definition of the DRP's apStar ``SNR`` card. NaN without usable pixels."""
     flux, ivar = np.asarray(flux, dtype=float), np.asarray(ivar, dtype=float)
     if pixels is None:
-        pixels = np.concatenate([np.arange(a, b) for a, b in MODEL_SEGMENTS])
+        pixels = MODEL_TO_APSTAR
     f, i = flux[pixels], ivar[pixels]
     usable = np.isfinite(f) & np.isfinite(i) & (i > 0)
     return float(np.median(np.abs(f[usable]) * np.sqrt(i[usable]))) if usable.any() else float("nan")
-
-
-def chip_bad_fractions(ivar, ignore=None):
-    """Fraction of each chip's model pixels (blue, green, red) without weight, not counting the pixels a model mask
-    ``ignore`` (apStar grid, True = ignore) removes anyway."""
-    ivar = np.asarray(ivar, dtype=float)
-    fractions = []
-    for a, b in MODEL_SEGMENTS:
-        considered = np.ones(b - a, dtype=bool) if ignore is None else ~np.asarray(ignore[a:b], dtype=bool)
-        n = int(np.count_nonzero(considered))
-        bad = np.count_nonzero(considered & ~(ivar[a:b] > 0))
-        fractions.append(float(bad / n) if n else float("nan"))
-    return tuple(fractions)

@@ -30,12 +30,7 @@ def doppler_shift(model_wavelength, model_flux, wavelength, v_rel, interpolation
     from scipy.interpolate import make_interp_spline
 
     log_model, log_rest = np.log(model_wavelength), np.log(rest)
-    spline = make_interp_spline(log_model, model_flux, k=degree) if degree == 5 else None
-    if spline is None:
-        from scipy.interpolate import CubicSpline
-
-        spline = CubicSpline(log_model, model_flux)
-    flux = spline(np.clip(log_rest, log_model[0], log_model[-1]))
+    flux = make_interp_spline(log_model, model_flux, k=degree)(np.clip(log_rest, log_model[0], log_model[-1]))
     return np.where((log_rest >= log_model[0]) & (log_rest <= log_model[-1]), flux, np.nan)
 
 
