@@ -21,9 +21,10 @@ import numpy as np
 
 from astra_thepayne.emulator import PayneEmulator
 from astra_thepayne.labels import LABELS
+from astra_thepayne.model_bank import default_cache_dir
 
 NAMES = ("line", "kurucz5", "kurucz25")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "astra_thepayne"
+CACHE = default_cache_dir()  # the model banks' folder
 _RECIPE = "kurucz25-v1"  # part of the cache key: change it when the construction below changes
 
 #: Lines per extra label of kurucz25 (weak, localised responses), and their full-range depth.
