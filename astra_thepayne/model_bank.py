@@ -69,7 +69,11 @@ class ModelBank:
         try:
             points = np.load(points_path, allow_pickle=False)
             flux = np.load(flux_path, mmap_mode="r", allow_pickle=False)
-            if flux.shape == (len(points), emulator.n_pixels) and flux.dtype == np.float32:
+            # a cache file is input like any other: the wrong shape, labels off the box or non-finite flux
+            # (truncated, edited, another network's) mean building the bank again
+            if (points.shape == (len(points), emulator.n_labels) and points.dtype == np.float64
+                    and flux.shape == (len(points), emulator.n_pixels) and flux.dtype == np.float32
+                    and np.all(np.abs(points) <= 0.5) and np.isfinite(flux).all()):
                 return cls(points, flux)
         except (OSError, ValueError):
             pass

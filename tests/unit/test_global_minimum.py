@@ -231,6 +231,17 @@ def test_model_bank_is_cached_by_network_and_shared_read_only(network, tmp_path)
     assert np.all(np.abs(first.points) <= 0.5)
     ModelBank.for_emulator(network, 128, tmp_path)
     assert len(list(tmp_path.iterdir())) == 4
+    # a damaged cache (garbage, an object array, NaN flux, labels of another network) is rebuilt, not used
+    flux_file = next(tmp_path.glob("*-256.flux.npy"))
+    points_file = next(tmp_path.glob("*-256.points.npy"))
+    for damage in (lambda: flux_file.write_bytes(b"garbage"),
+                   lambda: np.save(flux_file, np.array([{"x": 1}], dtype=object), allow_pickle=True),
+                   lambda: np.save(flux_file, np.full(first.flux.shape, np.nan, dtype=np.float32)),
+                   lambda: np.save(points_file, np.zeros((256, 2)))):
+        damage()
+        rebuilt = ModelBank.for_emulator(network, 256, tmp_path)
+        np.testing.assert_allclose(rebuilt.flux, first.flux, rtol=0, atol=0)
+        assert rebuilt.points.shape == first.points.shape
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert ModelBank.for_emulator(network, 64, blocked / "cache").flux.shape == (64, network.n_pixels)
