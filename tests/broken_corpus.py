@@ -27,7 +27,7 @@ __all__ = [
 #: Cases that ``read_spectra`` rejects with ``SpectrumFileError``.
 UNREADABLE = frozenset({
     "truncated", "truncated_header", "truncated_gzip", "wrong_shapes", "empty", "other_instrument", "text_as_fits",
-    "header_only",
+    "header_only", "short_spectra",
 })
 #: Cases that read fine but whose every spectrum has ivar 0 everywhere.
 NO_INFORMATION = frozenset({"nan_flux", "zero_ivar", "nan_error"})
@@ -64,7 +64,9 @@ def make_broken_corpus(folder, good_file) -> dict[str, Path]:
         ``nan_flux``: every flux NaN. ``zero_ivar``: every error 0 in even rows and +inf in odd rows.
         ``nan_error``: every error NaN. ``truncated``: the first half of the file's bytes.
         ``truncated_header``: cut inside the primary header. ``truncated_gzip``: the first half of the gzipped
-        file. ``wrong_shapes``: the error HDU has fewer pixels than the flux HDU. ``empty``: 0 bytes.
+        file. ``wrong_shapes``: the error HDU has fewer pixels than the flux HDU.
+        ``short_spectra``: every array cut, consistently, to its first 1000 pixels (a valid-looking file with far
+        fewer pixels than its format has). ``empty``: 0 bytes.
         ``other_instrument``: a valid FITS image and table of another instrument (HST/WFC3 headers).
         ``text_as_fits``: a text file named .fits. ``header_only``: a valid FITS file with a primary header that
         looks like an apStar's and no extensions.
@@ -94,6 +96,16 @@ def make_broken_corpus(folder, good_file) -> dict[str, Path]:
     files["zero_ivar"] = _modified_copy(good_file, folder / f"{stem}-zero-ivar.fits", set_error_zero_inf)
     files["nan_error"] = _modified_copy(good_file, folder / f"{stem}-nan-error.fits", set_error_nan)
     files["wrong_shapes"] = _modified_copy(good_file, folder / f"{stem}-wrong-shapes.fits", cut_error_pixels)
+
+    def keep_first_pixels(hdul, n=1000):
+        shape = hdul[1].data.shape
+        for hdu in hdul[1:5]:
+            if hdu.data is not None and hdu.data.shape == shape:
+                hdu.data = np.ascontiguousarray(hdu.data[..., :n])
+        if "NWAVE" in hdul[0].header:
+            hdul[0].header["NWAVE"] = n
+
+    files["short_spectra"] = _modified_copy(good_file, folder / f"{stem}-short.fits", keep_first_pixels)
 
     data = good_file.read_bytes()
     files["truncated"] = folder / f"{stem}-truncated.fits"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..grid import APSTAR_NPIX
 from ..spectrum import Spectrum
 from .base import (
     SpectrumFileError,
@@ -98,8 +99,9 @@ class ApStarReader(SpectrumReader):
                 path, f"apStar flux {flux.shape}, error {error.shape} and bitmask {mask.shape} shapes differ"
             )
         nrow, npix = flux.shape
-        if npix < 2:
-            raise SpectrumFileError(path, f"apStar spectra have {npix} pixels")
+        if npix != APSTAR_NPIX:
+            # a cut or foreign array would otherwise be fitted on the pixels it has, and give a clean-looking row
+            raise SpectrumFileError(path, f"apStar spectra have {npix} pixels; the format has {APSTAR_NPIX}")
         wavelength = log_linear_wavelength(hdul[1].header, npix, fallback=primary)
         if wavelength is None:
             raise SpectrumFileError(path, "apStar file has no numeric CRVAL1/CDELT1 wavelength solution")

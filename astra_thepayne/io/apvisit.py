@@ -35,6 +35,8 @@ from .base import (
 
 __all__ = ["ApVisitReader", "apvisit_v_rel"]
 
+APVISIT_SHAPE = (3, 4096)  # chips, pixels per chip
+
 
 def apvisit_v_rel(primary, table=None) -> float:
     """Velocity (km/s) of the star relative to the observer for an apVisit header (see the module docstring)."""
@@ -77,6 +79,8 @@ class ApVisitReader(SpectrumReader):
                 path, f"apVisit flux {flux.shape}, error {error.shape}, mask {mask.shape} and wavelength "
                 f"{wavelength.shape} shapes differ"
             )
+        if flux.shape != APVISIT_SHAPE:
+            raise SpectrumFileError(path, f"apVisit arrays are {flux.shape}; the format has {APVISIT_SHAPE} (chips, pixels)")
         wavelength = wavelength.astype(np.float64).ravel()
         if not np.all(np.isfinite(wavelength) & (wavelength > 0)):
             raise SpectrumFileError(path, "apVisit wavelength (HDU4) has non-finite or non-positive values")

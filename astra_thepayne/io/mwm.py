@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..grid import APSTAR_NPIX
 from ..spectrum import Spectrum
 from .base import (
     SpectrumFileError,
@@ -102,6 +103,9 @@ class _MWMReader(SpectrumReader):
                     path, f"{cls.format_name} HDU{index} flux {flux.shape}, ivar {ivar.shape} and pixel_flags "
                     f"{flags.shape} shapes differ"
                 )
+            if flux.shape[1] != APSTAR_NPIX:
+                raise SpectrumFileError(path, f"{cls.format_name} HDU{index} spectra have {flux.shape[1]} pixels; the "
+                                        f"format has {APSTAR_NPIX}")
             wavelength = _wavelength(hdu.header, flux.shape[1], path, index)
             extname = header_str(hdu.header, "EXTNAME").upper()
             for row in range(flux.shape[0]):

@@ -137,6 +137,17 @@ def test_apvisit_one_spectrum_ascending_wavelength(apogee_data_dir, name):
     assert np.all(np.isfinite(s.flux)) and np.all(s.ivar >= 0)
 
 
+def test_apvisit_with_fewer_pixels_than_its_format_is_refused(apogee_data_dir, tmp_path):
+    # consistent shapes and a valid wavelength array, but 1000 pixels per chip: never a clean-looking row
+    with fits.open(apogee_data_dir / VISIT_1) as hdul:
+        hdus = [hdu.copy() for hdu in hdul]
+    for hdu in hdus[1:5]:
+        hdu.data = np.ascontiguousarray(hdu.data[:, :1000])
+    fits.HDUList(hdus).writeto(tmp_path / "apVisit-short.fits")
+    with pytest.raises(SpectrumFileError, match=r"apVisit arrays are \(3, 1000\); the format has \(3, 4096\)"):
+        read_spectra(tmp_path / "apVisit-short.fits")
+
+
 def test_apvisit_velocities_of_the_real_files(apogee_data_dir):
     assert read_spectra(apogee_data_dir / VISIT_1)[0].v_rel_known == pytest.approx(-44.4206)
     assert read_spectra(apogee_data_dir / VISIT_2)[0].v_rel_known == pytest.approx(-67.472)
@@ -197,7 +208,7 @@ def test_unreadable_files_raise_one_line_naming_the_file(corpus, case):
     assert "\n" not in message and message.startswith(str(path) + ": ")
     assert info.value.path == str(path) and info.value.reason
     assert isinstance(info.value, ValueError)
-    if case == "wrong_shapes":
+    if case in ("wrong_shapes", "short_spectra"):
         assert detect_format(path) == "apStar"  # the layout is an apStar's; the shapes are checked on reading
     else:
         with pytest.raises(SpectrumFileError):
@@ -208,7 +219,7 @@ def test_unreadable_files_raise_one_line_naming_the_file(corpus, case):
     ("truncated", "truncated"), ("truncated_gzip", "truncated"), ("empty", "empty"),
     ("text_as_fits", "not a FITS file"),
     ("other_instrument", "not a recognised APOGEE"), ("wrong_shapes", "shapes differ"),
-    ("header_only", "not a recognised APOGEE"),
+    ("header_only", "not a recognised APOGEE"), ("short_spectra", "have 1000 pixels; the format has 8575"),
 ])
 def test_unreadable_files_say_what_is_wrong(corpus, case, words):
     with pytest.raises(SpectrumFileError, match=words):

@@ -90,6 +90,24 @@ def test_mwmstar_wrong_pixel_count(apstar, tmp_path):
     assert str(info.value).startswith(str(tmp_path / "bad.fits") + ": ")
 
 
+def test_mwmstar_with_fewer_pixels_than_its_format_is_refused(apstar, tmp_path):
+    path = write_mwm_file(tmp_path / "star.fits", apstar, apo_rows=(0,))
+    with fits.open(path) as hdul:
+        hdus = [hdu.copy() for hdu in hdul]
+        columns = []
+        for c in hdul[3].columns:
+            values = hdul[3].data[c.name]
+            is_spectrum = values.ndim == 2 and values.shape[1] == 8575
+            columns.append(fits.Column(name=c.name, format=f"1000{c.format[-1]}" if is_spectrum else c.format,
+                                       array=values[:, :1000] if is_spectrum else values))
+        short = fits.BinTableHDU.from_columns(columns, header=hdul[3].header.copy())
+    short.header["NPIXELS"] = 1000
+    hdus[3] = short
+    fits.HDUList(hdus).writeto(tmp_path / "short.fits")
+    with pytest.raises(SpectrumFileError, match="have 1000 pixels; the format has 8575"):
+        read_spectra(tmp_path / "short.fits")
+
+
 # --- mwmVisit -----------------------------------------------------------------------------------------------------
 
 def test_mwmvisit_rest_frame_visits(apstar, tmp_path):
