@@ -113,7 +113,8 @@ class PayneFitter:
         Continuum pixels (see :func:`load_pixel_array`); default :func:`continuum_pixels_from_model`.
     opt_tolerance : float
         The fit ends when a full Gauss-Newton step would lower chi2 by less than this (absolute, in chi2 units), or
-        when the step is below it relative to the parameters (SciPy's ``xtol`` rule).
+        when a step moves no label by more than ``sqrt(opt_tolerance)`` of its sigma (0.022 sigma by default); see
+        :func:`astra_thepayne.solver.minimise`.
     v_rad_tolerance : float
         Largest |v_rel| (km/s) fitted; 0 disables the radial velocity.
     pixel_flag_mask : int
@@ -374,7 +375,7 @@ class PayneFitter:
         lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
         try:
             solution = yield from minimise(problem, start, lower, -lower, tolerance=self.opt_tolerance,
-                                           x_tolerance=self.opt_tolerance, coarse=coarse)
+                                           x_tolerance=np.sqrt(self.opt_tolerance), coarse=coarse)
         except SolverFailure as exc:
             raise _OptimiserFailure(f"optimiser stopped: {exc}") from None
         if not np.all(np.isfinite(solution.x)):

@@ -317,7 +317,7 @@ class PayneProblem:
         self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
         self._p = self._previous = None  # evaluated states: the current point and the one before
         self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
-        self._hidden_cross = None
+        self._hidden_cross = self._approximate_blocks = None
         # the continuum basis by region, with each region's columns placed among the problem's coefficients
         position = {int(c): i for i, c in enumerate(design_columns)} if design_columns is not None else {}
         self._regions = [(rows, np.array([position[int(c)] for c in columns]), basis, products)
@@ -432,7 +432,18 @@ class PayneProblem:
                     self._pattern_matrix = p.exact_matrix if constant_weights else None
             return p.exact_matrix
         m = self._jacobian_of_hidden()
-        labels_block = m.T.astype(np.float64) @ (self._gram @ m)
+        if self._approximate_blocks is None:
+            # the label blocks depend on the activation pattern alone (the block weights and the kept cross
+            # products are fixed for the problem), so they are made once per pattern
+            if self.n_design and self._hidden_cross is None:
+                # what the label-continuum block takes from the model changes little over a fit, and only the
+                # speed of convergence depends on it here: it is computed at the first point and kept
+                weights = self.weight**2 * p.flux * p.c
+                self._hidden_cross = self.layer.approximate_cross(weights, self.design_columns)
+            m64 = m.T.astype(np.float64)
+            self._approximate_blocks = (m64 @ (self._gram @ m),
+                                        m64 @ self._hidden_cross if self.n_design else None)
+        labels_block, cross = self._approximate_blocks
         if not self.v_scale and not self.n_design:
             return labels_block
         k, n_v = self.n_labels, int(bool(self.v_scale))
@@ -440,12 +451,6 @@ class PayneProblem:
         matrix = np.empty((n, n))
         matrix[:k, :k] = labels_block
         if self.n_design:
-            # what the label-continuum block takes from the model changes little over a fit, and only the speed
-            # of convergence depends on it here: it is computed at the first point and kept
-            if self._hidden_cross is None:
-                weights = self.weight**2 * p.flux * p.c
-                self._hidden_cross = self.layer.approximate_cross(weights, self.design_columns)
-            cross = m.T.astype(np.float64) @ self._hidden_cross
             matrix[:k, k + n_v:], matrix[k + n_v:, :k] = cross, cross.T
             matrix[k + n_v:, k + n_v:] = p.continuum_matrix
         if self.v_scale:  # one column: exact, two matrix-vector products
@@ -455,7 +460,8 @@ class PayneProblem:
                                                                      (yield ("transpose", u)).astype(np.float64))
             matrix[k, k] = column @ column
             if self.n_design:
-                matrix[k, k + 1:] = matrix[k + 1:, k] = column @ self._continuum_columns()
+                # (w f D)^T column without forming w f D
+                matrix[k, k + 1:] = matrix[k + 1:, k] = (column * self.weight * p.flux) @ self.design
         return self._profiled(matrix)
 
     def _profiled(self, matrix):
@@ -489,5 +495,5 @@ class PayneProblem:
                                                                                  strict=True)):
             self._pattern = tuple(s.copy() for s in self._p.slopes)
             self._hidden_jacobian = self.emulator.hidden_jacobian(self._p.slopes, np.float32)
-            self._product = self._pattern_matrix = None
+            self._product = self._pattern_matrix = self._approximate_blocks = None
         return self._hidden_jacobian

@@ -52,16 +52,18 @@ class SolverFailure(RuntimeError):
     pass
 
 
-def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_tolerance=5e-4,
+def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_tolerance=0.02,
              max_evaluations=None, coarse=False):
     """Minimise ``problem.chi2`` within ``lower <= x <= upper`` from ``x0``; a generator that passes on the
     problem's requests and returns a :class:`Solution`.
 
-    Stops, with the exact Gauss-Newton matrix in use, when an accepted step lowered chi2 by less than ``tolerance``
-    (absolute, in chi2 units) with a reliable model (SciPy's ``ftol`` rule, made absolute), when a full
-    Gauss-Newton step would lower it by less than that, or when the step falls below
-    ``x_tolerance * (x_tolerance + |x|)`` (SciPy's ``xtol`` rule; it also ends fits that sit on a kink of a
-    piecewise-linear network). With ``coarse``, returns instead as soon as the fit is near a minimum (where the
+    Stops, with the exact Gauss-Newton matrix in use, when a full Gauss-Newton step would lower chi2 by less than
+    ``tolerance`` (absolute, in chi2 units: that step is then shorter than ``sqrt(tolerance)`` in the metric of the
+    inverse covariance, so no parameter is further than ``sqrt(tolerance)`` of its sigma from the minimum of the
+    quadratic model), when an accepted step lowered chi2 by less than ``tolerance`` with a reliable model (SciPy's
+    ``ftol`` rule, made absolute), or when a step is shorter than ``x_tolerance`` in that same metric (every
+    parameter moved by less than ``x_tolerance`` of its sigma; it ends fits that sit on a kink of a
+    piecewise-linear network, where steps fail until the trust region is that small). With ``coarse``, returns instead as soon as the fit is near a minimum (where the
     exact matrix would take over), with ``normal_matrix`` None: enough to compare starting points. Raises
     :class:`SolverFailure` when chi2 is not finite at the start or the evaluation budget (default 100 per parameter,
     as SciPy) runs out.
@@ -117,8 +119,12 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
                 radius = 0.25 * step_h_norm
             elif ratio > 0.75 and step_h_norm > 0.95 * radius:
                 radius *= 2.0
-            if np.linalg.norm(trial - x) < x_tolerance * (x_tolerance + np.linalg.norm(x)):
-                stop = "step below the x tolerance"
+            moved = trial - x
+            if moved @ matrix @ moved < x_tolerance**2:
+                # the step is below x_tolerance in the metric of J^T J, the inverse covariance: no parameter
+                # moved by more than x_tolerance of its own sigma (Cauchy-Schwarz); on a kink of a piecewise-linear
+                # network, where steps fail until the trust region is that small, the minimum is that close
+                stop = "step below the x tolerance (in sigma)"
                 break
             if 2 * reduction < tolerance and ratio > 0.25:
                 stop = "chi2 decrease below the tolerance"

@@ -162,8 +162,10 @@ def test_fit_batch_in_lockstep_matches_one_at_a_time(toy_emulator, fitter):
     alone = [fitter.fit(s) for s in spectra]
     assert [r.success for r in together] == [True, True, False, True, True, True]
     for a, b in zip(together, alone, strict=True):
-        # a float32 product of several columns at once rounds differently from one of a single column (~1e-7)
-        np.testing.assert_array_less(np.abs(a.labels - b.labels), 1e-3 * b.raw_e)
+        # a float32 product of several columns at once rounds differently from one of a single column (~1e-7);
+        # near a kink of the toy network that may end the fit a step earlier or later, within the stopping rule's
+        # precision (0.02 sigma; seen: 1.4e-3 sigma on one x86_64 CPU, below 1e-3 on another)
+        np.testing.assert_array_less(np.abs(a.labels - b.labels), 2e-2 * b.raw_e)
         np.testing.assert_allclose(a.raw_e, b.raw_e, rtol=1e-4)
     assert all(r.seconds > 0 for r in together)
 
