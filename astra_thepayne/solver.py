@@ -63,8 +63,9 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
     quadratic model), when an accepted step lowered chi2 by less than ``tolerance`` with a reliable model (SciPy's
     ``ftol`` rule, made absolute), or when a step is shorter than ``x_tolerance`` in that same metric (every
     parameter moved by less than ``x_tolerance`` of its sigma; it ends fits that sit on a kink of a
-    piecewise-linear network, where steps fail until the trust region is that small). With ``coarse``, returns instead as soon as the fit is near a minimum (where the
-    exact matrix would take over), with ``normal_matrix`` None: enough to compare starting points. Raises
+    piecewise-linear network, where steps fail until the trust region is that small). With ``coarse``, returns
+    instead as soon as the fit is near a minimum (where the exact matrix would take over), with ``normal_matrix``
+    None: enough to compare starting points. Raises
     :class:`SolverFailure` when chi2 is not finite at the start or the evaluation budget (default 100 per parameter,
     as SciPy) runs out.
     """

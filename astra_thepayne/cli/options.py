@@ -24,7 +24,8 @@ def fit_options(function=None, *, forwarded=False):
         click.option("--v-rad-tolerance", type=click.FloatRange(min=0), **({"default": 0.0} | numeric),
                      help="Radial velocity bound in km/s; 0 = not fitted."),
         click.option("--opt-tolerance", type=click.FloatRange(min=0, min_open=True), **({"default": 5e-4} | numeric),
-                     help="Optimiser tolerance (xtol; chi2 change, see docs/science.md)."),
+                     help="Predicted chi2 decrease at which the fit ends: labels are then within its square "
+                          "root of their sigma (see docs/science.md)."),
     ]):
         function = decorator(function)
     return function

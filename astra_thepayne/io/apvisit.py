@@ -80,7 +80,8 @@ class ApVisitReader(SpectrumReader):
                 f"{wavelength.shape} shapes differ"
             )
         if flux.shape != APVISIT_SHAPE:
-            raise SpectrumFileError(path, f"apVisit arrays are {flux.shape}; the format has {APVISIT_SHAPE} (chips, pixels)")
+            raise SpectrumFileError(path, f"apVisit arrays are {flux.shape}; the format has {APVISIT_SHAPE} "
+                                    "(chips, pixels)")
         wavelength = wavelength.astype(np.float64).ravel()
         if not np.all(np.isfinite(wavelength) & (wavelength > 0)):
             raise SpectrumFileError(path, "apVisit wavelength (HDU4) has non-finite or non-positive values")
