@@ -72,9 +72,10 @@ class Shift:
 
     def __init__(self, segments, shift):
         n = int(np.floor(shift))
-        self.shift, self.frac = float(shift), float(shift - n)
+        self.shift, self.frac, self.whole = float(shift), float(shift - n), n
         self.weights, self.slopes = _bspline_weights(self.frac)
         segments = tuple(map(tuple, segments))
+        self.segments = segments
         self.taps = _spline_taps(segments, n)
         self.size = len(self.taps[0])
         self._factor = _spline_factor(segments)
@@ -91,8 +92,23 @@ class Shift:
         return self._taps(self.weights, coefficients)
 
     def _taps(self, factors, c):
-        return (factors[0] * c[self.taps[0]] + factors[1] * c[self.taps[1]] + factors[2] * c[self.taps[2]]
-                + factors[3] * c[self.taps[3]])
+        if c.ndim == 1:  # gathers: quickest for one vector
+            return (factors[0] * c[self.taps[0]] + factors[1] * c[self.taps[1]] + factors[2] * c[self.taps[2]]
+                    + factors[3] * c[self.taps[3]])
+        # a matrix (the Jacobian's columns): contiguous slices of each segment padded with its end values (the
+        # clamping of the taps), five times quicker than gathering rows
+        out = np.empty(c.shape, dtype=c.dtype)
+        pad = abs(self.whole) + 3
+        for start, stop in self.segments:
+            segment, length = c[start:stop], stop - start
+            padded = np.concatenate([np.repeat(segment[:1], pad, 0), segment, np.repeat(segment[-1:], pad, 0)])
+            base = pad - self.whole
+            acc = factors[0] * padded[base + 1:base + 1 + length]
+            acc += factors[1] * padded[base:base + length]
+            acc += factors[2] * padded[base - 1:base - 1 + length]
+            acc += factors[3] * padded[base - 2:base - 2 + length]
+            out[start:stop] = acc
+        return out
 
     def apply(self, values):
         """Shifted ``values`` (pixels along the first axis)."""
@@ -122,13 +138,19 @@ def _spline_factor(segments):
     d, e, info = lapack.dpttrf(bands[1].copy(), bands[0, 1:].copy())
     if info != 0:
         raise ValueError("spline system is not positive definite")
-    return d, e
+    return d, e, d.astype(np.float32), e.astype(np.float32)
 
 
 def _spline_solve(factor, values):
+    """The spline coefficients of ``values``: in float32 for float32 values (the output layer's products, whose
+    own rounding is no finer), in float64 otherwise."""
     from scipy.linalg import lapack
 
-    solution, info = lapack.dpttrs(factor[0], factor[1], np.asarray(values, dtype=np.float64))
+    values = np.asarray(values)
+    if values.dtype == np.float32:
+        solution, info = lapack.spttrs(factor[2], factor[3], values)
+    else:
+        solution, info = lapack.dpttrs(factor[0], factor[1], np.asarray(values, dtype=np.float64))
     if info != 0:
         raise ValueError("spline solve failed")
     return solution
