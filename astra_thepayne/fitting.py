@@ -27,7 +27,7 @@ from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_m
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
-from .preprocess import median_snr, to_apstar_grid
+from .preprocess import median_snr, model_grid_coverage, to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 _APSTAR_WAVELENGTH = apstar_wavelength()
 _AT_BOUND = 0.5 - 1e-3  # scaled-label distance from the bound that counts as "on the bound"
 _MIN_PIXELS_PER_PARAMETER = 5
+#: Fraction of the network's pixels a spectrum must sample (see ``preprocess.model_grid_coverage``).
+MIN_MODEL_COVERAGE = 0.9
 _DISTINCT = 0.25  # scaled-label distance between the bank matches that start separate local fits
 _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apStar pixel, about 4.1
 #: A fit whose model misses the spectrum by more than this rms fraction of the continuum (:func:`misfit`) has not
@@ -221,9 +223,15 @@ class PayneFitter:
     def _fit_steps(self, spectrum, initial_labels):
         """The fit of one spectrum as a generator of output-layer requests (see :meth:`fit`)."""
         try:
+            coverage = model_grid_coverage(spectrum, self.model_to_apstar)
             prepared = self.prepare(spectrum)
         except Exception as exc:
             return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
+        if coverage < MIN_MODEL_COVERAGE:
+            # a spectrum cut short would be fitted on the pixels it has and look clean
+            return self._failure(spectrum, f"the spectrum samples {coverage:.0%} of the network's pixels (at least "
+                                 f"{MIN_MODEL_COVERAGE:.0%} needed): cut short or on another wavelength grid",
+                                 prepared.snr, prepared)
         try:
             best = None
             by_shift = {0: prepared}  # the spectrum normalised with its continuum pixels moved by whole pixels

@@ -25,7 +25,7 @@ import numpy as np
 
 from .grid import APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
-__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr"]
+__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "model_grid_coverage"]
 
 _APSTAR_WAVELENGTH = apstar_wavelength()
 
@@ -131,6 +131,30 @@ def to_apstar_grid(spectrum, pixel_flag_mask, weights=None):
     finite = np.isfinite(wavelength)
     return resample(wavelength[finite], flux[finite], ivar[finite], good[finite], _APSTAR_WAVELENGTH,
                     _APSTAR_EDGES)
+
+
+def model_grid_coverage(spectrum, pixels=None):
+    """Fraction of the model pixels (default: the 7214 of the APOGEE model grid, as apStar indices) that the
+    spectrum samples: inside its wavelength range (rest frame) and not in a gap of more than three of its pixels.
+    1 for a spectrum on the apStar grid. A spectrum cut short covers less, however clean its pixels are."""
+    if pixels is None:
+        pixels = MODEL_TO_APSTAR
+    wavelength = np.asarray(spectrum.wavelength, dtype=float)
+    if (spectrum.rest_frame and len(wavelength) == APSTAR_NPIX
+            and np.allclose(wavelength, _APSTAR_WAVELENGTH, rtol=1e-9, atol=0)):
+        return 1.0
+    if not spectrum.rest_frame and np.isfinite(spectrum.v_rel_known):
+        wavelength = wavelength / (1.0 + spectrum.v_rel_known / SPEED_OF_LIGHT_KMS)
+    wavelength = np.sort(wavelength[np.isfinite(wavelength)])
+    if len(wavelength) < 2:
+        return 0.0
+    target = _APSTAR_WAVELENGTH[pixels]
+    after = np.searchsorted(wavelength, target)
+    inside = (after > 0) & (after < len(wavelength))
+    step = np.median(np.diff(wavelength))
+    gap = np.where(inside, wavelength[np.minimum(after, len(wavelength) - 1)] - wavelength[np.maximum(after - 1, 0)],
+                   np.inf)
+    return float(np.mean(inside & (gap <= 3 * step)))
 
 
 def median_snr(flux, ivar, pixels=None):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.labels import LABEL_NAMES, RESULT_FLAGS
+from astra_thepayne.labels import BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS
 from astra_thepayne.spectrum import Spectrum
 from astra_thepayne.synthetic import synthetic_spectrum
 
@@ -270,3 +270,18 @@ def test_velocity_and_continuum_derivatives_match_finite_differences(toy_emulato
     np.testing.assert_allclose(gradient, jac[:, :26].T @ residuals, rtol=1e-4, atol=1e-5 * np.abs(gradient).max())
     profiled = _run(joint, "normal_matrix", theta, True)
     np.testing.assert_allclose(np.linalg.inv(profiled), np.linalg.inv(jac.T @ jac)[:26, :26], rtol=1e-6)
+
+
+def test_a_spectrum_cut_short_is_a_failure_not_a_clean_row(toy_emulator, fitter):
+    """1000 apStar pixels given as an apStar coadd: fitted on what they have, they made a clean-looking row."""
+    full = synthetic_spectrum(toy_emulator, toy_emulator.unscale(np.zeros(25)), rng=3)
+    short = Spectrum(full.wavelength[:1000], full.flux[:1000], full.ivar[:1000], None, obj="short",
+                     spectrum_type="apstar_coadd")
+    result, whole = fitter.fit(short), fitter.fit(full)
+    assert not result.success and result.result_flags & BAD_RESULT_FLAGS
+    assert "samples 9% of the network's pixels" in result.message
+    assert whole.success and whole.result_flags & BAD_RESULT_FLAGS == 0
+    # the observed frame of a spectrum with a known velocity is taken into account
+    shifted = Spectrum(full.wavelength * (1 + 30 / 299792.458), full.flux, full.ivar, None, rest_frame=False,
+                       v_rel_known=30.0)
+    assert fitter.fit(shifted).success
