@@ -345,6 +345,16 @@ class PayneProblem:
         self._regions = [(rows, np.array([position[int(c)] for c in columns]), basis, products)
                          for rows, columns, basis, products in (layer.design_regions() if self.n_design else [])
                          if all(int(c) in position for c in columns)]
+        self._weighted_y = weight * y
+        # where the regions' blocks go in the continuum normal matrix, and whether they can be solved as one stack
+        sizes = {len(positions) for _, positions, _, _ in self._regions}
+        self._stacked = len(sizes) == 1 and sizes != {0}
+        if self._regions:
+            self._block_index = (np.concatenate([np.repeat(positions, len(positions))
+                                                 for _, positions, _, _ in self._regions]),
+                                 np.concatenate([np.tile(positions, len(positions))
+                                                 for _, positions, _, _ in self._regions]))
+            self._region_positions = np.concatenate([positions for _, positions, _, _ in self._regions])
 
     # -- parameters --------------------------------------------------------------------------------------------
     def velocity(self, theta):
@@ -379,18 +389,33 @@ class PayneProblem:
             # region's basis is zero outside it, so the normal matrix is block diagonal)
             p.g, p.c = np.zeros(self.n_design), np.ones_like(weighted)
             p.continuum_matrix = np.zeros((self.n_design, self.n_design))
+            blocks, sides = [], []
             for rows, positions, basis, products in self._regions:
                 w_f = weighted[rows]
-                block = ((w_f * w_f) @ products).reshape(len(positions), -1)
-                block += 1e-12 * (np.mean(np.diag(block)) or 1.0) * np.eye(len(block))
-                g = np.linalg.solve(block, basis.T @ (w_f * (self.weight[rows] * self.y[rows] - w_f)))
-                p.g[positions], p.c[rows] = g, 1.0 + basis @ g
-                p.continuum_matrix[np.ix_(positions, positions)] = block
+                blocks.append(((w_f * w_f) @ products).reshape(len(positions), -1))
+                sides.append(basis.T @ (w_f * (self._weighted_y[rows] - w_f)))
+            if blocks:
+                if self._stacked:  # one call for all regions: the per-call overhead is most of a 5 x 5 solve
+                    stack = np.stack(blocks)
+                    q = stack.shape[1]
+                    scale = np.trace(stack, axis1=1, axis2=2) / q
+                    stack[:, np.arange(q), np.arange(q)] += 1e-12 * np.where(scale != 0, scale, 1.0)[:, None]
+                    g = np.linalg.solve(stack, np.stack(sides)[..., None])[..., 0]
+                    blocks = list(stack)
+                else:
+                    g = []
+                    for block, side in zip(blocks, sides, strict=True):
+                        block += 1e-12 * (np.mean(np.diag(block)) or 1.0) * np.eye(len(block))
+                        g.append(np.linalg.solve(block, side))
+                p.g[self._region_positions] = np.concatenate([np.ravel(x) for x in g])
+                p.continuum_matrix[self._block_index] = np.concatenate([b.ravel() for b in blocks])
+                for rows, positions, basis, _ in self._regions:
+                    p.c[rows] = 1.0 + basis @ p.g[positions]
             p.continuum_columns = None  # made when an exact Jacobian asks for it
-            p.r = weighted * p.c - self.weight * self.y
+            p.r = weighted * p.c - self._weighted_y
         else:
             p.c = None
-            p.r = weighted - self.weight * self.y
+            p.r = weighted - self._weighted_y
         self._p, self._previous = p, self._p
 
     def chi2(self, theta):
@@ -462,9 +487,9 @@ class PayneProblem:
                 # speed of convergence depends on it here: it is computed at the first point and kept
                 weights = self.weight**2 * p.flux * p.c
                 self._hidden_cross = self.layer.approximate_cross(weights, self.design_columns)
-            m64 = m.T.astype(np.float64)
-            self._approximate_blocks = (m64 @ (self._gram @ m),
-                                        m64 @ self._hidden_cross if self.n_design else None)
+            # in float32 like the products: an approximation needs no more
+            self._approximate_blocks = ((m.T @ (self._gram @ m)).astype(np.float64),
+                                        (m.T @ self._hidden_cross).astype(np.float64) if self.n_design else None)
         labels_block, cross = self._approximate_blocks
         if not self.v_scale and not self.n_design:
             return labels_block
