@@ -27,7 +27,8 @@ from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_m
 from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
-from .preprocess import median_snr, to_apstar_grid
+from .pixel_weights import PixelWeights
+from .preprocess import spectrum_snr, to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
@@ -133,11 +134,15 @@ class PayneFitter:
         Where the bank is cached (default :func:`astra_thepayne.model_bank.default_cache_dir`; False: no cache).
     n_starts : int
         Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.
+    pixel_weights : PixelWeights, optional
+        The survey pipelines' pixel-weight rules (sky lines, persistence, LITTROW ghosts, error floor), applied
+        where the spectrum is prepared (:mod:`astra_thepayne.pixel_weights`); default ``PixelWeights()``, all on;
+        ``PixelWeights.off()`` for none.
     """
 
     def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
                  pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, joint_continuum=True,
-                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3):
+                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3, pixel_weights=None):
         self.emulator = emulator
         if emulator.n_pixels == len(MODEL_TO_APSTAR):
             self.model_to_apstar = MODEL_TO_APSTAR
@@ -168,6 +173,7 @@ class PayneFitter:
         self.bank_size = int(bank_size)
         self.bank_cache_dir = bank_cache_dir
         self.n_starts = max(int(n_starts), 1)
+        self.pixel_weights = PixelWeights() if pixel_weights is None else pixel_weights
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
         self._continuum_basis = ContinuumBasis(_APSTAR_WAVELENGTH, self.continuum_degree)
         self._on_model = np.zeros(APSTAR_NPIX, dtype=bool)
@@ -188,7 +194,7 @@ class PayneFitter:
         ``continuum_shift`` (whole pixels) moves the continuum pixels with a star whose velocity is being fitted:
         they are chosen in the model's rest frame, and lines would otherwise slide onto them.
         """
-        flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask)
+        flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
         ivar = np.where(self.ignore, 0.0, ivar)
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
@@ -198,8 +204,8 @@ class PayneFitter:
         usable = self._on_model & np.isfinite(continuum) & (continuum > 0) & (ivar > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
-            norm_ivar = np.where(usable, ivar * continuum**2, 0.0)
-        snr = float(spectrum.snr) if np.isfinite(spectrum.snr) else median_snr(flux, ivar)
+            norm_ivar = self.pixel_weights.floor(np.where(usable, ivar * continuum**2, 0.0))
+        snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
         return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr)
 
     # -- fitting ------------------------------------------------------------------------------------------------

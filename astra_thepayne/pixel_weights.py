@@ -1,7 +1,10 @@
 """Pixel weights as APOGEE's own pipelines set them, per spectrum type, and the error floor.
 
-Not yet applied by the fitter: :func:`astra_thepayne.preprocess.to_apstar_grid` takes them as ``weights``, and the
-fitter, its options and their tests on the real files are the next step.
+Applied where a spectrum is prepared for the fit (:meth:`astra_thepayne.fitting.PayneFitter.prepare`, through
+:func:`astra_thepayne.preprocess.to_apstar_grid`), never inside the solver. Switched by ``PayneFitter(pixel_weights=)``,
+the ``--sky-lines``, ``--persistence/--no-persistence``, ``--littrow-ghost/--no-littrow-ghost`` and ``--error-floor``
+options of ``thepayne fit``, ``run`` and ``slurm``, and the task's ``sky_lines``, ``persistence``, ``littrow_ghost`` and
+``error_floor`` arguments.
 
 Each rule acts on a spectrum's own pixels (before resampling onto the apStar grid) through its inverse variance and
 its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
@@ -68,6 +71,13 @@ class PixelWeights:
     @classmethod
     def off(cls) -> PixelWeights:
         return cls(sky_lines="none", persistence=False, littrow_ghost=False, error_floor=0.0)
+
+    @classmethod
+    def from_options(cls, sky_lines=None, persistence=None, littrow_ghost=None, error_floor=None) -> PixelWeights:
+        """The rules from command-line or task options; None keeps a rule's default."""
+        given = {"sky_lines": sky_lines if sky_lines is None else str(sky_lines).lower(), "persistence": persistence,
+                 "littrow_ghost": littrow_ghost, "error_floor": error_floor}
+        return cls(**{name: value for name, value in given.items() if value is not None})
 
     def error_factors(self, spectrum_type, pixel_flags):
         """Factor per pixel by which the rules multiply the error (``inf`` = weight 0), shape of ``pixel_flags``."""
