@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
-from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
-from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
+from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_SEGMENTS, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .labels import APOGEE_BAD_PIXEL_MASK, at_bound_flags, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
 from .pixel_weights import PixelWeights
 from .preprocess import spectrum_snr, to_apstar_grid
@@ -56,7 +56,8 @@ BATCH_SIZE = 32
 @dataclass
 class PreparedSpectrum:
     """A spectrum ready for fitting, all on the apStar grid (8575): flux and ivar after masking, continuum,
-    and the continuum-normalised flux and ivar (0 where a pixel is not used)."""
+    and the continuum-normalised flux and ivar (0 where a pixel is not used); the fraction of each chip's model
+    pixels the data leave without weight, and the file's STARFLAG and VSCATTER (carried into the result)."""
 
     flux: np.ndarray
     ivar: np.ndarray
@@ -64,6 +65,9 @@ class PreparedSpectrum:
     norm_flux: np.ndarray
     norm_ivar: np.ndarray
     snr: float
+    bad_pixel_fractions: tuple = ()
+    starflag: int | None = None
+    vscatter: float = float("nan")
 
 
 def load_pixel_array(path, n_model_pixels):
@@ -194,8 +198,8 @@ class PayneFitter:
         ``continuum_shift`` (whole pixels) moves the continuum pixels with a star whose velocity is being fitted:
         they are chosen in the model's rest frame, and lines would otherwise slide onto them.
         """
-        flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
-        ivar = np.where(self.ignore, 0.0, ivar)
+        flux, ivar_data = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
+        ivar = np.where(self.ignore, 0.0, ivar_data)
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
@@ -206,7 +210,9 @@ class PayneFitter:
             norm_flux = np.where(usable, flux / continuum, 0.0)
             norm_ivar = self.pixel_weights.floor(np.where(usable, ivar * continuum**2, 0.0))
         snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
-        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr)
+        bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
+        starflag, vscatter = _file_quality(spectrum)
+        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr, bad_fractions, starflag, vscatter)
 
     # -- fitting ------------------------------------------------------------------------------------------------
     def fit(self, spectrum, initial_labels=None) -> FitResult:
@@ -348,6 +354,7 @@ class PayneFitter:
         log.warning("%s: fit failed: %s", getattr(spectrum, "label", "spectrum"), message)
         result = FitResult.failure(self.emulator.label_names, message, snr=snr)
         result.result_flags = flag_result({}, snr, failed=True)
+        result.starflag, result.vscatter = _file_quality(spectrum)
         return result
 
     def _data(self, prepared):
@@ -401,11 +408,14 @@ class PayneFitter:
         labels = emulator.unscale(x[:k])
         n_used = int(np.count_nonzero(problem.weight))
         dof = n_used - len(x) - problem.n_design
-        at_bound = bool(np.any(np.abs(x[:k]) >= _AT_BOUND))
+        at_bound = [name for name, value in zip(emulator.label_names, x[:k], strict=True) if abs(value) >= _AT_BOUND]
         reduced_chi2 = solution.chi2 / dof if dof > 0 else float("nan")
+        bounds = {name: (lo, hi) for name, lo, hi in zip(emulator.label_names, emulator.x_min, emulator.x_max,
+                                                            strict=True)}
         flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound,
                             star_not_found=misfit(reduced_chi2, prepared.snr) > STAR_NOT_FOUND_MISFIT,
-                            v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND)
+                            v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND, bounds=bounds,
+                            bad_pixel_fractions=prepared.bad_pixel_fractions)
         continuum = prepared.continuum.copy()
         continuum[self.model_to_apstar] *= yield from problem.correction(x)
         rectified = np.full(APSTAR_NPIX, np.nan)
@@ -415,7 +425,8 @@ class PayneFitter:
             v_rel=problem.velocity(x) if fit_v else float("nan"), e_v_rel=float(sigma[k]) if fit_v else float("nan"),
             chi2=solution.chi2, dof=dof, reduced_chi2=reduced_chi2,
             snr=prepared.snr, result_flags=flags, continuum=continuum, rectified_model_flux=rectified,
-            n_iterations=solution.n_evaluations,
+            n_iterations=solution.n_evaluations, at_bound_flags=at_bound_flags(at_bound),
+            starflag=prepared.starflag, vscatter=prepared.vscatter,
         )
 
     def _start(self, initial_labels):
@@ -512,6 +523,21 @@ class _NotEnoughPixels(RuntimeError):
 
 class _OptimiserFailure(RuntimeError):
     pass
+
+
+def _file_quality(spectrum):
+    """The file's STARFLAG (int, None when the file has none) and VSCATTER (km/s, NaN when none) of a spectrum."""
+    meta = getattr(spectrum, "meta", None) or {}
+    starflag, vscatter = meta.get("starflag"), meta.get("vscatter")
+    try:
+        starflag = None if starflag is None else int(starflag)
+    except (TypeError, ValueError):
+        starflag = None
+    try:
+        vscatter = float(vscatter)
+    except (TypeError, ValueError):
+        vscatter = float("nan")
+    return starflag, vscatter
 
 
 def misfit(reduced_chi2, snr):

@@ -37,6 +37,8 @@ def results_table(pairs, emulator):
         columns["spectrum_type"].append(spectrum.spectrum_type if spectrum else "")
         columns["telescope"].append(spectrum.telescope if spectrum else "")
         row = result.as_row()
+        if row["starflag"] is None:
+            row["starflag"] = -1  # the file has no STARFLAG (a table column cannot hold None)
         for key in keys:
             columns[key].append(row[key])
     table = Table(columns)
