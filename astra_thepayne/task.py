@@ -50,6 +50,11 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
     ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
     :class:`~astra_thepayne.emulator.PayneEmulator`. ``pixel_weights`` is a
     :class:`~astra_thepayne.pixel_weights.PixelWeights` (default: every rule on).
+
+    As Astra does, the model mask and the continuum pixels default to :data:`ASTRA_MASK_FILE` and
+    :data:`ASTRA_CONTINUUM_FILE` beside the network file when they are there (None = look there; ``"none"`` = use
+    none). Without them: no mask, continuum pixels derived from the network. One log line says what was used
+    (``fitter.setup``).
     """
     from .config import resolve_model_path
     from .emulator import PayneEmulator
@@ -67,10 +72,32 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
     def pixels(path):
         return None if path is None or str(path).lower() == "none" else load_pixel_array(path, emulator.n_pixels)
 
-    return PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
-                       opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
-                       v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
-                       pixel_weights=pixel_weights)
+    mask_path, mask_said = _beside_network(emulator, mask_path, ASTRA_MASK_FILE, "no model mask")
+    continuum_pixels_path, continuum_said = _beside_network(emulator, continuum_pixels_path, ASTRA_CONTINUUM_FILE,
+                                                            "continuum pixels derived from the network")
+    fitter = PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
+                         opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
+                         v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
+                         pixel_weights=pixel_weights)
+    fitter.setup = f"model mask: {mask_said}; continuum pixels: {continuum_said}; {fitter.pixel_weights.describe()}"
+    log.info("%s", fitter.setup)
+    return fitter
+
+
+#: Astra's model mask (bool per model pixel, True = ignore) and continuum pixel list, looked for beside the network.
+ASTRA_MASK_FILE = "payne_apogee_mask.npy"
+ASTRA_CONTINUUM_FILE = "cannon_apogee_pixels.npy"
+
+
+def _beside_network(emulator, path, filename, otherwise):
+    """``(path to use, what to say)``: the given path; for None, ``filename`` beside the network when it is there."""
+    if path is not None:
+        return (None, f"none ({otherwise})") if str(path).lower() == "none" else (path, str(path))
+    if emulator.path:
+        candidate = os.path.join(os.path.dirname(os.path.abspath(emulator.path)), filename)
+        if os.path.isfile(candidate):
+            return candidate, f"{candidate} (found beside the network)"
+    return None, f"{otherwise} (no {filename} beside the network)"
 
 
 def _number_or_nan(value):
@@ -281,9 +308,11 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
         Network file (Astra pickle or The_Payne .npz), ``"demo"``, or None for ``$THEPAYNE_MODEL`` /
         ``$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl``.
     mask_path : str, optional
-        ``.npy`` of booleans per model pixel (True = ignore); None or ``"none"`` for no mask.
+        ``.npy`` of booleans per model pixel (True = ignore); ``"none"`` for no mask; None (default) for
+        ``payne_apogee_mask.npy`` beside the network when it is there (as Astra), else no mask.
     continuum_pixels_path : str, optional
-        ``.npy`` list of continuum pixels; None for pixels chosen from the network.
+        ``.npy`` list of continuum pixels; ``"none"`` for pixels chosen from the network; None (default) for
+        ``cannon_apogee_pixels.npy`` beside the network when it is there (as Astra), else pixels chosen from it.
     opt_tolerance : float
         Optimiser tolerance (default 5e-4): on the chi2 decrease, and relative on the step (see docs/science.md).
     v_rad_tolerance : float

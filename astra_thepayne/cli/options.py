@@ -21,9 +21,11 @@ def fit_options(function=None, *, forwarded=False):
     for decorator in reversed([
         click.option("--model", default=None, help="Network file or 'demo' (default: $THEPAYNE_MODEL, then "
                                                     "$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl)."),
-        click.option("--mask", default=None, help="Pixel mask .npy (True = ignore) or 'none' (default: none)."),
+        click.option("--mask", default=None, help="Pixel mask .npy (True = ignore) or 'none' (default: "
+                                                   "payne_apogee_mask.npy beside the network, as Astra; else none)."),
         click.option("--continuum-pixels", default=None,
-                     help="Continuum pixel list .npy or 'none' (default: pixels chosen from the network)."),
+                     help="Continuum pixel list .npy or 'none' (default: cannon_apogee_pixels.npy beside the "
+                          "network, as Astra; else pixels chosen from the network)."),
         click.option("--v-rad-tolerance", type=click.FloatRange(min=0), **({"default": 0.0} | numeric),
                      help="Radial velocity bound in km/s; 0 = not fitted."),
         click.option("--opt-tolerance", type=click.FloatRange(min=0, min_open=True), **({"default": 5e-4} | numeric),
