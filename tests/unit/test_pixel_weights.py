@@ -128,3 +128,26 @@ def test_defaults_are_the_pipelines_and_named():
         PixelWeights(sky_lines="drop")
     with pytest.raises(ConfigurationError, match="error_floor"):
         PixelWeights(error_floor=-1)
+
+
+def test_mwm_products_follow_their_apstar_rows(toy_emulator, apogee_data_dir, tmp_path):
+    """mwmVisit rows are visits (LITTROW_GHOST masked), mwmStar rows coadds; neither is inflated for persistence
+    (both are built from apStar rows, which carry it), and both give the S/N of the apStar rows they hold."""
+    from broken_corpus import write_mwm_file
+
+    source = apogee_data_dir / "apStar-dr17-2M17335483-2753043.fits"
+    apstar_rows = read_spectra(source)
+    star = read_spectra(write_mwm_file(tmp_path / "mwmStar-0.6.0-1.fits", source, apo_rows=(0,)))[0]
+    visit = read_spectra(write_mwm_file(tmp_path / "mwmVisit-0.6.0-1.fits", source, kind="mwmVisit",
+                                        apo_rows=(2,)))[0]
+    assert (star.spectrum_type, visit.spectrum_type) == ("mwmstar", "mwmvisit")
+    ghost = (visit.pixel_flags & PIXMASK["LITTROW_GHOST"]) != 0
+    plain, masked = _prepared(toy_emulator, visit), _prepared(toy_emulator, visit, littrow_ghost=True)
+    assert np.count_nonzero(ghost & (plain.ivar > 0)) > 40 and np.all(masked.ivar[ghost] == 0)
+    for spectrum in (star, visit):
+        np.testing.assert_array_equal(_prepared(toy_emulator, spectrum).ivar,
+                                      _prepared(toy_emulator, spectrum, persistence=True).ivar)
+    np.testing.assert_array_equal(_prepared(toy_emulator, star).ivar,
+                                  _prepared(toy_emulator, star, littrow_ghost=True).ivar)
+    # float32 ivar in the mwm files: the same S/N as the apStar coadd row to float32 rounding
+    assert _prepared(toy_emulator, star).snr == pytest.approx(_prepared(toy_emulator, apstar_rows[0]).snr, rel=1e-5)
