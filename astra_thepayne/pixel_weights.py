@@ -16,8 +16,9 @@ its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
     sky-line pixel has at least 100 times its raw error in every type: negligible weight either way.)
 ``persistence`` (PERSIST_HIGH / MED / LOW, bits 9 / 10 / 11), apVisit only
     errors times sqrt(5) / sqrt(4) / sqrt(3), the highest level set, as the DRP's visit combiner does before it
-    writes apStar rows. apStar coadds and visit rows (and mwmStar / mwmVisit, made from them) already carry it and
-    are not inflated twice.
+    writes apStar rows; its products (apStar coadds and visit rows, mwmStar / mwmVisit made from them) are left
+    alone so as not to inflate twice (docs/science.md, section 8, notes that the DR17 apStar files at hand show no
+    sign of it).
 ``littrow_ghost`` (LITTROW_GHOST, bit 8), visit spectra (apVisit, apStar visit rows, mwmVisit)
     weight 0, as the DRP's radial-velocity code masks it in visits. Coadds keep these pixels (their bit is the AND
     over visits).
