@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
-from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
-from .labels import APOGEE_BAD_PIXEL_MASK, flag_result
+from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_SEGMENTS, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .labels import APOGEE_BAD_PIXEL_MASK, at_bound_flags, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
-from .preprocess import median_snr, model_grid_coverage, to_apstar_grid
+from .pixel_weights import PixelWeights
+from .preprocess import model_grid_coverage, spectrum_snr, to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
@@ -57,7 +58,8 @@ BATCH_SIZE = 32
 @dataclass
 class PreparedSpectrum:
     """A spectrum ready for fitting, all on the apStar grid (8575): flux and ivar after masking, continuum,
-    and the continuum-normalised flux and ivar (0 where a pixel is not used)."""
+    and the continuum-normalised flux and ivar (0 where a pixel is not used); the fraction of each chip's model
+    pixels the data leave without weight, and the file's STARFLAG and VSCATTER (carried into the result)."""
 
     flux: np.ndarray
     ivar: np.ndarray
@@ -65,6 +67,9 @@ class PreparedSpectrum:
     norm_flux: np.ndarray
     norm_ivar: np.ndarray
     snr: float
+    bad_pixel_fractions: tuple = ()
+    starflag: int | None = None
+    vscatter: float = float("nan")
 
 
 def load_pixel_array(path, n_model_pixels):
@@ -136,11 +141,15 @@ class PayneFitter:
         Where the bank is cached (default :func:`astra_thepayne.model_bank.default_cache_dir`; False: no cache).
     n_starts : int
         Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.
+    pixel_weights : PixelWeights, optional
+        The survey pipelines' pixel-weight rules (sky lines, persistence, LITTROW ghosts, error floor), applied
+        where the spectrum is prepared (:mod:`astra_thepayne.pixel_weights`); default ``PixelWeights()``, all on;
+        ``PixelWeights.off()`` for none.
     """
 
     def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
                  pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, joint_continuum=True,
-                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3):
+                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3, pixel_weights=None):
         self.emulator = emulator
         if emulator.n_pixels == len(MODEL_TO_APSTAR):
             self.model_to_apstar = MODEL_TO_APSTAR
@@ -171,6 +180,7 @@ class PayneFitter:
         self.bank_size = int(bank_size)
         self.bank_cache_dir = bank_cache_dir
         self.n_starts = max(int(n_starts), 1)
+        self.pixel_weights = PixelWeights() if pixel_weights is None else pixel_weights
         self._design = continuum_design(_APSTAR_WAVELENGTH[self.model_to_apstar], self.continuum_degree)
         self._continuum_basis = ContinuumBasis(_APSTAR_WAVELENGTH, self.continuum_degree)
         self._on_model = np.zeros(APSTAR_NPIX, dtype=bool)
@@ -191,8 +201,8 @@ class PayneFitter:
         ``continuum_shift`` (whole pixels) moves the continuum pixels with a star whose velocity is being fitted:
         they are chosen in the model's rest frame, and lines would otherwise slide onto them.
         """
-        flux, ivar = to_apstar_grid(spectrum, self.pixel_flag_mask)
-        ivar = np.where(self.ignore, 0.0, ivar)
+        flux, ivar_data = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
+        ivar = np.where(self.ignore, 0.0, ivar_data)
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
@@ -201,9 +211,11 @@ class PayneFitter:
         usable = self._on_model & np.isfinite(continuum) & (continuum > 0) & (ivar > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
-            norm_ivar = np.where(usable, ivar * continuum**2, 0.0)
-        snr = float(spectrum.snr) if np.isfinite(spectrum.snr) else median_snr(flux, ivar)
-        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr)
+            norm_ivar = self.pixel_weights.floor(np.where(usable, ivar * continuum**2, 0.0))
+        snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
+        bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
+        starflag, vscatter = _file_quality(spectrum)
+        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr, bad_fractions, starflag, vscatter)
 
     # -- fitting ------------------------------------------------------------------------------------------------
     def fit(self, spectrum, initial_labels=None) -> FitResult:
@@ -351,6 +363,7 @@ class PayneFitter:
         log.warning("%s: fit failed: %s", getattr(spectrum, "label", "spectrum"), message)
         result = FitResult.failure(self.emulator.label_names, message, snr=snr)
         result.result_flags = flag_result({}, snr, failed=True)
+        result.starflag, result.vscatter = _file_quality(spectrum)
         return result
 
     def _data(self, prepared):
@@ -404,11 +417,14 @@ class PayneFitter:
         labels = emulator.unscale(x[:k])
         n_used = int(np.count_nonzero(problem.weight))
         dof = n_used - len(x) - problem.n_design
-        at_bound = bool(np.any(np.abs(x[:k]) >= _AT_BOUND))
+        at_bound = [name for name, value in zip(emulator.label_names, x[:k], strict=True) if abs(value) >= _AT_BOUND]
         reduced_chi2 = solution.chi2 / dof if dof > 0 else float("nan")
+        bounds = {name: (lo, hi) for name, lo, hi in zip(emulator.label_names, emulator.x_min, emulator.x_max,
+                                                            strict=True)}
         flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound,
                             star_not_found=misfit(reduced_chi2, prepared.snr) > STAR_NOT_FOUND_MISFIT,
-                            v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND)
+                            v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND, bounds=bounds,
+                            bad_pixel_fractions=prepared.bad_pixel_fractions)
         continuum = prepared.continuum.copy()
         continuum[self.model_to_apstar] *= yield from problem.correction(x)
         rectified = np.full(APSTAR_NPIX, np.nan)
@@ -418,7 +434,8 @@ class PayneFitter:
             v_rel=problem.velocity(x) if fit_v else float("nan"), e_v_rel=float(sigma[k]) if fit_v else float("nan"),
             chi2=solution.chi2, dof=dof, reduced_chi2=reduced_chi2,
             snr=prepared.snr, result_flags=flags, continuum=continuum, rectified_model_flux=rectified,
-            n_iterations=solution.n_evaluations,
+            n_iterations=solution.n_evaluations, at_bound_flags=at_bound_flags(at_bound),
+            starflag=prepared.starflag, vscatter=prepared.vscatter,
         )
 
     def _start(self, initial_labels):
@@ -515,6 +532,21 @@ class _NotEnoughPixels(RuntimeError):
 
 class _OptimiserFailure(RuntimeError):
     pass
+
+
+def _file_quality(spectrum):
+    """The file's STARFLAG (int, None when the file has none) and VSCATTER (km/s, NaN when none) of a spectrum."""
+    meta = getattr(spectrum, "meta", None) or {}
+    starflag, vscatter = meta.get("starflag"), meta.get("vscatter")
+    try:
+        starflag = None if starflag is None else int(starflag)
+    except (TypeError, ValueError):
+        starflag = None
+    try:
+        vscatter = float(vscatter)
+    except (TypeError, ValueError):
+        vscatter = float("nan")
+    return starflag, vscatter
 
 
 def misfit(reduced_chi2, snr):

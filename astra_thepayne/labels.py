@@ -10,7 +10,8 @@ from itertools import combinations
 
 __all__ = [
     "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
-    "flag_result", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
+    "flag_result", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD", "AT_BOUND_BITS",
+    "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS",
 ]
 
 
@@ -82,47 +83,87 @@ class ResultFlag:
         return 1 << self.bit
 
 
+#: Chips, in ascending wavelength (the three segments of the model grid, :data:`astra_thepayne.grid.MODEL_SEGMENTS`).
+CHIPS = ("blue", "green", "red")
+#: A chip with more than this fraction of its model pixels without weight gets its ``bad_pixels_<chip>`` bit: the
+#: DRP's threshold for the BAD_PIXELS STARFLAG bit (20% bad pixels), applied per chip.
+BAD_PIXEL_FRACTION = 0.2
+#: Distance from the network's training bounds within which ``warn_teff``, ``warn_logg`` and ``warn_fe_h`` fire.
+WARN_MARGINS = {"teff": 100.0, "logg": 0.1, "fe_h": 0.1}
+
 RESULT_FLAGS: tuple[ResultFlag, ...] = (
     ResultFlag("fitting_failure", 0, "The fit failed; labels are NaN", bad=True),
-    ResultFlag("warn_teff", 1, "teff < 3100 K or teff > 7900 K (near the edge of the training grid)"),
-    ResultFlag("warn_logg", 2, "logg < 0.1 or logg > 5.2"),
-    ResultFlag("warn_fe_h", 3, "fe_h > 0.4 or fe_h < -1.4"),
-    ResultFlag("low_snr", 4, "S/N < 70"),
-    ResultFlag("label_at_bound", 5, "At least one label ended on the bound of the fit (edge of the training grid)"),
+    ResultFlag("warn_teff", 1, "teff within 100 K of the network's bounds (standard network: teff < 3100 K or "
+               "> 7900 K)"),
+    ResultFlag("warn_logg", 2, "logg within 0.1 of the network's bounds (standard network: logg < 0.1 or > 4.9)"),
+    ResultFlag("warn_fe_h", 3, "fe_h within 0.1 of the network's bounds (standard network: fe_h < -1.4 or > 0.4)"),
+    ResultFlag("low_snr", 4, "S/N < 70 (median S/N per apStar pixel, every spectrum type)"),
+    ResultFlag("label_at_bound", 5, "At least one label ended on the bound of the fit (edge of the training grid); "
+               "which ones: at_bound_flags"),
     ResultFlag("star_not_found", 6, "The best fit is far worse than the network fits a star it covers (reduced chi2 "
                "criterion, see docs/science.md): the labels do not describe this spectrum", bad=True),
     ResultFlag("v_rel_at_bound", 7, "v_rel ended on +-v_rad_tolerance: the star's velocity is probably outside the "
                "range searched, and its labels are unreliable", bad=True),
+    ResultFlag("teff_at_bound", 8, "teff ended on the bound of the fit: the star is probably outside the network's "
+               "grid, and its labels are unreliable", bad=True),
+    ResultFlag("logg_at_bound", 9, "logg ended on the bound of the fit: the star is probably outside the network's "
+               "grid, and its labels are unreliable", bad=True),
+    *(ResultFlag(f"bad_pixels_{chip}", 10 + i, f"More than 20% of the {chip} chip's model pixels carry no weight "
+                 "(flagged, masked or without data)") for i, chip in enumerate(CHIPS)),
 )
 _FLAG = {flag.name: flag.value for flag in RESULT_FLAGS}
 #: The bits that make a result unusable (``flag_bad``).
 BAD_RESULT_FLAGS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+
+#: Bit of each label in ``at_bound_flags`` (label at the bound of the fit): its index in :data:`LABELS`.
+AT_BOUND_BITS = {label.name: 1 << index for index, label in enumerate(LABELS)}
+
+
+def at_bound_flags(names) -> int:
+    """``at_bound_flags`` for the labels ``names`` at their bound (labels outside :data:`LABELS` have no bit)."""
+    return sum(AT_BOUND_BITS.get(name, 0) for name in set(names))
+
 
 #: APOGEE_PIXMASK bits 0-7 and 14 (BADPIX ... NOSKY, NOT_ENOUGH_PSF): pixels treated as bad by default.
 APOGEE_BAD_PIXEL_MASK = 16639
 LOW_SNR_THRESHOLD = 70.0
 
 
-def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound: bool = False,
-                star_not_found: bool = False, v_rel_at_bound: bool = False) -> int:
+_STANDARD_BOUNDS = {label.name: (label.lower, label.upper) for label in LABELS}
+
+
+def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound=False,
+                star_not_found: bool = False, v_rel_at_bound: bool = False, bounds: dict | None = None,
+                bad_pixel_fractions=()) -> int:
     """Compute ``result_flags`` from fitted labels (physical units) and the spectrum's S/N.
 
-    Labels the network does not have (e.g. no ``logg``) raise no warning for that label.
+    ``at_bound`` is True or the names of the labels that ended on their bound (``teff`` and ``logg`` among them set
+    their bad bits); ``bounds`` maps label names to the network's ``(lower, upper)`` training bounds (default: the
+    standard network's, :data:`LABELS`); ``bad_pixel_fractions`` are the chips' fractions of model pixels without
+    weight, in the order of :data:`CHIPS`. Labels the network does not have (e.g. no ``logg``) raise no warning for
+    that label.
     """
     flags = 0
     if failed:
         flags |= _FLAG["fitting_failure"]
-    teff, logg, fe_h = labels.get("teff"), labels.get("logg"), labels.get("fe_h")
-    if teff is not None and (teff < 3100 or teff > 7900):
-        flags |= _FLAG["warn_teff"]
-    if logg is not None and (logg < 0.1 or logg > 5.2):
-        flags |= _FLAG["warn_logg"]
-    if fe_h is not None and (fe_h > 0.4 or fe_h < -1.4):
-        flags |= _FLAG["warn_fe_h"]
+    bounds = {**_STANDARD_BOUNDS, **(bounds or {})}
+    for name, margin in WARN_MARGINS.items():
+        value = labels.get(name)
+        if value is not None and name in bounds:
+            lower, upper = bounds[name]
+            if value < lower + margin or value > upper - margin:
+                flags |= _FLAG[f"warn_{name}"]
     if snr is None or not snr == snr or snr < LOW_SNR_THRESHOLD:
         flags |= _FLAG["low_snr"]
     if at_bound:
         flags |= _FLAG["label_at_bound"]
+        names = () if at_bound is True else set(at_bound)
+        for name in ("teff", "logg"):
+            if name in names:
+                flags |= _FLAG[f"{name}_at_bound"]
+    for chip, fraction in zip(CHIPS, bad_pixel_fractions, strict=False):
+        if fraction > BAD_PIXEL_FRACTION:
+            flags |= _FLAG[f"bad_pixels_{chip}"]
     if star_not_found:
         flags |= _FLAG["star_not_found"]
     if v_rel_at_bound:

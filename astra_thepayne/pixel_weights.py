@@ -1,7 +1,10 @@
 """Pixel weights as APOGEE's own pipelines set them, per spectrum type, and the error floor.
 
-Not yet applied by the fitter: :func:`astra_thepayne.preprocess.to_apstar_grid` takes them as ``weights``, and the
-fitter, its options and their tests on the real files are the next step.
+Applied where a spectrum is prepared for the fit (:meth:`astra_thepayne.fitting.PayneFitter.prepare`, through
+:func:`astra_thepayne.preprocess.to_apstar_grid`), never inside the solver. Switched by ``PayneFitter(pixel_weights=)``,
+the ``--sky-lines``, ``--persistence/--no-persistence``, ``--littrow-ghost/--no-littrow-ghost`` and ``--error-floor``
+options of ``thepayne fit``, ``run`` and ``slurm``, and the task's ``sky_lines``, ``persistence``, ``littrow_ghost`` and
+``error_floor`` arguments.
 
 Each rule acts on a spectrum's own pixels (before resampling onto the apStar grid) through its inverse variance and
 its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
@@ -13,8 +16,9 @@ its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
     sky-line pixel has at least 100 times its raw error in every type: negligible weight either way.)
 ``persistence`` (PERSIST_HIGH / MED / LOW, bits 9 / 10 / 11), apVisit only
     errors times sqrt(5) / sqrt(4) / sqrt(3), the highest level set, as the DRP's visit combiner does before it
-    writes apStar rows. apStar coadds and visit rows (and mwmStar / mwmVisit, made from them) already carry it and
-    are not inflated twice.
+    writes apStar rows; its products (apStar coadds and visit rows, mwmStar / mwmVisit made from them) are left
+    alone so as not to inflate twice (docs/science.md, section 8, notes that the DR17 apStar files at hand show no
+    sign of it).
 ``littrow_ghost`` (LITTROW_GHOST, bit 8), visit spectra (apVisit, apStar visit rows, mwmVisit)
     weight 0, as the DRP's radial-velocity code masks it in visits. Coadds keep these pixels (their bit is the AND
     over visits).
@@ -68,6 +72,13 @@ class PixelWeights:
     @classmethod
     def off(cls) -> PixelWeights:
         return cls(sky_lines="none", persistence=False, littrow_ghost=False, error_floor=0.0)
+
+    @classmethod
+    def from_options(cls, sky_lines=None, persistence=None, littrow_ghost=None, error_floor=None) -> PixelWeights:
+        """The rules from command-line or task options; None keeps a rule's default."""
+        given = {"sky_lines": sky_lines if sky_lines is None else str(sky_lines).lower(), "persistence": persistence,
+                 "littrow_ghost": littrow_ghost, "error_floor": error_floor}
+        return cls(**{name: value for name, value in given.items() if value is not None})
 
     def error_factors(self, spectrum_type, pixel_flags):
         """Factor per pixel by which the rules multiply the error (``inf`` = weight 0), shape of ``pixel_flags``."""

@@ -2,8 +2,8 @@
 
 Pixels are bad when their flux or inverse variance is not finite, their inverse variance is not positive, or their
 APOGEE_PIXMASK bits intersect the chosen mask. The pixel-weight rules of :mod:`astra_thepayne.pixel_weights`
-(sky lines, persistence, LITTROW ghosts) act on the spectrum's own pixels when ``weights`` are given; the fitter does
-not pass any yet.
+(sky lines, persistence, LITTROW ghosts) act on the spectrum's own pixels when ``weights`` are given (the fitter
+passes its own, ``PayneFitter.pixel_weights``).
 
 Resampling (apVisit, other grids) is flux-conserving: each output pixel is the overlap-weighted mean of the input
 pixels it covers (pixel edges half-way between centres, log-lambda edges on the apStar grid). An output pixel gets
@@ -25,7 +25,8 @@ import numpy as np
 
 from .grid import APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
-__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "model_grid_coverage"]
+__all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "spectrum_snr",
+           "model_grid_coverage"]
 
 _APSTAR_WAVELENGTH = apstar_wavelength()
 
@@ -167,3 +168,13 @@ def median_snr(flux, ivar, pixels=None):
     f, i = flux[pixels], ivar[pixels]
     usable = np.isfinite(f) & np.isfinite(i) & (i > 0)
     return float(np.median(np.abs(f[usable]) * np.sqrt(i[usable]))) if usable.any() else float("nan")
+
+
+def spectrum_snr(spectrum, pixel_flag_mask):
+    """The S/N of every fitted spectrum, whatever its type: :func:`median_snr` of the spectrum on the apStar grid
+    (resampled when it is not on it) after the bad-pixel mask, before the pipelines' pixel weights and the error
+    floor, so that it describes the data, not the fit's options. The coadd of a single-visit apStar and its visit row
+    (the same data) get the same value; for apStar coadds it is within a few per cent of the DRP's ``SNR`` card
+    (apStar-dr17-2M19485057+5005279: 140.2 against 137.5), for apVisit files it is the S/N per apStar pixel, not per
+    apVisit pixel (apVisit-r13-5095-55844-128: 55.9 against the header's 45.0)."""
+    return median_snr(*to_apstar_grid(spectrum, pixel_flag_mask))

@@ -18,7 +18,8 @@ def row_keys(label_names) -> list[str]:
     names = list(label_names)
     return (["v_rel", "e_v_rel"] + names + [f"e_{n}" for n in names] + [f"raw_e_{n}" for n in names]
             + [rho_name(a, b) for a, b in label_pairs(names)]
-            + ["chi2", "reduced_chi2", "dof", "snr", "result_flags", "flag_warn", "flag_bad"])
+            + ["chi2", "reduced_chi2", "dof", "snr", "starflag", "vscatter", "result_flags", "at_bound_flags",
+               "flag_warn", "flag_bad"])
 
 
 @dataclass
@@ -47,6 +48,12 @@ class FitResult:
     snr : float
     result_flags : int
         Bits of :data:`astra_thepayne.labels.RESULT_FLAGS`.
+    at_bound_flags : int
+        One bit per label that ended on its bound (:data:`astra_thepayne.labels.AT_BOUND_BITS`).
+    starflag : int or None
+        The file's STARFLAG for this spectrum (APOGEE_STARFLAG bits; None when the file has none).
+    vscatter : float
+        The file's VSCATTER (km/s, scatter of the star's visit velocities; NaN when the file has none).
     continuum, rectified_model_flux : ndarray, shape (8575,)
         On the apStar grid, NaN in chip gaps and for failures; model flux = continuum * rectified_model_flux.
     message : str
@@ -70,6 +77,9 @@ class FitResult:
     message: str = ""
     n_iterations: int = 0
     seconds: float | None = None  # wall time of the fit (its share, when fitted in a batch)
+    at_bound_flags: int = 0
+    starflag: int | None = None
+    vscatter: float = float("nan")
 
     def __post_init__(self):
         if self.e is None:
@@ -117,6 +127,7 @@ class FitResult:
         index = {n: i for i, n in enumerate(names)}
         row.update({rho_name(a, b): float(rho[index[a], index[b]]) for a, b in label_pairs(names)})
         row.update(chi2=float(self.chi2), reduced_chi2=float(self.reduced_chi2), dof=int(self.dof),
-                   snr=float(self.snr), result_flags=int(self.result_flags), flag_warn=self.flag_warn,
-                   flag_bad=self.flag_bad)
+                   snr=float(self.snr), starflag=None if self.starflag is None else int(self.starflag),
+                   vscatter=float(self.vscatter), result_flags=int(self.result_flags),
+                   at_bound_flags=int(self.at_bound_flags), flag_warn=self.flag_warn, flag_bad=self.flag_bad)
         return row

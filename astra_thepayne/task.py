@@ -44,11 +44,17 @@ def _as_float(value, name):
 
 
 def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
-                v_rad_tolerance=0.0):
+                v_rad_tolerance=0.0, pixel_weights=None):
     """Load the network and build a :class:`~astra_thepayne.fitting.PayneFitter` (shared by task and CLI).
 
-    ``model_path`` may be a path, ``"demo"``, None (CONTRACT.md lookup) or an already loaded
-    :class:`~astra_thepayne.emulator.PayneEmulator`.
+    ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
+    :class:`~astra_thepayne.emulator.PayneEmulator`. ``pixel_weights`` is a
+    :class:`~astra_thepayne.pixel_weights.PixelWeights` (default: every rule on).
+
+    As Astra does, the model mask and the continuum pixels default to :data:`ASTRA_MASK_FILE` and
+    :data:`ASTRA_CONTINUUM_FILE` beside the network file when they are there (None = look there; ``"none"`` = use
+    none). Without them: no mask, continuum pixels derived from the network. One log line says what was used
+    (``fitter.setup``).
     """
     from .config import resolve_model_path
     from .emulator import PayneEmulator
@@ -66,9 +72,32 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
     def pixels(path):
         return None if path is None or str(path).lower() == "none" else load_pixel_array(path, emulator.n_pixels)
 
-    return PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
-                       opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
-                       v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"))
+    mask_path, mask_said = _beside_network(emulator, mask_path, ASTRA_MASK_FILE, "no model mask")
+    continuum_pixels_path, continuum_said = _beside_network(emulator, continuum_pixels_path, ASTRA_CONTINUUM_FILE,
+                                                            "continuum pixels derived from the network")
+    fitter = PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
+                         opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
+                         v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
+                         pixel_weights=pixel_weights)
+    fitter.setup = f"model mask: {mask_said}; continuum pixels: {continuum_said}; {fitter.pixel_weights.describe()}"
+    log.info("%s", fitter.setup)
+    return fitter
+
+
+#: Astra's model mask (bool per model pixel, True = ignore) and continuum pixel list, looked for beside the network.
+ASTRA_MASK_FILE = "payne_apogee_mask.npy"
+ASTRA_CONTINUUM_FILE = "cannon_apogee_pixels.npy"
+
+
+def _beside_network(emulator, path, filename, otherwise):
+    """``(path to use, what to say)``: the given path; for None, ``filename`` beside the network when it is there."""
+    if path is not None:
+        return (None, f"none ({otherwise})") if str(path).lower() == "none" else (path, str(path))
+    if emulator.path:
+        candidate = os.path.join(os.path.dirname(os.path.abspath(emulator.path)), filename)
+        if os.path.isfile(candidate):
+            return candidate, f"{candidate} (found beside the network)"
+    return None, f"{otherwise} (no {filename} beside the network)"
 
 
 def _number_or_nan(value):
@@ -205,19 +234,22 @@ def _describe(item):
 
 
 def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum_pixels_path=None,
-             opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None):
+             opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None,
+             pixel_weights=None):
     """The task body: yield ``...`` once set up, then one unsaved ``model`` row per input spectrum, in order.
 
     Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
     :class:`~astra_thepayne.db.models.ThePayne`, or Astra's variant from :func:`astra_model`), ``fitter`` an
-    already built fitter (the ``thepayne run`` command reuses one across batches).
+    already built fitter (the ``thepayne run`` command reuses one across batches), ``pixel_weights`` a
+    :class:`~astra_thepayne.pixel_weights.PixelWeights` for a fitter built here.
     """
     from . import __version__
     from .db.database import database_identity
     from .intermediate import intermediate_path, write_intermediate
 
     if fitter is None:
-        fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance)
+        fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
+                             pixel_weights)
     emulator = fitter.emulator
     missing = [name for name in emulator.label_names if name not in model._meta.fields]
     if missing:
@@ -263,7 +295,8 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
 
 
 def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
-              v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1) -> Iterable[ThePayne]:
+              v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, sky_lines="inflate", persistence=True,
+              littrow_ghost=True, error_floor=0.005) -> Iterable[ThePayne]:
     """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
 
     Parameters
@@ -275,9 +308,11 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
         Network file (Astra pickle or The_Payne .npz), ``"demo"``, or None for ``$THEPAYNE_MODEL`` /
         ``$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl``.
     mask_path : str, optional
-        ``.npy`` of booleans per model pixel (True = ignore); None or ``"none"`` for no mask.
+        ``.npy`` of booleans per model pixel (True = ignore); ``"none"`` for no mask; None (default) for
+        ``payne_apogee_mask.npy`` beside the network when it is there (as Astra), else no mask.
     continuum_pixels_path : str, optional
-        ``.npy`` list of continuum pixels; None for pixels chosen from the network.
+        ``.npy`` list of continuum pixels; ``"none"`` for pixels chosen from the network; None (default) for
+        ``cannon_apogee_pixels.npy`` beside the network when it is there (as Astra), else pixels chosen from it.
     opt_tolerance : float
         Optimiser tolerance (default 5e-4): on the chi2 decrease, and relative on the step (see docs/science.md).
     v_rad_tolerance : float
@@ -288,14 +323,21 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
         Stored with each row and part of its uniqueness key.
     processes : int
         Worker processes for the fits.
+    sky_lines, persistence, littrow_ghost, error_floor
+        The pipelines' pixel-weight rules (:mod:`astra_thepayne.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
+        (errors x100, as ASPCAP; default), ``"mask"`` (as The_Payne) or ``"none"``; apVisit persistence inflation
+        (default on); LITTROW_GHOST masked in visits (default on); fractional error floor (default 0.005, 0 = none).
 
     Yields
     ------
     ``...`` once after setup (overhead marker), then one unsaved ThePayne row per spectrum. Rows of spectra with a
     primary key have their intermediate pickle written. Failed fits are rows with ``flag_bad`` set.
     """
+    from .pixel_weights import PixelWeights
+
+    weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
     return fit_rows(spectra, ThePayne, model_path, mask_path, continuum_pixels_path, opt_tolerance,
-                    v_rad_tolerance, initial_labels, tag, processes)
+                    v_rad_tolerance, initial_labels, tag, processes, pixel_weights=weights)
 
 
 # `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from
@@ -423,7 +465,9 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
         else:
             def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
                                  opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
-                                 processes=1, page=None, limit=None, **options) -> Iterable[AstraThePayne]:
+                                 processes=1, sky_lines="inflate", persistence=True, littrow_ghost=True,
+                                 error_floor=0.005, page=None, limit=None,
+                                 **options) -> Iterable[AstraThePayne]:
                 # `astra execute --page/--limit` also passes page= and limit= to the task. The `decorator` package
                 # checks a call against this signature before Astra's `task` sees it, so Astra's own options
                 # (write_to_database=, batch_size=, frequency=, ...) reach `task` only through **options; `task`
@@ -433,7 +477,11 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
                 if options:
                     raise TypeError(f"the_payne() got unexpected keyword arguments: {', '.join(sorted(options))}")
                 processes = int(processes or 1)
-                fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance)
+                from .pixel_weights import PixelWeights
+
+                weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
+                fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
+                                     weights)
                 spectra = paginate(spectra, page, limit)
                 if processes > 1 and isinstance(spectra, _BaseQuery):
                     spectra = list(spectra)  # run the query here, not in the process pool's feeder thread

@@ -83,11 +83,12 @@ def ingest(ctx, paths):
 @fit_options
 @click.pass_context
 def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_failed, model, mask, continuum_pixels,
-        v_rad_tolerance, opt_tolerance):
+        v_rad_tolerance, opt_tolerance, sky_lines, persistence, littrow_ghost, error_floor):
     """Fit the registered spectra that have no result yet for this model and tag.
 
     Stores one row per spectrum and its intermediate pickle; safe to run from several processes at once.
     """
+    from ..pixel_weights import PixelWeights
     from ..runner import run_pending
     from ..task import load_fitter
 
@@ -95,7 +96,8 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
         raise click.UsageError("--page needs --limit (the page size)")
     _database(ctx)
     started = time.perf_counter()
-    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance)
+    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
+                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor))
     setup_seconds = time.perf_counter() - started
     if fitter.emulator.is_demo:
         click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "
@@ -135,7 +137,8 @@ def noise_model():
 @click.option("--model", default=None, help="Only rows of this network file (or 'demo').")
 @click.pass_context
 def apply(ctx, corrections_path, tag, model):
-    """Set e_x = scale * raw_e_x + offset for every label in CORRECTIONS.pkl ((corrections, reference) pickle)."""
+    """Set e_x = scale * raw_e_x + offset (quadrature entries: sqrt((scale raw_e_x)^2 + offset^2)) for every label
+    in CORRECTIONS.pkl ((corrections, reference) pickle)."""
     from ..db.models import ThePayne
     from ..emulator import PayneEmulator
     from ..noise_model import apply_corrections_to_database, load_corrections
@@ -166,15 +169,18 @@ def apply(ctx, corrections_path, tag, model):
 @click.option("--model", default=None, help="Use results of this network file (or 'demo') only.")
 @click.option("--min-pairs", type=click.IntRange(min=3), default=30, show_default=True,
               help="Labels with fewer repeat pairs get no correction.")
+@click.option("--form", type=click.Choice(["linear", "quadrature"]), default="linear", show_default=True,
+              help="linear: e = s raw_e + o (Astra's); quadrature: e = sqrt((s raw_e)^2 + o^2).")
 @click.pass_context
-def calibrate(ctx, output, tag, model, min_pairs):
-    """Fit offset and scale per label from repeat visits of the same stars; write OUTPUT.pkl (Astra format)."""
+def calibrate(ctx, output, tag, model, min_pairs, form):
+    """Fit offset and scale per label from repeat visits of the same stars (two different exposures each); write
+    OUTPUT.pkl (Astra's format; quadrature entries add "form")."""
     from ..emulator import PayneEmulator
     from ..noise_model import calibrate_from_database, save_corrections
 
     _database(ctx)
     sha256 = PayneEmulator.load(model).sha256 if model else None
-    corrections, reference = calibrate_from_database(tag=tag, model_sha256=sha256, min_pairs=min_pairs)
+    corrections, reference = calibrate_from_database(tag=tag, model_sha256=sha256, min_pairs=min_pairs, form=form)
     if not corrections:
         most = max(reference["n_pairs"].values(), default=0)
         raise ConfigurationError(f"not enough repeat visits to calibrate: at most {most} pair(s) per label, "

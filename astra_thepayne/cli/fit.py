@@ -37,6 +37,8 @@ def results_table(pairs, emulator):
         columns["spectrum_type"].append(spectrum.spectrum_type if spectrum else "")
         columns["telescope"].append(spectrum.telescope if spectrum else "")
         row = result.as_row()
+        if row["starflag"] is None:
+            row["starflag"] = -1  # the file has no STARFLAG (a table column cannot hold None)
         for key in keys:
             columns[key].append(row[key])
     table = Table(columns)
@@ -78,12 +80,13 @@ def _safe_name(text):
 @click.option("--plot-dir", type=click.Path(path_type=Path), default=None,
               help="Write one PNG per spectrum here: data, model, residuals, masked pixels.")
 @click.option("--coadd-only", is_flag=True, help="apStar: fit the coadd (row 0) only, not the visits.")
-def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, processes, output, plot_dir,
-        coadd_only):
+def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sky_lines, persistence,
+        littrow_ghost, error_floor, processes, output, plot_dir, coadd_only):
     """Fit spectra straight from FILES (apStar, apVisit, mwmStar, mwmVisit, aspcapStar; files or folders)."""
     from tqdm import tqdm
 
     from ..io import SpectrumFileError, iter_spectrum_files, read_spectra
+    from ..pixel_weights import PixelWeights
     from ..result import FitResult
     from ..task import load_fitter
 
@@ -95,7 +98,8 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, pr
         raise ConfigurationError(str(exc)) from None
     if not paths:
         raise ConfigurationError("no .fits spectrum files found in " + ", ".join(map(str, files)))
-    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance)
+    fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
+                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor))
     emulator = fitter.emulator
     notice = str(emulator.meta.get("description", "")) if emulator.is_demo else ""
     if notice:

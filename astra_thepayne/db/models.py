@@ -3,8 +3,10 @@
 The result model is generated from the label table (:data:`astra_thepayne.labels.LABELS`) and the flag table
 (:data:`astra_thepayne.labels.RESULT_FLAGS`): for every label ``x`` a value ``x``, ``e_x`` (after the noise model)
 and ``raw_e_x`` (formal), for every pair ``a`` before ``b`` a correlation ``rho_a_b``, and for every flag bit a named
-peewee flag ``flag_<name>`` on ``result_flags``. ``flag_warn`` (any bit) and ``flag_bad`` (a bad bit, i.e. the fit
-failed) are hybrid properties: they work on a loaded row and inside ``where()``.
+peewee flag ``flag_<name>`` on ``result_flags``, and for every label a flag ``flag_at_bound_<label>`` on
+``at_bound_flags`` (the label ended on its bound; bits :data:`astra_thepayne.labels.AT_BOUND_BITS`). ``flag_warn``
+(any bit) and ``flag_bad`` (a bad bit: the labels are not usable) are hybrid properties: they work on a loaded row
+and inside ``where()``.
 
 Foreign keys use the Astra 0.8 column names ``source_pk`` and ``spectrum_pk`` (the field names are the same, so
 ``row.spectrum_pk`` is the related row and ``row.spectrum_pk_id`` the integer). A result is unique per
@@ -36,7 +38,7 @@ from peewee import (
 )
 from playhouse.hybrid import hybrid_property
 
-from ..labels import BAD_RESULT_FLAGS, LABELS, RESULT_FLAGS, label_pairs, rho_name
+from ..labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABELS, RESULT_FLAGS, label_pairs, rho_name
 from .database import database_proxy
 
 __all__ = [
@@ -277,11 +279,18 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "chi2": FloatField(null=True, help_text="Chi-square over the pixels used"),
         "reduced_chi2": FloatField(null=True, help_text="chi2 / dof"),
         "dof": IntegerField(null=True, help_text="Degrees of freedom"),
+        "starflag": BigIntegerField(null=True, help_text="The file's STARFLAG for this spectrum (APOGEE_STARFLAG)"),
+        "vscatter": FloatField(null=True, help_text="The file's VSCATTER: scatter of the star's visit velocities "
+                                                    "(km/s)"),
     })
     # Created after chi2 so that it follows them in the column order (peewee orders fields by creation).
     attrs["result_flags"] = result_flags = bit_field(default=0, help_text="Result flag bits (see flag_* fields)")
     for flag in RESULT_FLAGS:
         attrs[f"flag_{flag.name}"] = result_flags.flag(flag.value)
+    attrs["at_bound_flags"] = at_bound = bit_field(default=0, help_text="One bit per label that ended on its bound "
+                                                                        "(see flag_at_bound_* fields)")
+    for name, value in AT_BOUND_BITS.items():
+        attrs[f"flag_at_bound_{name}"] = at_bound.flag(value)
     meta_attrs = {"table_name": table_name,
                   "indexes": ((("spectrum_pk", "model_sha256", "tag"), True),)}
     meta_attrs.update(meta or {})

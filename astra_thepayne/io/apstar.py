@@ -20,7 +20,11 @@ only with the APO 1-m telescope would be labelled ``apo25m`` by this rule; the h
 
 Visit S/N: the ``snr`` column of the HDU9 visit table, which is the apVisit file's own S/N (so a visit read from
 the apStar and from its apVisit file carries the same value); NaN when the table is missing. The header's
-``SNRVIS<n>`` (median S/N per apStar pixel) is kept in ``meta["snr_apstar_pixel"]``.
+``SNRVIS<n>`` (median S/N per apStar pixel) is kept in ``meta["snr_apstar_pixel"]``; the fit computes its own S/N
+(:func:`astra_thepayne.preprocess.spectrum_snr`), the same for every spectrum type.
+
+Quality: ``meta["starflag"]`` is the header's STARFLAG (the OR over visits) for the coadd and ``FLAG<n>`` ("STARFLAG
+for visit n") for visit n; ``meta["vscatter"]`` the header's VSCATTER (km/s) for every row.
 """
 from __future__ import annotations
 
@@ -128,6 +132,7 @@ class ApStarReader(SpectrumReader):
             "dec": header_float(primary, "DEC"),
             "field": header_str(primary, "FIELD"),
             "nvisits": nvisits,
+            "vscatter": header_float(primary, "VSCATTER"),  # scatter of the star's visit velocities (km/s)
         }
         obj = header_str(primary, "OBJID")
         telescope = _telescope(primary)
@@ -142,6 +147,7 @@ class ApStarReader(SpectrumReader):
                 snr = header_float(primary, "SNR")
                 spectrum_type = "apstar_coadd"
                 meta["vhelio"] = header_float(primary, "VHELIO")
+                meta["starflag"] = header_value(primary, "STARFLAG")  # OR of the visits' STARFLAG
             else:
                 visit = row - 2 if nvisits > 1 else 0  # 0-based visit index; header cards count from 1
                 spectrum_type = "apstar_visit"
@@ -152,6 +158,7 @@ class ApStarReader(SpectrumReader):
                 meta["vhelio"] = header_float(primary, f"VHELIO{visit + 1}")
                 meta["bc"] = header_float(primary, f"BC{visit + 1}")
                 meta["snr_apstar_pixel"] = header_float(primary, f"SNRVIS{visit + 1}")
+                meta["starflag"] = header_value(primary, f"FLAG{visit + 1}")  # "STARFLAG for visit <n>"
                 snr = float("nan")
                 if visit_table is not None and visit < len(visit_table):
                     names = {n.lower(): n for n in visit_table.names}

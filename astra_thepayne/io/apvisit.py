@@ -12,6 +12,8 @@ apVisit-r13-9518-57729-104: -82.0528 + 14.5808 = -67.4720 km/s): VHELIO is baryc
 correction of the observer. When VRAD is absent, ``VHELIO - BC`` is used, then the ``VREL`` column of the
 visit table (HDU11), else NaN.
 
+Quality: ``meta["starflag"]`` and ``meta["vscatter"]`` are the header's STARFLAG and VSCATTER (km/s).
+
 Identification: HDU1-HDU4 are two-dimensional images, HDU3 holds integers and HDU4 floats, and there is no
 log-linear wavelength solution (CRVAL1) in HDU1 or the primary header (which apStar files have).
 """
@@ -100,6 +102,8 @@ class ApVisitReader(SpectrumReader):
             "jd": header_float(primary, "JD-MID"),
             "vhelio": header_float(primary, "VHELIO"),
             "bc": header_float(primary, "BC"),
+            "starflag": header_value(primary, "STARFLAG"),
+            "vscatter": header_float(primary, "VSCATTER"),
         }
         if table is not None and len(table):
             names = {n.lower(): n for n in table.names}

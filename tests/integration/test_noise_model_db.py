@@ -61,3 +61,35 @@ def test_calibrate_then_apply(database_url, tmp_path):
     assert row.e_teff == pytest.approx(corrections["teff"]["scale"] * row.raw_e_teff + corrections["teff"]["offset"])
     assert run_cli("--database", database_url, "noise-model", "calibrate", str(out), "--tag", "none")[0] == 2
     database.close()
+
+
+def test_pairs_never_share_an_exposure(database_url):
+    """An apStar visit row and the apVisit file it was made from (same source, same MJD) are one exposure."""
+    database = connect(database_url)
+    upgrade(database)
+    source = Source.create(sdss4_apogee_id="2M00000001+0000001")
+    visits = [("apstar_visit", 56396, 1), ("apstar_visit", 56433, 2), ("apvisit", 56396, 0), ("apvisit", 56433, 0),
+              ("apstar_visit", 56434, 3)]
+    for kind, mjd, row in visits:
+        spectrum = SpectrumRecord.create(source_pk=source.pk, path=f"/d/{kind}-{mjd}.fits", hdu=1, row=row,
+                                         spectrum_type=kind, mjd=mjd)
+        ThePayne.create(spectrum_pk=spectrum.pk, source_pk=source.pk, model_sha256="m", teff=5000.0 + mjd % 7,
+                        raw_e_teff=10.0, e_teff=10.0, result_flags=0)
+    x1, _, x2, _ = repeat_pairs("teff")
+    # three exposures (56396, 56433, 56434): one pair of two different ones; the apVisit duplicates never enter
+    assert len(x1) == 1 and (x1[0], x2[0]) == (5000.0 + 56396 % 7, 5000.0 + 56433 % 7)
+    database.close()
+
+
+def test_quadrature_correction_applied_in_sql(database_url, tmp_path):
+    from astra_thepayne.noise_model import apply_corrections_to_database
+
+    database = connect(database_url)
+    upgrade(database)
+    _fill(np.random.default_rng(4))
+    apply_corrections_to_database({"teff": {"offset": 30.0, "scale": 1.5, "form": "quadrature"},
+                                   "logg": {"offset": 0.01, "scale": 2.0}})
+    row = ThePayne.select().where(ThePayne.flag_bad == False).first()  # noqa: E712 - an SQL expression
+    assert row.e_teff == pytest.approx(np.hypot(1.5 * row.raw_e_teff, 30.0))
+    assert row.e_logg == pytest.approx(2.0 * 0.05 + 0.01)
+    database.close()

@@ -54,6 +54,9 @@ def test_upgrade_from_the_previous_schema_keeps_rows(database_url):
     assert (row.teff, row.e_teff, row.noise_model_sha256, row.flag_low_snr, row.flag_warn) == (4800.0, 20.0, None,
                                                                                               True, True)
     assert row.intermediate_file is None  # written before m0003: its arrays are found by the derived path
+    # m0006: rows written before have no per-label bound bits and no file quality
+    assert (row.at_bound_flags, row.starflag, row.vscatter, row.flag_at_bound_teff) == (0, None, None, False)
+    assert ThePayne.select().where(ThePayne.flag_at_bound_logg).count() == 0
     database.close()
 
 

@@ -30,7 +30,8 @@ def test_pulls_have_zero_mean_and_unit_width(toy_emulator, fitter):
     for _ in range(60):
         truth = toy_emulator.unscale(rng.uniform(-0.4, 0.4, toy_emulator.n_labels))
         result = fitter.fit(synthetic_spectrum(toy_emulator, truth, snr=rng.uniform(30, 200), rng=rng))
-        assert result.success, result.message
+        # fitted (teff or logg ending on a bound at low S/N is flagged bad, but is part of the pull statistics)
+        assert np.all(np.isfinite(result.labels)), result.message
         pulls.append((result.labels - truth) / result.raw_e)
     pulls = np.array(pulls)
     widths = np.array([_robust_width(p) for p in pulls.T])

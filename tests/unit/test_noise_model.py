@@ -65,3 +65,33 @@ def test_bad_or_unsafe_corrections_files_are_configuration_errors(tmp_path, cont
     path.write_bytes(pickle.dumps(content))
     with pytest.raises(ConfigurationError, match="corrections file"):
         load_corrections(path)
+
+
+def test_quadrature_form_recovers_its_floor_where_the_linear_form_overstates():
+    rng = np.random.default_rng(5)
+    n, true_scale, floor = 4000, 1.5, 0.05
+    raw1, raw2 = rng.uniform(0.01, 0.1, n), rng.uniform(0.01, 0.1, n)
+    x1 = rng.normal(0, np.hypot(true_scale * raw1, floor))
+    x2 = rng.normal(0, np.hypot(true_scale * raw2, floor))
+    fitted = calibrate_pair_errors(x1, raw1, x2, raw2, form="quadrature")
+    assert fitted["form"] == "quadrature"
+    assert fitted["scale"] == pytest.approx(true_scale, rel=0.1)
+    assert fitted["offset"] == pytest.approx(floor, rel=0.1)
+    z = pair_z_scores(x1, apply_correction(raw1, **fitted), x2, apply_correction(raw2, **fitted))
+    assert np.std(z) == pytest.approx(1.0, abs=0.04)
+    # the same scale and offset read linearly overstate an error whose two terms are equal by sqrt(2)
+    equal = floor / true_scale
+    assert apply_correction(equal, floor, true_scale) / apply_correction(equal, floor, true_scale, "quadrature") \
+        == pytest.approx(np.sqrt(2))
+
+
+def test_quadrature_entries_round_trip_and_linear_files_stay_astras(tmp_path):
+    corrections = {"teff": {"offset": 30.0, "scale": 1.1, "form": "quadrature"}, "logg": {"offset": 0.01, "scale": 1.0}}
+    path = save_corrections(tmp_path / "q.pkl", corrections)
+    loaded, _, _ = load_corrections(path)
+    assert loaded == corrections
+    with open(path, "rb") as fh:
+        assert pickle.load(fh)[0]["logg"] == {"offset": 0.01, "scale": 1.0}  # no extra key where Astra's has none
+    path.write_bytes(pickle.dumps(({"teff": {"offset": 1.0, "scale": 1.0, "form": "cubic"}}, None)))
+    with pytest.raises(ConfigurationError, match="form 'cubic'"):
+        load_corrections(path)
