@@ -19,6 +19,7 @@ __all__ = ["main", "cli"]
 _COMMANDS = {
     "fit": ("fit", "fit"),
     "init": ("db_commands", "init"),
+    "astra-init": ("db_commands", "astra_init"),
     "ingest": ("db_commands", "ingest"),
     "run": ("db_commands", "run"),
     "export": ("db_commands", "export"),

@@ -23,8 +23,18 @@ from ..errors import ConfigurationError
 __all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgres", "is_sqlite", "redact",
            "database_identity"]
 
+class _Proxy(DatabaseProxy):
+    """peewee's proxy, with an error that says what to do when a model is used before :func:`connect`."""
+
+    def __getattr__(self, attr):
+        if self.obj is None:
+            raise AttributeError(f"no database bound to astra_thepayne's models (using .{attr}): call "
+                                 "astra_thepayne.connect() or connect(url) first")
+        return getattr(self.obj, attr)
+
+
 #: The database every model of :mod:`astra_thepayne.db.models` is bound to, until :func:`connect` initialises it.
-database_proxy = DatabaseProxy()
+database_proxy = _Proxy()
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: "$" would accept a final "\n"
 
