@@ -1,9 +1,9 @@
 """Prepare Astra's database for the plugin's task (``thepayne astra-init``).
 
 ``astra execute`` (0.6) and ``astra run`` (0.8) query the result table before the task runs, and Astra 0.8's
-``astra run astra_thepayne.the_payne`` also queries every spectrum table the task's ``spectra`` annotation names; Astra's
-own ``initdb`` cannot create these tables on SQLite. :func:`prepare_astra_database` creates each missing one from
-the models Astra's configuration binds (so in Astra's database and schema): the tables those models refer to by
+``astra run astra_thepayne.the_payne`` also queries every spectrum table the task's ``spectra`` annotation names;
+Astra's own ``initdb`` cannot create these tables on SQLite. :func:`prepare_astra_database` creates each missing one
+from the models Astra's configuration binds (so in Astra's database and schema): the tables those models refer to by
 foreign key (``source``, ``spectrum``, ...), the input spectrum tables and the result table, in dependency order.
 Tables that exist are left as they are; a result table that exists with another layout (Astra's own, older
 ``ThePayne`` also uses ``the_payne``) is refused, with the way out. Nothing of the standalone schema

@@ -14,7 +14,11 @@ from playhouse.migrate import migrate
 
 from astra_thepayne.db.database import is_postgres, schema_of
 
-RENAMED = (("source", "thepayne_source"), ("spectrum", "thepayne_spectrum"), ("the_payne", "thepayne_result"))
+#: (old table, new table, prefixes of the old index names): peewee named indexes after the model class
+#: (``thepayne_spectrum_pk`` on ``the_payne``), PostgreSQL names primary keys after the table (``the_payne_pkey``)
+RENAMED = (("source", "thepayne_source", ("source_",)),
+           ("spectrum", "thepayne_spectrum", ("spectrum_",)),
+           ("the_payne", "thepayne_result", ("the_payne_", "thepayne_")))
 PRIMARY_KEYS = {"thepayne_source": "pk", "thepayne_spectrum": "pk", "thepayne_result": "task_pk"}
 
 
@@ -28,16 +32,17 @@ def upgrade(database, migrator):
         return
     schema = schema_of(database)
     tables = set(database.get_tables(schema=schema))
-    for old, new in RENAMED:
+    for old, new, prefixes in RENAMED:
         if old not in tables or new in tables:
             continue
         migrate(migrator.rename_table(old, new))
-        # peewee names indexes "<table>_<columns>": give them the new prefix, so that Astra's own indexes on its
-        # `source` / `spectrum` can still be created in a shared database
+        # index names are global (SQLite) or per schema (PostgreSQL): give them the new table's prefix, as
+        # m0001 now names them, so that Astra's own indexes (source_sdss4_apogee_id, ...) can still be made beside them
         for index in database.get_indexes(new, schema=schema):
-            if not index.name.startswith(f"{old}_"):
+            prefix = next((p for p in prefixes if index.name.startswith(p)), None)
+            if prefix is None:
                 continue
-            renamed = new + index.name[len(old):]
+            renamed = f"{new}_{index.name[len(prefix):]}"
             if is_postgres(database):
                 database.execute_sql(f"ALTER INDEX {_quote(index.name)} RENAME TO {_quote(renamed)}")
             elif index.sql:  # SQLite has no ALTER INDEX: recreate it under the new name

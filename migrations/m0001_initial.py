@@ -1,8 +1,9 @@
 """Initial schema: ``thepayne_source``, ``thepayne_spectrum`` and ``thepayne_result`` (25 labels, e_*, raw_e_*, 300
 rho_*).
 
-Databases initialised by earlier versions of this migration named these tables ``source``, ``spectrum`` and ``the_payne``, which are Astra's
-names; :mod:`m0000_own_table_names` renames them before this or any later migration runs on such a database.
+Databases initialised by earlier versions of this migration named these tables ``source``, ``spectrum`` and
+``the_payne``, Astra's names; :mod:`m0000_own_table_names` renames them before any later migration runs on such a
+database.
 
 The table definitions are frozen here (not imported from the current models), so that this migration creates
 exactly the schema of release 0.1.0 even after later migrations change the models. The repeated label columns are
@@ -31,7 +32,9 @@ from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
 def _models(database):
     class Base(Model):
         class Meta:
-            pass
+            # index names start with the table name (thepayne_source_sdss4_apogee_id), not the class name
+            # (source_sdss4_apogee_id), so that they never meet Astra's indexes in a shared database
+            legacy_table_names = False
 
     class Source(Base):
         pk = AutoField()

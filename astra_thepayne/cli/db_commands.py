@@ -64,8 +64,8 @@ def astra_init(ctx):
         raise click.UsageError("astra-init uses Astra's own configuration ($ASTRA_DATABASE_PATH or Astra's config "
                                "file); --database does not apply to it")
     if not task.ASTRA_AVAILABLE:
-        raise ConfigurationError(f"astra-init needs the Astra integration: {task.ASTRA_UNAVAILABLE}; install sdss-astra "
-                                 "in this environment (the standalone schema is made by `thepayne init`)")
+        raise ConfigurationError(f"astra-init needs the Astra integration: {task.ASTRA_UNAVAILABLE}; install "
+                                 "sdss-astra in this environment (the standalone schema is made by `thepayne init`)")
     database = task.AstraThePayne._meta.database
     where = str(getattr(database, "database", "") or "Astra's database")
     try:

@@ -71,6 +71,7 @@ def _now():
 class BaseModel(Model):
     class Meta:
         database = database_proxy
+        legacy_table_names = False  # index names start with the table name, as in the migrations
 
 
 class Source(BaseModel):

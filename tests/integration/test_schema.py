@@ -41,8 +41,8 @@ def test_upgrade_from_the_previous_schema_keeps_rows(database_url):
         require_schema(database)
     # a row written by the previous release, in SQL (the current model has a column the table lacks)
     database.execute_sql("INSERT INTO thepayne_source (sdss4_apogee_id, created) VALUES ('2M1', '2026-01-01 00:00:00')")
-    database.execute_sql("INSERT INTO thepayne_spectrum (source_pk, path, hdu, row, spectrum_type, obj, telescope, created) "
-                         "VALUES (1, '/x.fits', 1, 0, 'apstar_coadd', '2M1', '', '2026-01-01 00:00:00')")
+    database.execute_sql("INSERT INTO thepayne_spectrum (source_pk, path, hdu, row, spectrum_type, obj, telescope, "
+                         "created) VALUES (1, '/x.fits', 1, 0, 'apstar_coadd', '2M1', '', '2026-01-01 00:00:00')")
     database.execute_sql("INSERT INTO thepayne_result (source_pk, spectrum_pk, v_astra, v_thepayne, created, tag, "
                          "model_sha256, demonstration, teff, raw_e_teff, e_teff, result_flags) VALUES "
                          "(1, 1, 1000, '0.1.0', '2026-01-01 00:00:00', '', 'abc', false, 4800.0, 20.0, 20.0, 16)")
