@@ -231,6 +231,7 @@ def test_astra_init_without_astra_says_why_in_one_line(arguments, capsys, monkey
     assert main(arguments) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
+    assert "Astra" in err  # says what is missing (sdss-astra, or Astra's configuration instead of --database)
     assert not list(tmp_path.iterdir())  # no database made
 
 
