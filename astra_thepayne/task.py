@@ -247,7 +247,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
         if spectrum_pk is not None and not row.flag_bad:
             # the pickle is complete on disk before the row exists anywhere but in memory
             if database_id is None:
-                database_id = database_identity(model._meta.database)
+                database_id = database_identity(model._meta.database, own_schema=getattr(model, "own_schema", True))
             path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
                                      database_id=database_id)
             write_intermediate(path, result.continuum, result.rectified_model_flux,
@@ -368,7 +368,7 @@ def astra_model():
             from peewee import BitField as AstraBitField
     model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
                               table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), meta=meta,
-                              v_astra_field=v_astra, bit_field=AstraBitField)
+                              v_astra_field=v_astra, bit_field=AstraBitField, own_schema=False)
     # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
     # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
     model.category_headers = (("Provenance", "v_thepayne"), ("Spectrum", "snr"), ("Stellar labels", LABELS[0].name),

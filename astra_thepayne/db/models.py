@@ -181,7 +181,7 @@ class _ThePayneMixin:
     def _database_id(self):
         from .database import database_identity
 
-        return database_identity(self._meta.database)
+        return database_identity(self._meta.database, own_schema=self.own_schema)
 
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
@@ -231,7 +231,7 @@ class _ThePayneMixin:
 
 
 def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, spectrum_model=SpectrumRecord,
-                      table_name="thepayne_result", meta=None, v_astra_field=None, bit_field=BitField):
+                      table_name="thepayne_result", meta=None, v_astra_field=None, bit_field=BitField, own_schema=True):
     """Build the result model class from the label and flag tables.
 
     Parameters
@@ -252,12 +252,17 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
     bit_field : peewee.BitField subclass
         Class of ``result_flags``: Astra's own ``BitField`` inside Astra, whose FITS writers look column formats up
         by exact field class and do not know peewee's.
+    own_schema : bool
+        True for the standalone table, False for the table in Astra's schema: its rows name their database by
+        where it is, not by the standalone schema's ``thepayne_database`` (see
+        :func:`~astra_thepayne.db.database.database_identity`).
     """
     from .. import __version__
 
     attrs = {
         "__module__": __name__,
         "__doc__": f"A result of The Payne for one spectrum (table ``{table_name}``).",
+        "own_schema": own_schema,
         "task_pk": AutoField(help_text="Primary key of the result"),
         "source_pk": ForeignKeyField(source_model, column_name="source_pk", null=True, index=True, lazy_load=False,
                                      on_delete="CASCADE", help_text="Source the spectrum belongs to"),

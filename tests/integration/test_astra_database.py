@@ -191,7 +191,7 @@ def _astra_like_models(database):
         drp_spectrum_pk = ForeignKeyField(ApogeeVisitSpectrum, column_name="drp_spectrum_pk")
 
     models = [Source, Spectrum, ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrum, ApogeeVisitSpectrumInApStar]
-    result = make_result_model("ThePayne", (AstraBase,), Source, Spectrum, table_name="the_payne")
+    result = make_result_model("ThePayne", (AstraBase,), Source, Spectrum, table_name="the_payne", own_schema=False)
     database.bind([*models, result])
     return result, (ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar)
 
@@ -233,6 +233,37 @@ def test_astra_init_without_astra_says_why_in_one_line(arguments, capsys, monkey
     assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
     assert "Astra" in err  # says what is missing (sdss-astra, or Astra's configuration instead of --database)
     assert not list(tmp_path.iterdir())  # no database made
+
+
+def test_astra_results_keep_their_arrays_when_thepayne_init_shares_the_database(tmp_path, monkeypatch, spectra_dir,
+                                                                             toy_model_path):
+    """A result the Astra task wrote names its database by where it is; `thepayne init` adding the standalone
+    schema (and its database id) to the same file afterwards must not make its pickle look like another's."""
+    from types import SimpleNamespace
+
+    from astra_thepayne.io import read_spectra
+    from astra_thepayne.task import fit_rows
+
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.delenv("MWM_ASTRA", raising=False)
+    path = tmp_path / "astra.db"
+    database = SqliteDatabase(str(path))
+    result, inputs = _astra_like_models(database)
+    prepare_astra_database(result, inputs)
+    spectrum = result.spectrum_pk.rel_model.create()
+    data = read_spectra(spectra_dir / "apStar-A.fits")[0]
+    row_like = SimpleNamespace(wavelength=data.wavelength, flux=data.flux, ivar=data.ivar, snr=data.snr,
+                               spectrum_pk=spectrum.pk, source_pk=None)
+    (row,) = [r for r in fit_rows([row_like], result, model_path=str(toy_model_path)) if r is not ...]
+    assert not row.flag_bad and row.intermediate_file
+    row.save()
+    database.close()
+    assert main(["--database", f"sqlite:///{path}", "init"]) == 0
+
+    database = SqliteDatabase(str(path))  # a later session
+    result, _ = _astra_like_models(database)
+    assert result.get().model_flux.shape == row.model_flux.shape
+    database.close()
 
 
 # -- item 12: the obvious query -----------------------------------------------------------------------------------
