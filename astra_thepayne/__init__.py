@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "connect", "the_payne", "ThePayne", "PayneEmulator", "Spectrum", "read_spectra"]
 
 
-def connect(url=None):
+def connect(url=None, bind=True):
     """Bind the plugin's models to a database and return it (the peewee Database, not yet connected).
 
     ``url`` (``sqlite:///path.db`` or ``postgresql://user:pass@host:port/dbname[?schema=NAME]``), else
@@ -15,17 +15,18 @@ def connect(url=None):
     (``import astra`` works, ``THEPAYNE_NO_ASTRA`` unset): Astra's database as Astra's own configuration gives it
     (``$ASTRA_DATABASE_PATH`` or Astra's config file), which holds the table the task fills; otherwise
     ``$ASTRA_DATABASE_PATH`` as SQLite, else ``sqlite:///thepayne.db``, as the command line does.
-    :data:`ThePayne` is then the result model of that database.
+    :data:`ThePayne` is then the result model of that database. ``bind=False`` returns the database without binding
+    the standalone models to it.
     """
     import os
 
     if url is None and not os.environ.get("THEPAYNE_DATABASE_URL"):
         from .task import connect_default
 
-        return connect_default()
+        return connect_default(bind)
     from .db.database import connect as connect_url
 
-    return connect_url(url)
+    return connect_url(url, bind=bind)
 
 
 def __getattr__(name):

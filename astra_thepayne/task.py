@@ -421,16 +421,16 @@ def result_model():
     return ThePayne
 
 
-def connect_default():
+def connect_default(bind=True):
     """:func:`astra_thepayne.connect` without a URL: Astra's database where the Astra integration is active (its
     SQLite file also binds the standalone models, as ``$ASTRA_DATABASE_PATH`` does for the command line), else the
     command line's default database."""
     from .db.database import connect, database_proxy, is_sqlite
 
     if not ASTRA_AVAILABLE:
-        return connect()
+        return connect(bind=bind)
     database = AstraThePayne._meta.database
-    if is_sqlite(database):
+    if bind and is_sqlite(database):
         database_proxy.initialize(database)
     return database
 
