@@ -266,6 +266,34 @@ def test_astra_results_keep_their_arrays_when_thepayne_init_shares_the_database(
     database.close()
 
 
+def test_standalone_commands_do_not_import_astra(tmp_path, apogee_data_dir):
+    """Where sdss-astra is installed, importing it costs seconds and prints Astra's configuration warnings; the
+    standalone commands use their own runner and tables and must not import it (`astra-init` must). A package named
+    `astra` that records its import stands in for it here."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "astra-imported"
+    (tmp_path / "stub" / "astra").mkdir(parents=True)
+    (tmp_path / "stub" / "astra" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('not the real sdss-astra')\n")
+    env = {k: v for k, v in os.environ.items() if k != "THEPAYNE_NO_ASTRA"}
+    env["PYTHONPATH"] = str(tmp_path / "stub")
+
+    def thepayne(*arguments):
+        code = "import sys; from astra_thepayne.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run([sys.executable, "-c", code, *arguments], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    apstar = sorted(apogee_data_dir.glob("apStar-*.fits"))[0]
+    done = thepayne("fit", "--model", "demo", "--coadd-only", "--output", str(tmp_path / "fit.csv"), str(apstar))
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    assert thepayne("astra-init").returncode == 2
+    assert marker.exists()
+
+
 # -- item 12: the obvious query -----------------------------------------------------------------------------------
 
 def test_the_payne_select_before_connect_says_what_to_do():
