@@ -7,16 +7,35 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "connect", "the_payne", "ThePayne", "PayneEmulator", "Spectrum", "read_spectra"]
 
 
+def connect(url=None, bind=True):
+    """Bind the plugin's models to a database and return it (the peewee Database, not yet connected).
+
+    ``url`` (``sqlite:///path.db`` or ``postgresql://user:pass@host:port/dbname[?schema=NAME]``), else
+    ``$THEPAYNE_DATABASE_URL``: the standalone tables there. Without either, where the Astra integration is active
+    (``import astra`` works, ``THEPAYNE_NO_ASTRA`` unset): Astra's database as Astra's own configuration gives it
+    (``$ASTRA_DATABASE_PATH`` or Astra's config file), which holds the table the task fills; otherwise
+    ``$ASTRA_DATABASE_PATH`` as SQLite, else ``sqlite:///thepayne.db``, as the command line does.
+    :data:`ThePayne` is then the result model of that database. ``bind=False`` returns the database without binding
+    the standalone models to it.
+    """
+    import os
+
+    if url is None and not os.environ.get("THEPAYNE_DATABASE_URL"):
+        from .task import connect_default
+
+        return connect_default(bind)
+    from .db.database import connect as connect_url
+
+    return connect_url(url, bind=bind)
+
+
 def __getattr__(name):
     # Lazy re-exports keep `import astra_thepayne` light (no peewee, astropy or scipy until needed).
-    if name == "connect":
-        from .db.database import connect
-
-        return connect
     if name == "ThePayne":
-        from .db.models import ThePayne
+        # the model of the table `the_payne` fills: Astra's where the task is Astra's (see task.result_model)
+        from .task import result_model
 
-        return ThePayne
+        return result_model()
     if name == "the_payne":
         from .task import the_payne
 

@@ -30,8 +30,8 @@ import numpy as np
 from .db.models import SpectrumRecord, ThePayne, row_to_fields
 from .errors import ConfigurationError
 
-__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "skip_fitted",
-           "ASTRA_AVAILABLE"]
+__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "skip_fitted", "result_model",
+           "connect_default", "ASTRA_AVAILABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
         if spectrum_pk is not None and not row.flag_bad:
             # the pickle is complete on disk before the row exists anywhere but in memory
             if database_id is None:
-                database_id = database_identity(model._meta.database)
+                database_id = database_identity(model._meta.database, own_schema=getattr(model, "own_schema", True))
             path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
                                      database_id=database_id)
             write_intermediate(path, result.continuum, result.rectified_model_flux,
@@ -410,7 +410,7 @@ def astra_model():
             from peewee import BitField as AstraBitField
     model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
                               table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), meta=meta,
-                              v_astra_field=v_astra, bit_field=AstraBitField)
+                              v_astra_field=v_astra, bit_field=AstraBitField, own_schema=False)
     # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
     # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
     model.category_headers = (("Provenance", "v_thepayne"), ("Spectrum", "snr"), ("Stellar labels", LABELS[0].name),
@@ -448,12 +448,46 @@ def skip_fitted(spectra, model, model_sha256, tag=""):
         yield item
 
 
+def result_model():
+    """The result model of the table :data:`the_payne` fills, which ``astra_thepayne.ThePayne`` names.
+
+    Where the Astra integration is active that is ``AstraThePayne`` (table ``the_payne`` in Astra's database, bound
+    by Astra's configuration), unless :func:`astra_thepayne.connect` was given a URL of another database: then, as
+    without Astra, the standalone :class:`~astra_thepayne.db.models.ThePayne` (table ``thepayne_result``).
+    """
+    if ASTRA_AVAILABLE:
+        from .db.database import database_proxy
+
+        if database_proxy.obj is None or database_proxy.obj is AstraThePayne._meta.database:
+            return AstraThePayne
+    return ThePayne
+
+
+def connect_default(bind=True):
+    """:func:`astra_thepayne.connect` without a URL: Astra's database where the Astra integration is active (its
+    SQLite file also binds the standalone models, as ``$ASTRA_DATABASE_PATH`` does for the command line), else the
+    command line's default database."""
+    from .db.database import connect, database_proxy, is_sqlite
+
+    if not ASTRA_AVAILABLE:
+        return connect(bind=bind)
+    database = AstraThePayne._meta.database
+    if bind and is_sqlite(database):
+        database_proxy.initialize(database)
+    return database
+
+
 ASTRA_AVAILABLE = False
+#: Why the Astra integration is off (one line, for ``thepayne astra-init``); empty when it is on.
+ASTRA_UNAVAILABLE = "THEPAYNE_NO_ASTRA is set"
+#: The spectrum models the Astra task's ``spectra`` annotation names (what ``astra run`` fits by default).
+ASTRA_INPUT_MODELS = ()
 if not os.environ.get("THEPAYNE_NO_ASTRA"):
     try:
         import astra as _astra
-    except ImportError:
+    except ImportError as _exc:
         _astra = None
+        ASTRA_UNAVAILABLE = f"sdss-astra is not importable here ({_exc})"
     if _astra is not None:
         try:
             from peewee import BaseQuery as _BaseQuery
@@ -462,6 +496,7 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
         except Exception as _exc:  # a broken Astra installation must not break the plugin's own runner
             log.warning("sdss-astra is installed but its models could not be used (%s); the_payne stays a plain "
                         "generator", _exc)
+            ASTRA_UNAVAILABLE = f"sdss-astra is installed but its models could not be used ({_exc})"
         else:
             def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
                                  opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
@@ -494,6 +529,7 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
             try:  # Astra 0.8's `astra run astra_thepayne.the_payne` (no spectrum model) reads the input types here
                 from astra.models.apogee import ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar
 
+                ASTRA_INPUT_MODELS = (ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar)
                 _the_payne_astra.__annotations__["spectra"] = Iterable[
                     ApogeeCoaddedSpectrumInApStar | ApogeeVisitSpectrumInApStar]
             except ImportError:
@@ -501,4 +537,4 @@ if not os.environ.get("THEPAYNE_NO_ASTRA"):
             _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
             _the_payne_astra.__doc__ = the_payne.__doc__
             the_payne = _astra.task(_the_payne_astra)  # noqa: F811 - the Astra task replaces the plain generator
-            ASTRA_AVAILABLE = True
+            ASTRA_AVAILABLE, ASTRA_UNAVAILABLE = True, ""

@@ -1,4 +1,9 @@
-"""Initial schema: ``source``, ``spectrum`` and ``the_payne`` (25 labels, e_*, raw_e_*, 300 rho_*).
+"""Initial schema: ``thepayne_source``, ``thepayne_spectrum`` and ``thepayne_result`` (25 labels, e_*, raw_e_*, 300
+rho_*).
+
+Databases initialised by earlier versions of this migration named these tables ``source``, ``spectrum`` and
+``the_payne``, Astra's names; :mod:`m0000_own_table_names` renames them before any later migration runs on such a
+database.
 
 The table definitions are frozen here (not imported from the current models), so that this migration creates
 exactly the schema of release 0.1.0 even after later migrations change the models. The repeated label columns are
@@ -27,7 +32,9 @@ from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
 def _models(database):
     class Base(Model):
         class Meta:
-            pass
+            # index names start with the table name (thepayne_source_sdss4_apogee_id), not the class name
+            # (source_sdss4_apogee_id), so that they never meet Astra's indexes in a shared database
+            legacy_table_names = False
 
     class Source(Base):
         pk = AutoField()
@@ -38,7 +45,7 @@ def _models(database):
         created = DateTimeField(default=datetime.datetime.utcnow)
 
         class Meta:
-            table_name = "source"
+            table_name = "thepayne_source"
 
     class Spectrum(Base):
         pk = AutoField()
@@ -54,7 +61,7 @@ def _models(database):
         created = DateTimeField(default=datetime.datetime.utcnow)
 
         class Meta:
-            table_name = "spectrum"
+            table_name = "thepayne_spectrum"
             indexes = ((("path", "hdu", "row"), True),)
 
     attrs = {
@@ -80,7 +87,7 @@ def _models(database):
     attrs.update({rho_name(a, b): FloatField(null=True) for a, b in label_pairs(LABEL_NAMES)})
     attrs.update({"chi2": FloatField(null=True), "reduced_chi2": FloatField(null=True), "dof": IntegerField(null=True)})
     attrs["result_flags"] = BitField(default=0)
-    attrs["Meta"] = type("Meta", (), {"table_name": "the_payne",
+    attrs["Meta"] = type("Meta", (), {"table_name": "thepayne_result",
                                       "indexes": ((("spectrum_pk", "model_sha256", "tag"), True),)})
     ThePayne = type("ThePayne", (Base,), attrs)
     return Source, Spectrum, ThePayne

@@ -1,4 +1,4 @@
-"""Record which corrections file set ``e_*``: column ``the_payne.noise_model_sha256`` (NULL = formal errors)."""
+"""Record which corrections file set ``e_*``: column ``thepayne_result.noise_model_sha256`` (NULL = formal errors)."""
 from __future__ import annotations
 
 from peewee import TextField
@@ -6,4 +6,4 @@ from playhouse.migrate import migrate
 
 
 def upgrade(database, migrator):
-    migrate(migrator.add_column("the_payne", "noise_model_sha256", TextField(null=True)))
+    migrate(migrator.add_column("thepayne_result", "noise_model_sha256", TextField(null=True)))

@@ -1,4 +1,4 @@
-"""Store the absolute path of each result's intermediate pickle: column ``the_payne.intermediate_file``.
+"""Store the absolute path of each result's intermediate pickle: column ``thepayne_result.intermediate_file``.
 
 Readers in another working directory or environment then find the arrays without knowing where the run wrote them.
 """
@@ -9,4 +9,4 @@ from playhouse.migrate import migrate
 
 
 def upgrade(database, migrator):
-    migrate(migrator.add_column("the_payne", "intermediate_file", TextField(null=True)))
+    migrate(migrator.add_column("thepayne_result", "intermediate_file", TextField(null=True)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -19,6 +20,7 @@ __all__ = ["main", "cli"]
 _COMMANDS = {
     "fit": ("fit", "fit"),
     "init": ("db_commands", "init"),
+    "astra-init": ("db_commands", "astra_init"),
     "ingest": ("db_commands", "ingest"),
     "run": ("db_commands", "run"),
     "export": ("db_commands", "export"),
@@ -61,6 +63,10 @@ class _LazyGroup(click.Group):
 def cli(ctx, database_url, verbose):
     """The Payne: neural-network stellar labels for APOGEE spectra."""
     ctx.ensure_object(dict)
+    if ctx.invoked_subcommand != "astra-init":
+        # the standalone commands always use the project's own runner and tables: importing sdss-astra (where it is
+        # installed) would only cost seconds and print Astra's configuration warnings; their workers inherit this
+        os.environ.setdefault("THEPAYNE_NO_ASTRA", "1")
     ctx.obj["database_url"] = database_url
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

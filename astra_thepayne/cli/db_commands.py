@@ -1,4 +1,4 @@
-"""Database commands: ``init``, ``ingest``, ``run``, ``export`` and ``noise-model apply``.
+"""Database commands: ``init``, ``astra-init``, ``ingest``, ``run``, ``export`` and ``noise-model apply``.
 
 Each is a thin layer over the library (:mod:`astra_thepayne.db`, :mod:`astra_thepayne.ingest`,
 :mod:`astra_thepayne.runner`, :mod:`astra_thepayne.catalogue`, :mod:`astra_thepayne.noise_model`); the database
@@ -14,7 +14,7 @@ import click
 from ..errors import ConfigurationError
 from .options import fit_options
 
-__all__ = ["init", "ingest", "run", "export", "noise_model"]
+__all__ = ["init", "astra_init", "ingest", "run", "export", "noise_model"]
 
 
 def _database(ctx, check_schema=True):
@@ -46,6 +46,36 @@ def init(ctx):
         click.echo(f"{database.thepayne_url}: applied {', '.join(applied)}; schema at {latest}")
     else:
         click.echo(f"{database.thepayne_url}: schema up to date ({latest})")
+
+
+@click.command("astra-init")
+@click.pass_context
+def astra_init(ctx):
+    """Create, in Astra's database (from Astra's own configuration), the tables the_payne needs under Astra.
+
+    Run it once, where sdss-astra is installed, before the first `astra execute` / `astra run` of
+    astra_thepayne.the_payne: it creates the result table (the_payne, or $THEPAYNE_ASTRA_TABLE), the spectrum tables
+    the task reads by default and the tables they refer to, each only if missing (idempotent).
+    """
+    from .. import task
+    from ..astra_setup import prepare_astra_database
+
+    if ctx.obj and ctx.obj.get("database_url"):
+        raise click.UsageError("astra-init uses Astra's own configuration ($ASTRA_DATABASE_PATH or Astra's config "
+                               "file); --database does not apply to it")
+    if not task.ASTRA_AVAILABLE:
+        raise ConfigurationError(f"astra-init needs the Astra integration: {task.ASTRA_UNAVAILABLE}; install "
+                                 "sdss-astra in this environment (the standalone schema is made by `thepayne init`)")
+    database = task.AstraThePayne._meta.database
+    where = str(getattr(database, "database", "") or "Astra's database")
+    try:
+        summary = prepare_astra_database(task.AstraThePayne, task.ASTRA_INPUT_MODELS, where=f"Astra's database {where}")
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"cannot prepare Astra's database {where}: {str(exc).strip().splitlines()[0]}") \
+            from None
+    click.echo(f"thepayne astra-init: {summary}")
 
 
 @click.command("ingest")

@@ -23,8 +23,18 @@ from ..errors import ConfigurationError
 __all__ = ["database_proxy", "connect", "ensure_schema", "schema_of", "is_postgres", "is_sqlite", "redact",
            "database_identity"]
 
+class _Proxy(DatabaseProxy):
+    """peewee's proxy, with an error that says what to do when a model is used before :func:`connect`."""
+
+    def __getattr__(self, attr):
+        if self.obj is None:
+            raise AttributeError(f"no database bound to astra_thepayne's models (using .{attr}): call "
+                                 "astra_thepayne.connect() or connect(url) first")
+        return getattr(self.obj, attr)
+
+
 #: The database every model of :mod:`astra_thepayne.db.models` is bound to, until :func:`connect` initialises it.
-database_proxy = DatabaseProxy()
+database_proxy = _Proxy()
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch: "$" would accept a final "\n"
 
@@ -138,22 +148,25 @@ def ensure_schema(database) -> None:
             database.execute_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
 
 
-def database_identity(database) -> str:
+def database_identity(database, own_schema=True) -> str:
     """A string of 32 characters that names this database: the random id (hex) ``thepayne init`` stored in
-    ``thepayne_database`` (a copy of the file keeps it); for a database without that table (Astra's own), ``loc``
-    and a hash of where it is (SQLite: the file's real path; PostgreSQL: host, port, database and schema), which
-    changes when the database moves (readers do not check such identities, see :mod:`astra_thepayne.intermediate`).
+    ``thepayne_database`` (a copy of the file keeps it); for a database without that table (Astra's own), or with
+    ``own_schema=False`` (results in Astra's tables, which keep their identity when ``thepayne init`` later adds the
+    standalone tables to the same database), ``loc`` and a hash of where it is (SQLite: the file's real path;
+    PostgreSQL: host, port, database and schema), which changes when the database moves (readers do not check such
+    identities, see :mod:`astra_thepayne.intermediate`).
     """
     import hashlib
     import os
 
     database = _unwrap(database)
-    cached = getattr(database, "thepayne_identity", None)
+    cache = "thepayne_identity" if own_schema else "thepayne_location_identity"
+    cached = getattr(database, cache, None)
     if cached:
         return cached
     identity = None
     try:
-        if "thepayne_database" in database.get_tables():
+        if own_schema and "thepayne_database" in database.get_tables():
             row = database.execute_sql("SELECT database_id FROM thepayne_database ORDER BY created LIMIT 1").fetchone()
             identity = row[0] if row else None
     except Exception:  # not reachable yet, or no permission on the catalogue: fall back to where it is
@@ -167,7 +180,7 @@ def database_identity(database) -> str:
                      f"{schema_of(database) or getattr(database, 'schema', None) or ''}")
         identity = "loc" + hashlib.sha256(where.encode()).hexdigest()[:29]  # "loc": derived from the location
     try:
-        database.thepayne_identity = identity
+        setattr(database, cache, identity)
     except AttributeError:
         pass
     return identity

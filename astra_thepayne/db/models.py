@@ -1,4 +1,9 @@
-"""Peewee models: sources, spectra (one row per file/HDU/row) and The Payne results (table ``the_payne``).
+"""Peewee models: sources, spectra (one row per file/HDU/row) and The Payne results.
+
+The standalone tables are ``thepayne_source``, ``thepayne_spectrum`` and ``thepayne_result`` (with
+``thepayne_migration``, ``thepayne_database`` and ``thepayne_claim``): every table of the plugin's own schema starts
+with ``thepayne_``, so that it can share a database with Astra, whose tables are ``source``, ``spectrum`` and, for
+this plugin's results inside Astra, ``the_payne`` (:func:`astra_thepayne.task.astra_model`).
 
 The result model is generated from the label table (:data:`astra_thepayne.labels.LABELS`) and the flag table
 (:data:`astra_thepayne.labels.RESULT_FLAGS`): for every label ``x`` a value ``x``, ``e_x`` (after the noise model)
@@ -68,6 +73,7 @@ def _now():
 class BaseModel(Model):
     class Meta:
         database = database_proxy
+        legacy_table_names = False  # index names start with the table name, as in the migrations
 
 
 class Source(BaseModel):
@@ -81,7 +87,7 @@ class Source(BaseModel):
     created = DateTimeField(default=_now)
 
     class Meta:
-        table_name = "source"
+        table_name = "thepayne_source"
 
 
 class SpectrumRecord(BaseModel):
@@ -101,7 +107,7 @@ class SpectrumRecord(BaseModel):
     created = DateTimeField(default=_now)
 
     class Meta:
-        table_name = "spectrum"
+        table_name = "thepayne_spectrum"
         indexes = ((("path", "hdu", "row"), True),)
 
     def read(self):
@@ -177,7 +183,7 @@ class _ThePayneMixin:
     def _database_id(self):
         from .database import database_identity
 
-        return database_identity(self._meta.database)
+        return database_identity(self._meta.database, own_schema=self.own_schema)
 
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
@@ -227,7 +233,7 @@ class _ThePayneMixin:
 
 
 def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, spectrum_model=SpectrumRecord,
-                      table_name="the_payne", meta=None, v_astra_field=None, bit_field=BitField):
+                      table_name="thepayne_result", meta=None, v_astra_field=None, bit_field=BitField, own_schema=True):
     """Build the result model class from the label and flag tables.
 
     Parameters
@@ -240,6 +246,7 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
     source_model, spectrum_model : peewee models
         Targets of the ``source_pk`` and ``spectrum_pk`` foreign keys.
     table_name : str
+        ``thepayne_result`` in the plugin's own schema, ``the_payne`` in Astra's.
     meta : dict, optional
         Extra ``Meta`` attributes (e.g. ``schema``).
     v_astra_field : peewee.Field, optional
@@ -247,12 +254,17 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
     bit_field : peewee.BitField subclass
         Class of ``result_flags``: Astra's own ``BitField`` inside Astra, whose FITS writers look column formats up
         by exact field class and do not know peewee's.
+    own_schema : bool
+        True for the standalone table, False for the table in Astra's schema: its rows name their database by
+        where it is, not by the standalone schema's ``thepayne_database`` (see
+        :func:`~astra_thepayne.db.database.database_identity`).
     """
     from .. import __version__
 
     attrs = {
         "__module__": __name__,
-        "__doc__": "A result of The Payne for one spectrum (table ``the_payne``).",
+        "__doc__": f"A result of The Payne for one spectrum (table ``{table_name}``).",
+        "own_schema": own_schema,
         "task_pk": AutoField(help_text="Primary key of the result"),
         "source_pk": ForeignKeyField(source_model, column_name="source_pk", null=True, index=True, lazy_load=False,
                                      on_delete="CASCADE", help_text="Source the spectrum belongs to"),

@@ -55,8 +55,9 @@ def test_flags_work_on_rows_in_peewee_and_in_raw_sql(populated, db):
     bad_py = {r.task_pk for r in rows if r.flag_bad}
     assert warn_py == {r.task_pk for r in ThePayne.select().where(ThePayne.flag_warn)}
     assert bad_py == {r.task_pk for r in ThePayne.select().where(ThePayne.flag_bad)}
-    assert warn_py == {pk for (pk,) in db.execute_sql("SELECT task_pk FROM the_payne WHERE result_flags > 0")}
-    assert bad_py == {pk for (pk,) in db.execute_sql("SELECT task_pk FROM the_payne WHERE (result_flags & 1) <> 0")}
+    assert warn_py == {pk for (pk,) in db.execute_sql("SELECT task_pk FROM thepayne_result WHERE result_flags > 0")}
+    assert bad_py == {pk for (pk,) in db.execute_sql("SELECT task_pk FROM thepayne_result "
+                                                     "WHERE (result_flags & 1) <> 0")}
     assert len(bad_py) == 2
     failed_files = {SpectrumRecord.get_by_id(r.spectrum_pk_id).path.rsplit("/", 1)[1] for r in rows if r.flag_bad}
     assert failed_files == {"apStar-C.fits", "apStar-D.fits"}

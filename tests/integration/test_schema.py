@@ -25,7 +25,7 @@ def test_init_creates_the_schema_the_models_describe(database_url):
     assert upgrade(database) == []  # idempotent
     for model in ALL_MODELS:
         assert _columns(database, model._meta.table_name) == {f.column_name for f in model._meta.sorted_fields}
-    columns = _columns(database, "the_payne")
+    columns = _columns(database, "thepayne_result")
     assert len([c for c in columns if c.startswith("rho_")]) == 300
     assert {"spectrum_pk", "source_pk", "task_pk", "v_astra", "created", "t_elapsed", "t_overhead", "tag",
             "snr", "result_flags", "model_sha256", "demonstration"} <= columns
@@ -35,18 +35,18 @@ def test_init_creates_the_schema_the_models_describe(database_url):
 
 def test_upgrade_from_the_previous_schema_keeps_rows(database_url):
     database = connect(database_url)
-    assert upgrade(database, target="m0001_initial") == ["m0001_initial"]
-    assert "noise_model_sha256" not in _columns(database, "the_payne")
+    assert upgrade(database, target="m0001_initial") == ["m0000_own_table_names", "m0001_initial"]
+    assert "noise_model_sha256" not in _columns(database, "thepayne_result")
     with pytest.raises(ConfigurationError, match="thepayne init"):
         require_schema(database)
     # a row written by the previous release, in SQL (the current model has a column the table lacks)
-    database.execute_sql("INSERT INTO source (sdss4_apogee_id, created) VALUES ('2M1', '2026-01-01 00:00:00')")
-    database.execute_sql("INSERT INTO spectrum (source_pk, path, hdu, row, spectrum_type, obj, telescope, created) "
-                         "VALUES (1, '/x.fits', 1, 0, 'apstar_coadd', '2M1', '', '2026-01-01 00:00:00')")
-    database.execute_sql("INSERT INTO the_payne (source_pk, spectrum_pk, v_astra, v_thepayne, created, tag, "
+    database.execute_sql("INSERT INTO thepayne_source (sdss4_apogee_id, created) VALUES ('2M1', '2026-01-01 00:00:00')")
+    database.execute_sql("INSERT INTO thepayne_spectrum (source_pk, path, hdu, row, spectrum_type, obj, telescope, "
+                         "created) VALUES (1, '/x.fits', 1, 0, 'apstar_coadd', '2M1', '', '2026-01-01 00:00:00')")
+    database.execute_sql("INSERT INTO thepayne_result (source_pk, spectrum_pk, v_astra, v_thepayne, created, tag, "
                          "model_sha256, demonstration, teff, raw_e_teff, e_teff, result_flags) VALUES "
                          "(1, 1, 1000, '0.1.0', '2026-01-01 00:00:00', '', 'abc', false, 4800.0, 20.0, 20.0, 16)")
-    assert pending_migrations(database) == available_migrations()[1:]
+    assert pending_migrations(database) == available_migrations()[2:]
     assert main(["--database", database_url, "init"]) == 0
     database = connect(database_url)
     assert applied_migrations(database) == available_migrations()
@@ -83,12 +83,12 @@ def test_postgres_schema_option_keeps_tables_in_that_schema(postgres_url):
     database = connect(url)
     tables = {name for (name,) in database.execute_sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'payne_plugin'")}
-    assert {"source", "spectrum", "the_payne", "thepayne_migration"} <= tables
+    assert {"thepayne_source", "thepayne_spectrum", "thepayne_result", "thepayne_migration"} <= tables
     public = {name for (name,) in database.execute_sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
-    assert "the_payne" not in public
+    assert "thepayne_result" not in public
     SpectrumRecord.create(path="/a.fits", hdu=1, row=0, spectrum_type="apstar_coadd")
-    assert database.execute_sql("SELECT count(*) FROM payne_plugin.spectrum").fetchone()[0] == 1
+    assert database.execute_sql("SELECT count(*) FROM payne_plugin.thepayne_spectrum").fetchone()[0] == 1
     database.close()
 
 
