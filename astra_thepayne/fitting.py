@@ -187,6 +187,7 @@ class PayneFitter:
         self._on_model[self.model_to_apstar] = True
         self._segments = self._model_segments()
         self._layer = OutputLayer(emulator, self._design)
+        self._pool = None  # worker processes kept for several fit_many calls (see workers())
 
     def _model_segments(self):
         """(start, stop) slices of the model pixels that are contiguous on the apStar grid (one per chip)."""
@@ -456,9 +457,49 @@ class PayneFitter:
         return weight
 
     # -- many spectra -------------------------------------------------------------------------------------------
+    def __getstate__(self):  # worker processes get the fitter, not its pool
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
+
+    @contextlib.contextmanager
+    def workers(self, processes):
+        """Keep ``processes`` worker processes for every :meth:`fit_many` inside the block (``thepayne run`` fits
+        batch after batch: starting workers for each would cost about a second per batch, and every start is a
+        moment in which Ctrl-C catches workers half-started). Without ``processes > 1``, or inside another such block
+        (whose workers are used), does nothing."""
+        if processes <= 1 or self._pool is not None:
+            yield self
+            return
+        self._pool = self._start_pool(processes)
+        try:
+            with self._pool:  # on Ctrl-C (KeyboardInterrupt here) the pool terminates its workers on the way out
+                yield self
+        finally:
+            self._pool = None
+
+    def _start_pool(self, processes):
+        import multiprocessing
+        from multiprocessing import resource_tracker
+
+        saved = {v: os.environ.get(v) for v in _THREAD_VARIABLES}
+        os.environ.update({v: "1" for v in _THREAD_VARIABLES})  # read by the spawned workers' BLAS at import
+        try:
+            context = multiprocessing.get_context("spawn")
+            # started first: starting it later unblocks SIGINT (its own start blocks and then unblocks the signal)
+            resource_tracker.ensure_running()
+            with _ctrl_c_held():  # workers inherit the blocked SIGINT: Ctrl-C reaches this process alone
+                return context.Pool(processes, initializer=_init_worker, initargs=(self,))
+        finally:
+            for variable, value in saved.items():
+                if value is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = value
+
     def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=BATCH_SIZE):
         """Fit spectra in order, ``batch_size`` at a time in lockstep (:meth:`fit_batch`); with ``processes > 1``
-        the batches go to worker processes (one BLAS thread each)."""
+        the batches go to worker processes (one BLAS thread each), those of :meth:`workers` when inside it."""
         if processes > 1 and hasattr(spectra, "__len__"):
             batch_size = min(batch_size, -(-len(spectra) // processes))  # a few spectra still reach every worker
         chunks = batches(spectra, batch_size)
@@ -466,27 +507,9 @@ class PayneFitter:
             for batch in chunks:
                 yield from self.fit_batch(batch, initial_labels)
             return
-        import multiprocessing
-
-        saved = {v: os.environ.get(v) for v in _THREAD_VARIABLES}
-        os.environ.update({v: "1" for v in _THREAD_VARIABLES})  # read by the spawned workers' BLAS at import
-        try:
-            from multiprocessing import resource_tracker
-
-            context = multiprocessing.get_context("spawn")
-            # started first: starting it later unblocks SIGINT (its own start blocks and then unblocks the signal)
-            resource_tracker.ensure_running()
-            with _ctrl_c_held():  # workers inherit the blocked SIGINT: Ctrl-C reaches this process alone
-                pool = context.Pool(processes, initializer=_init_worker, initargs=(self,))
-            with pool:  # on Ctrl-C (KeyboardInterrupt here) the pool terminates its workers on the way out
-                for results in pool.imap(_fit_in_worker, ((batch, initial_labels) for batch in chunks)):
-                    yield from results
-        finally:
-            for variable, value in saved.items():
-                if value is None:
-                    os.environ.pop(variable, None)
-                else:
-                    os.environ[variable] = value
+        with self.workers(processes):
+            for results in self._pool.imap(_fit_in_worker, ((batch, initial_labels) for batch in chunks)):
+                yield from results
 
 
 @contextlib.contextmanager

@@ -265,32 +265,33 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         bar = tqdm(total=total, unit="spectrum", desc="thepayne run", disable=None)
     remaining = int(limit) if limit else None
     try:
-        while remaining is None or remaining > 0:
-            n = batch_size if remaining is None else min(batch_size, remaining)
-            if postgres:
-                with database.atomic():
-                    records = list(pending.limit(n).for_update("FOR UPDATE SKIP LOCKED"))
-                    if not records:
+        with fitter.workers(processes):  # one set of worker processes for every batch
+            while remaining is None or remaining > 0:
+                n = batch_size if remaining is None else min(batch_size, remaining)
+                if postgres:
+                    with database.atomic():
+                        records = list(pending.limit(n).for_update("FOR UPDATE SKIP LOCKED"))
+                        if not records:
+                            break
+                        # The SELECT's snapshot predates its row locks: a spectrum whose claimer committed in between
+                        # is unlocked yet done. A new statement sees that commit, so drop such spectra here.
+                        records = _without_results(records, fitter.emulator.sha256, tag, retry_before)
+                        if not records:
+                            continue
+                        rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
+                                          setup_seconds)
+                        _store(rows, records, database, fitter.emulator.sha256, tag, retry_failed)
+                else:
+                    records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
+                                                                setup_seconds, retry_failed)
+                    if records is None:
                         break
-                    # The SELECT's snapshot predates its row locks: a spectrum whose claimer committed in between
-                    # is unlocked yet done. A new statement sees that commit, so drop such spectra here.
-                    records = _without_results(records, fitter.emulator.sha256, tag, retry_before)
-                    if not records:
-                        continue
-                    rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
-                                      setup_seconds)
-                    _store(rows, records, database, fitter.emulator.sha256, tag, retry_failed)
-            else:
-                records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
-                                                            setup_seconds, retry_failed)
-                if records is None:
-                    break
-            setup_seconds = 0.0
-            summary.add(rows)
-            if remaining is not None:
-                remaining -= len(records)
-            if bar is not None:
-                bar.update(len(records))
+                setup_seconds = 0.0
+                summary.add(rows)
+                if remaining is not None:
+                    remaining -= len(records)
+                if bar is not None:
+                    bar.update(len(records))
     finally:
         if bar is not None:
             bar.close()
