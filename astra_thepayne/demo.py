@@ -140,6 +140,8 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
 
 def format_report(report) -> str:
     """The text ``thepayne demo`` prints."""
+    from .labels import describe_flags
+
     lines = ["", "Synthetic stars drawn from the demonstration network (truth known): true / fitted ± error (pull)"]
     header = f"  {'object':<16}" + "".join(f"{name:>30}" for name in _SUMMARY)
     lines.append(header)
@@ -167,7 +169,7 @@ def format_report(report) -> str:
             digits = 0 if name == "teff" else 2
             cells.append((f"{fit:.{digits}f} ± {error:.{digits}f}" if fit is not None and np.isfinite(fit)
                           else "failed").rjust(18))
-        lines.append(f"  {obj:<32}{kind:<14}" + "".join(cells) + f"   {flags}")
+        lines.append(f"  {obj:<32}{kind:<14}" + "".join(cells) + f"   {describe_flags(flags, none='-')}")
     lines += ["", f"Run: {report.run_summary}"] + [f"Note: {note}" for note in report.notes]
     lines += ["", f"Everything is in {report.workdir}:",
               f"  database      {report.database_url}",
