@@ -13,7 +13,8 @@ def test_flag_names_follow_the_flag_table():
     every = sum(flag.value for flag in RESULT_FLAGS)
     assert flag_names(every) == tuple(flag.name for flag in RESULT_FLAGS)
     assert flag_names(0) == flag_names(None) == ()
-    assert describe_flags(RESULT_FLAGS[0].value | RESULT_FLAGS[-1].value) == f"{RESULT_FLAGS[0].name},{RESULT_FLAGS[-1].name}"
+    first, last = RESULT_FLAGS[0], RESULT_FLAGS[-1]
+    assert describe_flags(first.value | last.value) == f"{first.name},{last.name}"
     assert flag_names(1 << 40) == ("bit40",)  # a bit this version does not know is still shown
 
 
