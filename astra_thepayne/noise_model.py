@@ -148,16 +148,16 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
     return {"updated": updated, "skipped": skipped}
 
 
-def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None):
+def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None, errors: str = "raw_e"):
     """Disjoint pairs of visit results of the same source for one label: ``(x1, e1, x2, e2)``, each shape (N,).
 
     Visits of a source (apStar visit rows, apVisit, mwmVisit) with a successful fit are taken in spectrum order and
     paired (1st with 2nd, 3rd with 4th, ...), so that no result enters two pairs and the pairs are independent.
-    Errors are the formal ones (``raw_e_*``).
+    Errors are the formal ones (``errors="raw_e"``), or those after the noise model (``errors="e"``).
     """
     from .db.models import VISIT_TYPES, SpectrumRecord, ThePayne
 
-    value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"raw_e_{label}"]
+    value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"{errors}_{label}"]
     query = (ThePayne.select(ThePayne.source_pk, value, error)
              .join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))
              .where(SpectrumRecord.spectrum_type.in_(list(VISIT_TYPES)) & ~ThePayne.flag_bad

@@ -23,6 +23,7 @@ _COMMANDS = {
     "run": ("db_commands", "run"),
     "export": ("db_commands", "export"),
     "noise-model": ("db_commands", "noise_model"),
+    "report": ("report", "report"),
     "slurm": ("slurm", "slurm"),
     "train": ("train", "train"),
     "demo": ("demo", "demo"),

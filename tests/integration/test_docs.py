@@ -79,6 +79,9 @@ def fresh_folder(tmp_path, monkeypatch):
 def test_readme_python_example_runs_after_the_demo_in_a_fresh_folder(fresh_folder, apogee_data_dir):
     code, out, err = run_cli("demo")
     assert code == 0, err
+    report = fresh_folder / "thepayne-demo" / "report.html"  # the demo ends with the report on its own run
+    assert out.strip().splitlines()[-1] == f"Report on the run (open it in a browser): {report}"
+    assert report.read_text(encoding="utf-8").count("data:image/png;base64,") >= 7
     (block,) = _page_blocks(README, "python")
     namespace, stdout = {}, io.StringIO()
     with contextlib.redirect_stdout(stdout):
