@@ -107,10 +107,10 @@ def _img(page, fig, alt):
     return f'<img src="data:image/png;base64,{_png(fig)}" alt="{html.escape(alt)}">'
 
 
-def _figure(width, height):
+def _figure(width, height, constrained=True):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), constrained_layout=True)
+    return Figure(figsize=(width, height), constrained_layout=constrained)
 
 
 def _points(ax, x, y, color=None, label_color="", cmap="viridis", log_counts=True):
@@ -127,9 +127,9 @@ def _points(ax, x, y, color=None, label_color="", cmap="viridis", log_counts=Tru
             return ax.hexbin(x, y, gridsize=70, mincnt=1, bins="log" if log_counts else None, cmap="Greys")
         return ax.hexbin(x, y, C=color, gridsize=70, mincnt=1, reduce_C_function=np.median, cmap=cmap)
     if color is None:
-        ax.plot(x, y, ".", ms=3, color="k", alpha=0.6)
+        ax.plot(x, y, ".", ms=3 if x.size > 200 else 5, color="k", alpha=0.6)
         return None
-    return ax.scatter(x, y, c=color, s=8, cmap=cmap, linewidths=0)
+    return ax.scatter(x, y, c=color, s=8 if x.size > 200 else 18, cmap=cmap, linewidths=0)
 
 
 def _flag_table(counts):
@@ -172,7 +172,8 @@ def _abundances(page, data):
     n = len(_ELEMENTS)
     columns = 6
     rows = -(-n // columns)
-    fig = _figure(2.6 * columns, 2.2 * rows)
+    fig = _figure(2.6 * columns, 2.2 * rows, constrained=False)  # a fixed grid: constrained layout takes seconds
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.07, top=0.95, wspace=0.3, hspace=0.35)
     axes = fig.subplots(rows, columns, sharex=True, squeeze=False).ravel()
     for ax, name in zip(axes, _ELEMENTS, strict=False):
         element = name[:-2].capitalize()
@@ -209,6 +210,9 @@ def _chi2(page, values):
         ax.set_xscale("log")
         from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+        ticks = [v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000)
+                 if bins[0] <= v <= bins[-1]]
+        ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1, color="tab:red", lw=0.8, label="1 (noise as stated)")
