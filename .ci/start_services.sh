@@ -2,7 +2,8 @@
 # Start the services the test suite needs, as root, and write $THEPAYNE_CI_BASE/env.sh for `source`:
 #   - PostgreSQL on 127.0.0.1:5432 with a database `test` (trust auth): the machine's own cluster when it runs,
 #     else that cluster started with pg_ctlcluster, else a throwaway server from .ci/start_postgres.sh;
-#   - a single-node SLURM cluster (munged + slurmctld + slurmd) from .ci/start_slurm.sh.
+#   - a single-node SLURM cluster (munged + slurmctld + slurmd) from .ci/start_slurm.sh;
+#   - Debian's chromium (headless browser for the report test), installed with apt-get when missing.
 # Fails loudly (exit 1, with the reason) when a service cannot be reached afterwards.
 #   bash .ci/start_services.sh && source /tmp/thepayne-ci/env.sh
 set -euo pipefail
@@ -43,6 +44,16 @@ echo "postgres ready: $PG_URL"
 SLURM_BASE=$BASE/slurm bash "$HERE/start_slurm.sh"
 export SLURM_CONF=$BASE/slurm/slurm.conf
 sinfo -h -o %a | grep -qx up || { echo "SLURM partition not up: $(sinfo 2>&1)" >&2; exit 1; }
+
+# --- a headless browser: tests/integration/test_report.py opens `thepayne report`'s page in Debian's chromium ---
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium (headless browser for the report test)"
+  { apt-get install -y -q chromium >"$BASE/chromium-install.log" 2>&1 \
+      || { apt-get update -q >>"$BASE/chromium-install.log" 2>&1 \
+           && apt-get install -y -q chromium >>"$BASE/chromium-install.log" 2>&1; }; } \
+    || { echo "cannot install chromium: see $BASE/chromium-install.log" >&2; exit 1; }
+fi
+chromium --version || { echo "chromium does not start" >&2; exit 1; }
 
 cat >"$BASE/env.sh" <<ENV
 export THEPAYNE_TEST_POSTGRES_URL='$PG_URL'

@@ -18,7 +18,7 @@ import numpy as np
 from .files import atomic_write
 from .labels import BAD_RESULT_FLAGS
 
-__all__ = ["catalogue_columns", "catalogue_data", "export_catalogue", "fits_text", "header_text"]
+__all__ = ["catalogue_columns", "catalogue_data", "export_catalogue", "fits_text", "header_text", "tag_counts"]
 
 _SOURCE_COLUMNS = ("sdss_id", "sdss4_apogee_id", "ra", "dec")
 _SPECTRUM_COLUMNS = ("path", "hdu", "row", "spectrum_type", "telescope", "mjd")
@@ -189,3 +189,15 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
 
     atomic_write(path, hdul.writeto)
     return n
+
+
+def tag_counts(model_sha256: str | None = None) -> dict:
+    """``{tag: number of results}`` in the database (one SQL ``GROUP BY``), optionally for one network only."""
+    from peewee import fn
+
+    from .db.models import ThePayne
+
+    query = ThePayne.select(ThePayne.tag, fn.COUNT(ThePayne.task_pk)).group_by(ThePayne.tag)
+    if model_sha256:
+        query = query.where(ThePayne.model_sha256 == model_sha256)
+    return {tag or "": n for tag, n in query.tuples()}

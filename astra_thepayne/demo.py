@@ -31,6 +31,7 @@ class DemoReport:
     synthetic_rows: list = field(default_factory=list)  # (obj, {label: (true, fit, error)})
     synthetic_pulls: list = field(default_factory=list)  # (fit - true) / error over every label
     real_rows: list = field(default_factory=list)  # (obj, spectrum_type, {label: (fit, error)}, flags)
+    report: Path | None = None  # the HTML page on the run (thepayne report)
     run_summary: str = ""
     seconds: float = 0.0
     notes: list = field(default_factory=list)
@@ -134,12 +135,18 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
             plotted_synthetic += 1
         else:
             plotted_real += 1
+    from .report import write_report
+
+    report.report = write_report(workdir / "report.html", tag="demo", model_sha256=emulator.sha256,
+                                 database_url=database_url)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def format_report(report) -> str:
     """The text ``thepayne demo`` prints."""
+    from .labels import describe_flags
+
     lines = ["", "Synthetic stars drawn from the demonstration network (truth known): true / fitted ± error (pull)"]
     header = f"  {'object':<16}" + "".join(f"{name:>30}" for name in _SUMMARY)
     lines.append(header)
@@ -167,7 +174,7 @@ def format_report(report) -> str:
             digits = 0 if name == "teff" else 2
             cells.append((f"{fit:.{digits}f} ± {error:.{digits}f}" if fit is not None and np.isfinite(fit)
                           else "failed").rjust(18))
-        lines.append(f"  {obj:<32}{kind:<14}" + "".join(cells) + f"   {flags}")
+        lines.append(f"  {obj:<32}{kind:<14}" + "".join(cells) + f"   {describe_flags(flags, none='-')}")
     lines += ["", f"Run: {report.run_summary}"] + [f"Note: {note}" for note in report.notes]
     lines += ["", f"Everything is in {report.workdir}:",
               f"  database      {report.database_url}",
@@ -175,6 +182,8 @@ def format_report(report) -> str:
               f"  visits        {report.visit_catalogue}",
               f"  plots         {report.workdir / 'plots'} ({len(report.plots)} PNG files)",
               f"  model arrays  {report.workdir / 'intermediate'}",
-              f"Finished in {report.seconds:.0f} s. Query it: thepayne --database {report.database_url} export "
+              f"Finished in {report.seconds:.0f} s. Query it: thepayne --database '{report.database_url}' export "
               f"my.fits --tag demo"]
+    if report.report is not None:
+        lines.append(f"Report on the run (open it in a browser): {report.report}")
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from itertools import combinations
 
 __all__ = [
     "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
-    "flag_result", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD", "AT_BOUND_BITS",
-    "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS",
+    "flag_result", "flag_names", "describe_flags", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
+    "AT_BOUND_BITS", "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS",
 ]
 
 
@@ -169,3 +169,21 @@ def flag_result(labels: dict, snr: float | None, failed: bool = False, at_bound=
     if v_rel_at_bound:
         flags |= _FLAG["v_rel_at_bound"]
     return flags
+
+
+def flag_names(result_flags) -> tuple[str, ...]:
+    """Names of the bits set in ``result_flags``, in bit order (``()`` for 0 or None); unknown bits as ``bit<N>``."""
+    value = int(result_flags or 0)
+    names = [flag.name for flag in RESULT_FLAGS if value & flag.value]
+    known = sum(flag.value for flag in RESULT_FLAGS)
+    rest, bit = value & ~known, 0
+    while rest:
+        if rest & 1:
+            names.append(f"bit{bit}")
+        rest, bit = rest >> 1, bit + 1
+    return tuple(names)
+
+
+def describe_flags(result_flags, none: str = "none") -> str:
+    """``result_flags`` for people: the names of its bits joined by ``,`` (``none`` when no bit is set)."""
+    return ",".join(flag_names(result_flags)) or none

@@ -197,18 +197,18 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
     return {"updated": updated, "skipped": skipped}
 
 
-def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None):
+def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None, errors: str = "raw_e"):
     """Disjoint pairs of visit results of the same source for one label: ``(x1, e1, x2, e2)``, each shape (N,).
 
     Visits of a source (apStar visit rows, apVisit, mwmVisit) with a successful fit are taken in spectrum order and
     paired (1st with 2nd, 3rd with 4th, ...), so that no result enters two pairs and the pairs are independent.
     Spectra of one source on the same MJD are one exposure (an apStar visit row and its apVisit file): only the
     first of them is used, so a pair never shares an exposure (visits without an MJD count as their own).
-    Errors are the formal ones (``raw_e_*``).
+    Errors are the formal ones (``errors="raw_e"``), or those after the noise model (``errors="e"``).
     """
     from .db.models import VISIT_TYPES, SpectrumRecord, ThePayne
 
-    value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"raw_e_{label}"]
+    value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"{errors}_{label}"]
     query = (ThePayne.select(ThePayne.source_pk, SpectrumRecord.mjd, value, error)
              .join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))
              .where(SpectrumRecord.spectrum_type.in_(list(VISIT_TYPES)) & ~ThePayne.flag_bad

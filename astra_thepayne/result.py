@@ -102,6 +102,13 @@ class FitResult:
         return bool(self.result_flags & _BAD_BITS)
 
     @property
+    def flag_names(self) -> tuple[str, ...]:
+        """Names of the bits set in ``result_flags``."""
+        from .labels import flag_names
+
+        return flag_names(self.result_flags)
+
+    @property
     def success(self) -> bool:
         return not self.flag_bad
 

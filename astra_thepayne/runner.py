@@ -278,20 +278,18 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
                         records = _without_results(records, fitter.emulator.sha256, tag, retry_before)
                         if not records:
                             continue
-                        rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
-                                          setup_seconds)
+                        rows = _fit_batch(_ticking(_fit_rows(records, fitter=fitter, tag=tag, processes=processes),
+                                                   bar), setup_seconds)
                         _store(rows, records, database, fitter.emulator.sha256, tag, retry_failed)
                 else:
                     records, rows = _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes,
-                                                                setup_seconds, retry_failed)
+                                                                setup_seconds, retry_failed, bar)
                     if records is None:
                         break
                 setup_seconds = 0.0
                 summary.add(rows)
                 if remaining is not None:
                     remaining -= len(records)
-                if bar is not None:
-                    bar.update(len(records))
     finally:
         if bar is not None:
             bar.close()
@@ -356,7 +354,8 @@ def release_dead_claims(stale_seconds: float | None = None) -> int:
     return removed
 
 
-def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds, retry_failed=False):
+def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, setup_seconds, retry_failed=False,
+                                bar=None):
     """One SQLite batch: claim up to ``n`` pending spectra no other process claimed, fit them, store the rows and
     drop the claims. Returns ``(records, rows)``, or ``(None, None)`` when nothing is left to claim."""
     from .db.models import Claim
@@ -374,7 +373,8 @@ def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, se
     keys = [r.pk for r in records]
     mine = (Claim.owner == owner) & Claim.spectrum_pk.in_(keys) & (Claim.model_sha256 == sha256) & (Claim.tag == tag)
     try:
-        rows = _fit_batch(_fit_rows(records, fitter=fitter, tag=tag, processes=processes), setup_seconds)
+        rows = _fit_batch(_ticking(_fit_rows(records, fitter=fitter, tag=tag, processes=processes), bar),
+                          setup_seconds)
         with database.atomic():
             _store(rows, records, database, sha256, tag, retry_failed)
             Claim.delete().where(mine).execute()
@@ -402,6 +402,14 @@ def _without_results(records, model_sha256, tag, retry_failed_before=None):
         condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
     done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(condition).tuples()}
     return [r for r in records if r.pk not in done]
+
+
+def _ticking(items, bar):
+    """``items`` unchanged, moving ``bar`` on by one per fitted row (not per batch: a batch may take minutes)."""
+    for item in items:
+        if bar is not None and item is not Ellipsis:
+            bar.update()
+        yield item
 
 
 def _fit_batch(results, setup_seconds=0.0):

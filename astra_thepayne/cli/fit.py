@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from .options import fit_options
 
-__all__ = ["fit", "results_table"]
+__all__ = ["fit", "results_table", "summary_table"]
 
 log = logging.getLogger("astra_thepayne.fit")
 
@@ -25,10 +25,11 @@ def results_table(pairs, emulator):
     from astropy.table import Table
 
     from .. import __version__
+    from ..labels import describe_flags
     from ..result import row_keys
 
     keys = row_keys(emulator.label_names)
-    columns = {name: [] for name in (*_IDENTITY_COLUMNS, *keys)}
+    columns = {name: [] for name in (*_IDENTITY_COLUMNS, *keys, "flag_names", "demonstration")}
     for spectrum, result, path in pairs:
         columns["path"].append(str(path))
         columns["hdu"].append(spectrum.hdu if spectrum else -1)
@@ -41,13 +42,34 @@ def results_table(pairs, emulator):
             row["starflag"] = -1  # the file has no STARFLAG (a table column cannot hold None)
         for key in keys:
             columns[key].append(row[key])
+        columns["flag_names"].append(describe_flags(row["result_flags"], none=""))
+        # in every row, so that a CSV (which has no header for such notes) says it in the file itself
+        columns["demonstration"].append(bool(emulator.is_demo))
     table = Table(columns)
     table.meta.update({"PACKAGE": "astra_thepayne", "VERSION": __version__, "MODEL": str(emulator.path),
-                       "MODELSHA": emulator.sha256 or ""})
+                       "MODELSHA": emulator.sha256 or "", "DEMO": bool(emulator.is_demo)})
     if emulator.is_demo:  # FITS headers are ASCII
         notice = str(emulator.meta.get("description", "demonstration network - not for science"))
         table.meta["NOTICE"] = notice.encode("ascii", "replace").decode().replace("?", "-")
     return table
+
+
+# Printed digits: whole kelvin for temperatures, hundredths of a dex or km/s elsewhere (never 7.6e+03 K).
+_SUMMARY_FORMATS = {"teff": ".0f", "e_teff": ".0f", "reduced_chi2": ".2f"}
+
+
+def summary_table(table):
+    """The few columns ``thepayne fit`` prints without ``--output``, formatted for people, flags by name."""
+    show = [c for c in ("obj", "hdu", "row", "teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h", "v_rel",
+                        "reduced_chi2", "flag_names") if c in table.colnames]
+    summary = table[show]
+    for column in show:
+        if summary[column].dtype.kind == "f":
+            summary[column].format = _SUMMARY_FORMATS.get(column, ".3f" if column.startswith("e_") else ".2f")
+    if "flag_names" in show:
+        summary["flag_names"] = [names or "-" for names in summary["flag_names"]]
+        summary.rename_column("flag_names", "flags")
+    return summary
 
 
 def _write(table, path):
@@ -137,13 +159,7 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
         output.parent.mkdir(parents=True, exist_ok=True)
         _write(table, output)
     else:
-        show = [c for c in ("obj", "hdu", "row", "teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h", "v_rel",
-                            "reduced_chi2", "result_flags") if c in table.colnames]
-        summary = table[show]
-        for column in show:
-            if summary[column].dtype.kind == "f":
-                summary[column].format = ".3g"
-        click.echo("\n".join(summary.pformat(max_lines=-1, max_width=-1)))
+        click.echo("\n".join(summary_table(table).pformat(max_lines=-1, max_width=-1)))
     if unreadable and not spectra:
         raise ConfigurationError(f"none of the {len(unreadable)} input file(s) could be read (first: "
                                  f"{unreadable[0][1].message}); check the paths and their permissions")

@@ -162,6 +162,13 @@ class _ThePayneMixin:
     def flag_bad(cls):
         return cls.result_flags.bin_and(_BAD_BITS) != 0
 
+    @property
+    def flag_names(self):
+        """Names of the bits set in ``result_flags`` (see :data:`astra_thepayne.labels.RESULT_FLAGS`)."""
+        from ..labels import flag_names
+
+        return flag_names(self.result_flags)
+
     # -- intermediate arrays ------------------------------------------------------------------------------------
     @property
     def intermediate_path(self):

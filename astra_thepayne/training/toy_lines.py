@@ -304,7 +304,7 @@ class ToyLineModel:
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(iterator, desc="toy spectra", unit="spectrum")
+            iterator = tqdm(iterator, desc="toy spectra", unit="spectrum", disable=None)  # quiet in a log file
         for i in iterator:
             out[i] = self.spectrum(labels[i])
         return out

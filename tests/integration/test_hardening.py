@@ -470,3 +470,88 @@ def test_noise_model_apply_on_a_device_says_what_is_wrong(tmp_path):
     code, _out, err = run_cli("--database", url, "noise-model", "apply", "/dev/null")
     assert code == 2
     assert "corrections file /dev/null: not a regular file" in err and "does not exist" not in err
+
+
+# -- issue 11: python -m, Ctrl-C through it, progress bars that move per spectrum and stay out of logs --------------
+
+def test_python_dash_m_is_the_thepayne_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "astra_thepayne", "--version"], capture_output=True, text=True,
+                          timeout=120, env=cli_environment(tmp_path / "out"))
+    assert proc.returncode == 0 and proc.stdout.startswith("thepayne, version "), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "astra_thepayne", "--database", "sqlite:///x.db", "nosuch"],
+                          capture_output=True, text=True, timeout=120, env=cli_environment(tmp_path / "out"))
+    assert proc.returncode == 2 and "No such command 'nosuch'" in proc.stderr
+
+
+def test_ctrl_c_through_python_dash_m_in_one_process_exits_130_and_says_how_to_resume(tmp_path, toy_emulator, model):
+    from _scale import registered_keys, results, write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=7)
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", tmp_path / "spectra", env=env)
+    argv = [sys.executable, "-m", "astra_thepayne", "--database", url, "run", "--model", str(model),
+            "--batch-size", "4", *FAST_FIT]
+    code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
+    assert code == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "run the same `thepayne run` command again" in stderr.strip().splitlines()[-1]
+    thepayne(url, *argv[argv.index("run"):], env=env)
+    assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
+
+
+def _registered_corpus(tmp_path, toy_emulator, n_files):
+    from _scale import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=n_files, visits=1, seed=8)
+    url = f"sqlite:///{tmp_path / 'payne.db'}"
+    env = cli_environment(tmp_path / "out")
+    thepayne(url, "init", env=env)
+    thepayne(url, "ingest", tmp_path / "spectra", env=env)
+    return url, env
+
+
+def test_run_progress_bar_moves_per_spectrum_on_a_terminal(tmp_path, toy_emulator, model):
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    url, env = _registered_corpus(tmp_path, toy_emulator, 60)  # 120 spectra (coadd + visit), one batch of 200
+    leader, follower = pty.openpty()
+    # a terminal of 24 x 120 characters (a fresh pty is 0 x 0, and tqdm draws nothing in 0 columns)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--batch-size", "200"]
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the command ends
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    counts = {int(n) for n in re.findall(rb"\| *(\d+)/(?:\d+) \[", output)}
+    total = max(counts)
+    assert total >= 60 and any(0 < n < total for n in counts), output[-2000:]  # a batch is not one jump
+
+
+def test_run_progress_bar_stays_out_of_a_log_file(tmp_path, toy_emulator, model):
+    url, env = _registered_corpus(tmp_path, toy_emulator, 4)
+    proc = thepayne(url, "run", "--model", model, *FAST_FIT, env=env)
+    assert "\r" not in proc.stderr and "spectrum/s" not in proc.stderr and "it/s" not in proc.stderr
+
+
+def test_toy_spectra_progress_stays_out_of_a_log_file(capsys):
+    from astra_thepayne.labels import LABELS
+    from astra_thepayne.training.toy_lines import ToyLineModel
+
+    labels = np.array([[(label.lower + label.upper) / 2 for label in LABELS]] * 3)
+    ToyLineModel().spectra(labels, progress=True)  # what make_demo asks for, with stderr not a terminal
+    assert capsys.readouterr().err == ""
