@@ -16,8 +16,8 @@ Layout (Astra ``astra.products.pipeline`` and ``astra.products.utils``):
 
 - HDU0, header only: ``V_ASTRA``, ``CREATED``, the source's identifiers (``SDSS_ID``, ``APOGEEID``, ``RA``,
   ``DEC``, and ``SOURCEPK``), provenance (``PIPELINE``, ``V_PAYNE``, ``TAG``, ``NMODELS``/``MODEL<n>``/``MPATH<n>``,
-  ``DEMO`` with a ``COMMENT`` notice when the demonstration network made any row) and what the file was made from
-  (``NRESULTS``, ``RESULTS``: the SHA-256 of the rows it holds, used to tell a stale file; ``NOARRAYS``: rows whose
+  ``DEMO`` with a ``COMMENT`` notice when the demonstration network made any of the source's results) and what the
+  file was made from (``NRESULTS``, ``RESULTS``: the SHA-256 of the rows it holds, used to tell a stale file; ``NOARRAYS``: rows whose
   model arrays could not be read and are NaN).
 - HDU1 ``BOSS/APO``, HDU2 ``BOSS/LCO``, HDU3 ``APOGEE/APO``, HDU4 ``APOGEE/LCO``: binary tables with ``EXTNAME``,
   ``OBSRVTRY``, ``INSTRMNT``, ``PIPELINE``, ``V_ASTRA``, ``CREATED`` and the log-lambda wavelength cards
@@ -236,6 +236,10 @@ def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
         job["tag"] = tag
         job["version"] = version
         jobs.append(job)
+    # DEMO marks both files of a source with demonstration results, the empty one too
+    demo_sources = {job["source"]["pk"] for job in jobs if any(r["values"]["demonstration"] for r in job["rows"])}
+    for job in jobs:
+        job["demo"] = job["source"]["pk"] in demo_sources
     # a source with coadd results only still gets its (empty) visit file, and the other way round
     kinds = {(job["source"]["pk"], job["kind"]) for job in jobs}
     for job in list(jobs):
@@ -337,12 +341,13 @@ def _primary(job, created, n_missing):
     header = fits.Header()
     header["V_ASTRA"] = (job["version"], "Version of the software that wrote this file")
     header["CREATED"] = (created, f"File creation time (UTC {_DATETIME_FMT})")
-    header["SDSS_ID"] = (source["sdss_id"], "SDSS-V identifier (undefined when none)")
-    header["APOGEEID"] = (header_text(source["sdss4_apogee_id"]) if source["sdss4_apogee_id"] else None,
-                          "APOGEE object id (2MASS style)")
+    # unknown values get Astra's fill values (-1, '', 'NaN'): a null card value is legal FITS but fitsverify
+    # warns about it, and FITS headers cannot hold a float NaN
+    header["SDSS_ID"] = (-1 if source["sdss_id"] is None else int(source["sdss_id"]), "SDSS-V identifier (-1: none)")
+    header["APOGEEID"] = (header_text(source["sdss4_apogee_id"] or ""), "APOGEE object id (2MASS style)")
     for key in ("ra", "dec"):
         value = source[key]
-        header[key.upper()] = (value if value is not None and np.isfinite(value) else None,
+        header[key.upper()] = (float(value) if value is not None and np.isfinite(value) else "NaN",
                                "Right ascension (deg)" if key == "ra" else "Declination (deg)")
     header["SOURCEPK"] = (source["pk"], "Source primary key in the results database")
     header["PIPELINE"] = (PIPELINE, "Pipeline name")
@@ -352,7 +357,7 @@ def _primary(job, created, n_missing):
     for i, (sha, name) in enumerate(job["models"], start=1):
         header[f"MODEL{i}"] = sha  # SHA-256 of a network file (no room left on the card for a comment)
         header[f"MPATH{i}"] = (header_text(name), "Network file name")
-    demo = any(r["values"]["demonstration"] for r in job["rows"])
+    demo = job["demo"]
     header["DEMO"] = (demo, "Results made with the demonstration network")
     header["NRESULTS"] = (len(job["rows"]), "Result rows in this file")
     header["RESULTS"] = job["fingerprint"]  # SHA-256 of those rows: a file whose rows changed is rewritten

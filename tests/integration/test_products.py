@@ -8,6 +8,7 @@ log-lambda wavelength cards CRVAL/CDELT/CTYPE/CUNIT/CRPIX/DC-FLAG/NPIXELS).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import warnings
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_one_star_and_one_visit_file_per_source_in_astras_layout(populated, db, 
                 assert primary["V_ASTRA"] == __version__ and primary["PIPELINE"] == "ThePayne"
                 assert primary["SOURCEPK"] == a.pk and primary["APOGEEID"] == "2M00000001+0000001"
                 assert primary["RA"] == pytest.approx(1.0) and primary["DEC"] == pytest.approx(1.0)
-                assert "SDSS_ID" in primary and primary["SDSS_ID"] is None or isinstance(primary["SDSS_ID"], int)
+                assert primary["SDSS_ID"] == -1  # Astra's fill value: these apStar files give no sdss_id
                 assert primary["NMODELS"] == 1 and primary["MODEL1"] == sha and primary["DEMO"] is False
                 assert primary["NRESULTS"] == n_rows and len(primary["RESULTS"]) == 64 and primary["NOARRAYS"] == 0
                 assert "CHECKSUM" in primary and "DATASUM" in primary
@@ -206,3 +207,31 @@ def test_identifiers_are_integers_or_source_keys_only():
             product_path("/r", "star", bad)
     with pytest.raises(ValueError):
         product_path("/r", "other", "5")
+
+
+def test_demo_writes_the_products_of_its_stars(tmp_path, monkeypatch):
+    from astra_thepayne.demo import format_report, run_demo
+
+    monkeypatch.delenv("THEPAYNE_OUTPUT_DIR", raising=False)
+    report = run_demo(tmp_path / "demo", n_synthetic=2, progress=False)
+    monkeypatch.delenv("THEPAYNE_OUTPUT_DIR", raising=False)  # run_demo sets it for its own folder
+    n_sources = Source.select().count()
+    stars = _files(tmp_path / "demo" / "products" / "star")
+    visits = _files(tmp_path / "demo" / "products" / "visit")
+    assert len(stars) == len(visits) == n_sources >= 2
+    for path in stars + visits:  # a source's file without rows (visits only, say) says it too
+        header = fits.getheader(path)
+        assert header["DEMO"] is True and "DEMONSTRATION" in str(header["COMMENT"]) and header["TAG"] == "demo"
+    assert sum(fits.getheader(p)["NRESULTS"] for p in stars + visits) == ThePayne.select().count()
+    assert "per-star products in" in format_report(report)
+
+
+@pytest.mark.skipif(shutil.which("fitsverify") is None, reason="fitsverify is not installed (apt-get install "
+                                                               "fitsverify)")
+def test_products_pass_fitsverify(populated, db, tmp_path):
+    import subprocess
+
+    _products(populated, tmp_path)
+    for path in _files(tmp_path):
+        result = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True, check=False)
+        assert result.stdout.startswith("verification OK"), result.stdout + result.stderr
