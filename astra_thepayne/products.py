@@ -17,8 +17,8 @@ Layout (Astra ``astra.products.pipeline`` and ``astra.products.utils``):
 - HDU0, header only: ``V_ASTRA``, ``CREATED``, the source's identifiers (``SDSS_ID``, ``APOGEEID``, ``RA``,
   ``DEC``, and ``SOURCEPK``), provenance (``PIPELINE``, ``V_PAYNE``, ``TAG``, ``NMODELS``/``MODEL<n>``/``MPATH<n>``,
   ``DEMO`` with a ``COMMENT`` notice when the demonstration network made any of the source's results) and what the
-  file was made from (``NRESULTS``, ``RESULTS``: the SHA-256 of the rows it holds, used to tell a stale file; ``NOARRAYS``: rows whose
-  model arrays could not be read and are NaN).
+  file was made from (``NRESULTS``, ``RESULTS``: the SHA-256 of the rows it holds, used to tell a stale file;
+  ``NOARRAYS``: rows whose model arrays could not be read and are NaN).
 - HDU1 ``BOSS/APO``, HDU2 ``BOSS/LCO``, HDU3 ``APOGEE/APO``, HDU4 ``APOGEE/LCO``: binary tables with ``EXTNAME``,
   ``OBSRVTRY``, ``INSTRMNT``, ``PIPELINE``, ``V_ASTRA``, ``CREATED`` and the log-lambda wavelength cards
   (``CRVAL``, ``CDELT``, ``CTYPE = 'LOG-LINEAR'``, ``CUNIT``, ``CRPIX``, ``DC-FLAG``, ``NPIXELS``). Each row is a
