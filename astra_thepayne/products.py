@@ -52,7 +52,7 @@ from .files import atomic_write
 from .grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
 from .labels import BAD_RESULT_FLAGS
 
-__all__ = ["write_products", "product_path", "product_identifier", "ProductSummary", "HDU_NAMES",
+__all__ = ["write_products", "product_source_keys", "product_path", "product_identifier", "ProductSummary", "HDU_NAMES",
            "PRODUCT_FORMAT", "WAVELENGTH_GRIDS"]
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,12 @@ def _source_pages(tag, model_sha256, source_pk_min, source_pk_max, page_size):
     keys = [pk for (pk,) in query]
     for start in range(0, len(keys), page_size):
         yield keys[start:start + page_size]
+
+
+def product_source_keys(tag: str = "", model_sha256: str | None = None) -> list[int]:
+    """Primary keys of the sources with results of this tag (and network), ascending: what ``thepayne slurm
+    --products`` cuts into ``--source-pk-min``/``--source-pk-max`` slices."""
+    return [pk for page in _source_pages(tag, model_sha256, None, None, 10**9) for pk in page]
 
 
 def _shared_sdss_ids() -> frozenset:
