@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,9 +132,12 @@ def _plain(value):
     return value
 
 
-def _fingerprint(rows) -> str:
-    """SHA-256 of the rows' column values (and the layout version): changes when any result changes."""
+def _fingerprint(rows, source=None, demo=False) -> str:
+    """SHA-256 of the rows' column values, the source's header values and the layout version: changes when any
+    of what the file shows changes."""
     digest = hashlib.sha256(PRODUCT_FORMAT.encode())
+    digest.update(json.dumps({"source": {k: _plain(v) for k, v in (source or {}).items()}, "demo": bool(demo)},
+                             sort_keys=True, default=str).encode())
     for row in sorted(rows, key=lambda r: r["values"]["spectrum_pk"]):
         digest.update(json.dumps({k: _plain(v) for k, v in row["values"].items()}, sort_keys=True,
                                  default=str).encode())
@@ -236,7 +240,6 @@ def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
         identifier = product_identifier(source_pk, job["source"]["sdss_id"], shared)
         job["path"] = str(product_path(directory, kind, identifier, version))
         job["rows"].sort(key=lambda r: r["values"]["spectrum_pk"])
-        job["fingerprint"] = _fingerprint(job["rows"])
         job["models"] = sorted({(r["values"]["model_sha256"], models.get(r["values"]["model_sha256"], ""))
                                 for r in job["rows"]})
         job["tag"] = tag
@@ -246,6 +249,7 @@ def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
     demo_sources = {job["source"]["pk"] for job in jobs if any(r["values"]["demonstration"] for r in job["rows"])}
     for job in jobs:
         job["demo"] = job["source"]["pk"] in demo_sources
+        job["fingerprint"] = _fingerprint(job["rows"], job["source"], job["demo"])
     # a source with coadd results only still gets its (empty) visit file, and the other way round
     kinds = {(job["source"]["pk"], job["kind"]) for job in jobs}
     for job in list(jobs):
@@ -254,7 +258,7 @@ def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
             identifier = product_identifier(job["source"]["pk"], job["source"]["sdss_id"], shared)
             empty = {**job, "kind": other, "rows": [], "models": [],
                      "path": str(product_path(directory, other, identifier, version))}
-            empty["fingerprint"] = _fingerprint([])
+            empty["fingerprint"] = _fingerprint([], empty["source"], empty["demo"])
             jobs.append(empty)
     return jobs
 
@@ -267,7 +271,8 @@ def _up_to_date(path: Path, fingerprint: str) -> bool:
     if not path.is_file():
         return False
     try:
-        with fits.open(path) as hdul:
+        with warnings.catch_warnings(), fits.open(path) as hdul:
+            warnings.simplefilter("ignore")  # a truncated file warns before it fails; it is rewritten anyway
             header = hdul[0].header
             return (header.get("RESULTS") == fingerprint and header.get("NOARRAYS", 1) == 0
                     and [hdu.name for hdu in hdul[1:]] == list(HDU_NAMES))

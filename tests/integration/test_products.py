@@ -139,11 +139,21 @@ def test_a_rerun_writes_nothing_and_a_stale_or_broken_file_is_rewritten(populate
     finally:
         ThePayne.update(e_teff=saved).where(ThePayne.task_pk == b_row.task_pk).execute()
 
+    # the source's header values changed: both of its files (the visit one has no rows) are rewritten
+    b_source = Source.get(Source.sdss4_apogee_id == "2M00000002+0000002")
+    try:
+        Source.update(ra=123.5).where(Source.pk == b_source.pk).execute()
+        out = _products(populated, tmp_path)
+        assert "2 file(s) written, 6 up to date" in out
+        assert fits.getheader(_by_source(populated, tmp_path, "visit")[b_source.sdss4_apogee_id])["RA"] == 123.5
+    finally:
+        Source.update(ra=b_source.ra).where(Source.pk == b_source.pk).execute()
+
     # a truncated file (a copy cut short) is rewritten, not trusted
     a_path = stars["2M00000001+0000001"]
     a_path.write_bytes(a_path.read_bytes()[:5000])
     out = _products(populated, tmp_path)
-    assert "2 file(s) written, 6 up to date" in out  # A's truncated file, B's back to the restored e_teff
+    assert "3 file(s) written, 5 up to date" in out  # A's truncated file, B's two back to the restored values
     assert len(Table.read(a_path, hdu="APOGEE/APO")) == 1
 
 
