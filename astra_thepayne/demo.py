@@ -71,6 +71,7 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
     from .db.models import SpectrumRecord, ThePayne
     from .ingest import ingest
     from .plotting import plot_fit
+    from .products import write_products
     from .runner import run_pending
     from .task import load_fitter
 
@@ -102,6 +103,7 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
     report.run_summary = str(summary)
     export_catalogue(report.catalogue, tag="demo")
     export_catalogue(report.visit_catalogue, visits=True, tag="demo")
+    report.notes.append(f"per-star products in {workdir / 'products'}: {write_products(workdir / 'products', 'demo')}")
 
     rows = (ThePayne.select(ThePayne, SpectrumRecord)
             .join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))

@@ -275,6 +275,13 @@ def absolute_database_url(url: str, cwd: str | os.PathLike | None = None) -> str
     return f"{scheme}:///{path}{sep}{query}"
 
 
+def products_command(prefix: Sequence[str], database_url: str, key_range: KeyRange, directory,
+                     products_options: Sequence[str] = ()) -> list[str]:
+    """argv of one process: ``thepayne --database URL products DIR --source-pk-min A --source-pk-max B [...]``."""
+    return [*prefix, "--database", database_url, "products", os.path.abspath(os.fspath(directory)),
+            "--source-pk-min", str(key_range.pk_min), "--source-pk-max", str(key_range.pk_max), *products_options]
+
+
 def run_command(prefix: Sequence[str], database_url: str, key_range: KeyRange,
                 run_options: Sequence[str] = ()) -> list[str]:
     """argv of one process: ``thepayne --database URL run --pk-min A --pk-max B [run options]``."""
@@ -286,7 +293,7 @@ _SCRIPT_TEMPLATE = """\
 #!/bin/bash
 {directives}
 # Written by `thepayne slurm` (astra_thepayne {version}).
-# {n} process(es) on this node, each fitting the pending spectra of one inclusive spectrum_pk range:
+# {n} process(es) on this node, each {work} of one inclusive {key_name} range:
 {slice_comments}
 set -uo pipefail
 cd {workdir} || exit 1
@@ -300,11 +307,11 @@ status=0
 for i in "${{!pids[@]}}"; do
   wait "${{pids[$i]}}"; rc=$?
   if [ "$rc" -ne 0 ]; then
-    echo "thepayne slurm: slice spectrum_pk ${{slices[$i]}} failed with exit code $rc; log: ${{logs[$i]}}" >&2
+    echo "thepayne slurm: slice {key_name} ${{slices[$i]}} failed with exit code $rc; log: ${{logs[$i]}}" >&2
     tail -n 5 "${{logs[$i]}}" >&2
     status=1
   else
-    echo "thepayne slurm: slice spectrum_pk ${{slices[$i]}} done"
+    echo "thepayne slurm: slice {key_name} ${{slices[$i]}} done"
   fi
 done
 exit $status
@@ -337,7 +344,8 @@ def _directives(options: SlurmOptions, node_index: int, n_procs: int) -> list[st
 
 
 def render_script(options: SlurmOptions, node_index: int, commands: Sequence[Sequence[str]],
-                  ranges: Sequence[KeyRange], environment: dict | None = None) -> str:
+                  ranges: Sequence[KeyRange], environment: dict | None = None, key_name: str = "spectrum_pk",
+                  work: str = "fitting the pending spectra", counted: str = "pending") -> str:
     """The batch script of one node's job.
 
     Parameters
@@ -352,6 +360,9 @@ def render_script(options: SlurmOptions, node_index: int, commands: Sequence[Seq
         The key range of each command, for the log lines.
     environment
         Extra variables to export (default: those of :data:`_FORWARDED_ENVIRONMENT` set in ``os.environ``).
+    key_name, work, counted
+        Words of the script's comments and log lines: the sliced key, what each process does with its range, and
+        what the range counts (``thepayne slurm --products`` slices sources, not spectra).
     """
     from . import __version__
 
@@ -370,7 +381,9 @@ def render_script(options: SlurmOptions, node_index: int, commands: Sequence[Seq
         directives="\n".join(_directives(options, node_index, len(commands))),
         version=__version__,
         n=len(commands),
-        slice_comments="\n".join(f"#   {r.pk_min} <= spectrum_pk <= {r.pk_max} ({r.count} pending)" for r in ranges),
+        slice_comments="\n".join(f"#   {r.pk_min} <= {key_name} <= {r.pk_max} ({r.count} {counted})" for r in ranges),
+        work=work,
+        key_name=key_name,
         workdir=shlex.quote(workdir),
         thread_exports=" ".join(f"{name}={options.threads}" for name in THREAD_VARIABLES),
         env_exports="".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in sorted(environment.items())),

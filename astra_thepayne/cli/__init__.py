@@ -24,6 +24,7 @@ _COMMANDS = {
     "ingest": ("db_commands", "ingest"),
     "run": ("db_commands", "run"),
     "export": ("db_commands", "export"),
+    "products": ("products", "products"),
     "noise-model": ("db_commands", "noise_model"),
     "report": ("report", "report"),
     "slurm": ("slurm", "slurm"),
@@ -78,6 +79,8 @@ _RESUME = {
     "slurm": "jobs already submitted keep running (see squeue); run `thepayne slurm` again to submit what is "
              "still pending",
     "fit": "nothing was written; run the same `thepayne fit` command again",
+    "products": "files written so far are complete and kept; run the same `thepayne products` command again to "
+                "write the rest",
     "ingest": "files registered so far are kept; run the same `thepayne ingest` command again (nothing is "
               "registered twice)",
     "demo": "the results committed so far are kept; run `thepayne demo` again to continue (nothing is fitted twice)",

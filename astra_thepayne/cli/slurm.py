@@ -78,10 +78,13 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Spectra claimed and committed at once.")
 @click.option("--retry-failed", is_flag=True,
               help="Also refit the spectra whose result failed (flag_bad); passed on to every `thepayne run`.")
+@click.option("--products", "products_dir", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="Write the per-star products (`thepayne products DIR`) instead of fitting: sources with results "
+                   "are cut into --source-pk-min/--source-pk-max slices.")
 @click.pass_context
 def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
           dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sky_lines,
-          persistence, littrow_ghost, error_floor, tag, batch_size, retry_failed):
+          persistence, littrow_ghost, error_floor, tag, batch_size, retry_failed, products_dir):
     """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
 
     The pending spectra (registered, without a result for this model and tag) are cut into nodes x
@@ -100,6 +103,13 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
                        partition=partition, time=walltime, mem=mem, gres=gres, job_name=job_name, log_dir=log_dir,
                        workdir=os.getcwd())
     database_url = _slurm.absolute_database_url(resolve_database_url((ctx.obj or {}).get("database_url")))
+    if products_dir is not None:
+        if not dry_run:
+            _slurm.require_program("sbatch")
+        scripts = _products_scripts(options, database_url, products_dir, model, tag)
+        if scripts is None:
+            return 0
+        return _submit(scripts, options, dry_run, wait, poll_interval)
     model = _absolute(resolve_model_path(model))
     for flag, path in (("--mask", mask), ("--continuum-pixels", continuum_pixels)):
         # checked here, not in every job: a typo would otherwise fail all of them after they waited in the queue
@@ -129,6 +139,39 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
     click.echo(f"thepayne slurm: {len(keys)} pending spectra in {len(ranges)} slices, {len(scripts)} job(s)",
                err=True)
 
+    return _submit(scripts, options, dry_run, wait, poll_interval)
+
+
+def _products_scripts(options, database_url, directory, model, tag):
+    """Batch scripts of `thepayne products` over slices of the sources with results (None: no such source)."""
+    from ..db import require_schema
+    from ..db.database import connect
+    from ..emulator import PayneEmulator
+    from ..products import product_source_keys
+
+    require_schema(connect(database_url))
+    model = _absolute(model)
+    sha256 = PayneEmulator.load(model).sha256 if model else None
+    keys = product_source_keys(tag, sha256)
+    ranges = _slurm.split_key_ranges(keys, options.slices)
+    if not ranges:
+        click.echo(f"thepayne slurm: no sources with results of tag {tag!r}; nothing to submit", err=True)
+        return None
+    product_options = ["--tag", tag] + (["--model", model] if model else [])
+    prefix = _slurm.thepayne_command(sys.executable)
+    scripts = []
+    for index, node_ranges in enumerate(_slurm.group_by_node(ranges, options.procs_per_node)):
+        commands = [_slurm.products_command(prefix, database_url, key_range, directory, product_options)
+                    for key_range in node_ranges]
+        scripts.append(_slurm.render_script(options, index, commands, node_ranges, key_name="source_pk",
+                                            work="writing the products of the sources", counted="sources"))
+    click.echo(f"thepayne slurm: products of {len(keys)} sources in {len(ranges)} slices, {len(scripts)} job(s)",
+               err=True)
+    return scripts
+
+
+def _submit(scripts, options, dry_run, wait, poll_interval):
+    """Print (--dry-run) or submit the scripts, and with --wait follow the jobs to their end."""
     if dry_run:
         for index, script in enumerate(scripts):
             click.echo(f"# ----- job {index} of {len(scripts)} -----")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def test_catalogue_page_examples_run(populated, db, monkeypatch):
     assert namespace["n_rows"] == 4 and len(namespace["good"]) == 2
     assert len(namespace["table"]) == 2
     assert "stars in the catalogue" in stdout.getvalue()
+    # per-star products: one star and one visit file per source, and the plot of one of them
+    assert namespace["products_summary"].written == 8 and len(namespace["paths"]) == 4
+    assert len(namespace["rows"]) == 2 and namespace["observed"].flux.shape == namespace["wavelength"].shape
+    assert os.path.getsize(os.path.join(namespace["products_dir"], "product.png")) > 10_000
 
 
 def test_catalogue_page_sql_runs_unchanged(populated, db):

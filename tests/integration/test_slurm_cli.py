@@ -90,3 +90,28 @@ def test_configuration_errors_stop_before_submission(tmp_path, sqlite_setup):
     proc = thepayne(url, "slurm", "--profile", "np", "--partition", "p2", "--model", model, "--dry-run", env=env,
                     cwd=tmp_path)
     assert "#SBATCH --account=sdss" in proc.stdout and "#SBATCH --partition=p2" in proc.stdout
+
+
+def test_products_are_sliced_by_source_and_the_scripts_write_them(tmp_path, sqlite_setup):
+    """`--products DIR` cuts the sources with results into disjoint source_pk slices; run by bash, the scripts
+    write one star and one visit file per such source."""
+    import sqlite3
+
+    url, model, env = sqlite_setup
+    thepayne(url, "run", "--model", model, *FAST_FIT, env=env)  # every spectrum fitted: all 3 sources have results
+    proc = thepayne(url, "slurm", "--nodes", 1, "--procs-per-node", 2, "--products", tmp_path / "products",
+                    "--dry-run", env=env, cwd=tmp_path)
+    assert "products of 3 sources in 2 slices, 1 job(s)" in proc.stderr
+    (script,) = _scripts(proc.stdout)
+    assert "<= source_pk <=" in script and " run " not in script
+    ranges = [tuple(map(int, m)) for m in re.findall(r"--source-pk-min (\d+) --source-pk-max (\d+)", script)]
+    sources = [pk for (pk,) in sqlite3.connect(url.split("///", 1)[1]).execute("SELECT pk FROM source ORDER BY pk")]
+    assert all(sum(lo <= pk <= hi for lo, hi in ranges) == 1 for pk in sources)
+    (tmp_path / "job.sh").write_text(script)
+    job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    logs = sorted((tmp_path / "thepayne-slurm").glob("thepayne-local-*.log"))
+    assert job.returncode == 0, job.stderr + "".join(p.read_text()[-2000:] for p in logs)
+    assert job.stdout.count(" done") == 2
+    assert len(list((tmp_path / "products" / "star").rglob("*.fits"))) == 3
+    assert len(list((tmp_path / "products" / "visit").rglob("*.fits"))) == 3
