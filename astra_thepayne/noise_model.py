@@ -333,8 +333,16 @@ def calibrate_pair_errors_by_snr(x1, e1, snr1, x2, e2, snr2, snr_edges, form: st
     jacobian[rows, n_bins + b2] += do2
     fisher = 0.5 * (jacobian / var[:, None]).T @ (jacobian / var[:, None])
     errors = np.full(2 * n_bins, math.nan)
-    live = np.diag(fisher) > 1e-12 * np.abs(np.diag(fisher)).max()
-    errors[live] = np.sqrt(np.clip(np.diag(np.linalg.pinv(fisher[np.ix_(live, live)])), 0, None))
+    live = np.diag(fisher) > 1e-12 * np.abs(np.diag(fisher)).max()  # a quadrature offset at 0 has no information
+    norm = np.sqrt(np.diag(fisher)[live])
+    try:
+        # a true inverse (not a pseudo-inverse, which would drop a degenerate direction and report it as known):
+        # scale and offset that only act together, as for constant formal errors, come back with huge errors
+        covariance = np.linalg.inv(fisher[np.ix_(live, live)] / np.outer(norm, norm)) / np.outer(norm, norm)
+        variances = np.diag(covariance)
+        errors[live] = np.where(variances > 0, np.sqrt(np.abs(variances)), math.nan)
+    except np.linalg.LinAlgError:
+        pass
     entry = plain | {"snr_edges": [float(v) for v in edges], "snr_offset": [float(v) for v in offset],
                      "snr_scale": [float(v) for v in scale]}
     info |= {"n_pairs": [int(n) for n in _touching(b1, b2, n_bins)],

@@ -286,3 +286,15 @@ def test_quantile_edges_and_pair_snr():
         quantile_snr_edges(snr, 1)
     np.testing.assert_allclose(pair_snr([25.0, 40.0, np.nan, -1.0], [100.0, 40.0, 10.0, 10.0]),
                                [50.0, 40.0, np.nan, np.nan])
+
+
+def test_snr_calibration_does_not_claim_to_know_what_the_pairs_cannot_tell_apart():
+    # constant formal errors: only s e + o is measured, not s and o apart; their errors must not come back small
+    rng = np.random.default_rng(12)
+    e = np.full(3000, 0.05)
+    x1, x2 = rng.normal(0, 0.06, 3000), rng.normal(0, 0.06, 3000)
+    snr = np.where(np.arange(3000) < 1500, 40.0, 120.0)
+    entry, info = calibrate_pair_errors_by_snr(x1, e, snr, x2, e, snr, [60.0])
+    for k in range(2):
+        assert apply_correction(0.05, entry["snr_offset"][k], entry["snr_scale"][k]) == pytest.approx(0.06, rel=0.05)
+        assert not info["scale_err"][k] < 1.0 and not info["offset_err"][k] < 0.05  # NaN or large
