@@ -20,6 +20,13 @@ how the fit responds to it. What they cannot: anything the same in every visit o
 a visit-to-visit difference; those need comparisons with stars of known labels (clusters, asteroseismology). Pairs
 are therefore two different exposures: two spectra of one source on the same MJD (an apStar visit row and the
 apVisit file it was made from) are one exposure, and only the first enters a pair.
+
+Optionally the correction depends on S/N (:func:`calibrate_pair_errors_by_snr`): one ``(offset, scale)`` per S/N
+bin, piecewise constant, each visit corrected with the bin of its own S/N both in the fit and when applied. Such an
+entry keeps Astra's scalar ``offset`` and ``scale`` (the S/N-independent fit of the same pairs: all that Astra reads)
+and adds ``snr_edges``, ``snr_offset`` and ``snr_scale``. Piecewise constant rather than interpolated between bin
+centres: what is applied at any S/N is then exactly what was fitted there, from that bin's own visits, with no
+extrapolation beyond the outer centres; the price is a step at each edge, which more bins make smaller.
 """
 from __future__ import annotations
 
