@@ -208,3 +208,25 @@ def test_quantile_snr_bins_and_bad_snr_options(database_url, tmp_path):
     code, _, stderr = run_cli("--database", database_url, "noise-model", "calibrate", str(out), "--by-snr", "1")
     assert code == 2
     database.close()
+
+
+def test_report_shows_the_z_width_in_each_snr_quartile(database_url, tmp_path):
+    import re
+
+    database = connect(database_url)
+    upgrade(database)
+    _fill_snr(np.random.default_rng(11))
+    assert run_cli("--database", database_url, "noise-model", "calibrate", str(tmp_path / "c.pkl"),
+                   "--snr-bins", "60")[0] == 0
+    assert run_cli("--database", database_url, "noise-model", "apply", str(tmp_path / "c.pkl"))[0] == 0
+    code, _, stderr = run_cli("--database", database_url, "report", str(tmp_path / "r.html"), "--no-gallery")
+    assert code == 0, stderr
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    row = re.search(r"<tr><td>teff</td>(.*?)</tr>", text).group(1)
+    cells = re.findall(r"S/N ([^:]+): ([\d.]+) &rarr; ([\d.]+) \((\d+)\)", row)
+    # 600 pairs in quartiles of ~150: formal errors far too small (truth 1.8 raw_e + 10 K below S/N 60, raw_e + 10 K
+    # above), after the S/N-dependent noise model within 0.2 (3.5 standard errors) of 1 in every quartile
+    assert len(cells) == 4 and sum(int(n) for *_, n in cells) == 600
+    for _name, raw, after, _n in cells:
+        assert float(raw) > 1.4 and abs(float(after) - 1) < 0.2, cells
+    database.close()
