@@ -121,7 +121,7 @@ def quantile_snr_edges(snr, n_bins: int) -> list[float]:
 def _snr_entry_values(entry, what="S/N-dependent entry"):
     """Checked ``(edges, offsets, scales)`` of an S/N-dependent entry (arrays of K-1, K, K)."""
     try:
-        edges = check_snr_edges(entry["snr_edges"])
+        edges = check_snr_edges(entry.get("snr_edges"))
     except ConfigurationError as exc:
         raise ConfigurationError(f"{what}: {exc}") from None
     values = []
@@ -451,8 +451,9 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
     Returns
     -------
     dict
-        ``{"updated": {label: rows}, "skipped": [labels], "without_snr": rows}`` (``without_snr``: rows an
-        S/N-dependent entry could not correct; 0 when no entry depends on S/N).
+        ``{"updated": {label: rows}, "skipped": [labels], "without_snr": rows}`` (``without_snr``: rows with a
+        formal error that an S/N-dependent entry could not correct, the most over its labels; 0 when no entry
+        depends on S/N).
     """
     from peewee import Case, fn
 
@@ -481,7 +482,8 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
                          for edge, of, sc in zip(edges, offsets[:-1], scales[:-1], strict=True)]
                 value = Case(None, cases, corrected(raw, float(scales[-1]), float(offsets[-1]), form))
                 usable = _usable_snr(ThePayne.snr)
-                unplaced = ThePayne.select().where(~usable if where is None else (where & ~usable)).count()
+                unplaced = ~usable & raw.is_null(False)  # rows without an error to correct do not count
+                unplaced = ThePayne.select().where(unplaced if where is None else (where & unplaced)).count()
                 without_snr = max(without_snr, unplaced)
                 condition = usable if where is None else (where & usable)
             else:

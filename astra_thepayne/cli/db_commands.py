@@ -262,8 +262,11 @@ def calibrate(ctx, output, tag, model, min_pairs, form, snr_edges, snr_bins):
                                  f"--min-pairs is {min_pairs}")
     save_corrections(output, corrections, reference)
     for label, info in reference.get("snr", {}).items():
-        for message in info["merged"]:
+        for message in info["merged"][:5]:
             click.echo(f"{label}: {message}", err=True)
+        if len(info["merged"]) > 5:  # e.g. --by-snr far above the pairs there are: say so once
+            click.echo(f"{label}: ... and {len(info['merged']) - 5} more bins merged (the file's reference lists "
+                       "them all)", err=True)
         if info["n_without_snr"]:
             click.echo(f"{label}: {info['n_without_snr']} pair(s) left out: a visit without a positive S/N", err=True)
     click.echo(f"wrote corrections for {len(corrections)} label(s) to {output}")
