@@ -3,8 +3,8 @@
 A survey scientist judges a run from a handful of plots before looking at any single star. The page has, for one
 database, tag and network: counts and the fraction of results with each flag bit, the Kiel diagram (Teff-logg)
 coloured by [Fe/H], [X/Fe] against [Fe/H] for every element, errors against S/N, the reduced chi2 distribution,
-v_rel where it was fitted, repeat-visit z-scores before and after the noise model, and the fits with the best,
-median and worst reduced chi2.
+v_rel where it was fitted, repeat-visit z-scores before and after the noise model (and their width per S/N
+quartile), and the fits with the best, median and worst reduced chi2.
 
 Everything is in the one file (PNG plots as base64 ``data:`` URIs, inline CSS, no scripts or fonts from
 elsewhere), so it opens offline and can be mailed or attached to a ticket. Counts are SQL aggregates; the plots
@@ -236,19 +236,27 @@ def _v_rel(page, data):
     return _img(page, fig, "v_rel distribution")
 
 
+#: Widths of z per S/N bin need this many pairs in each of the 4 bins, else the table is left out.
+_MIN_PAIRS_PER_SNR_BIN = 20
+
+
 def _z_scores(page, selection, calibrated):
-    from .noise_model import pair_z_scores, repeat_pairs
+    from .noise_model import pair_snr, pair_z_scores, repeat_pairs
 
     kinds = [("raw_e", "formal errors (raw_e_*)")] + ([("e", "after the noise model (e_*)")] if calibrated else [])
     labels = [name for name in ("teff", "logg", "fe_h", "mg_h") if name in LABEL_NAMES]
     fig = _figure(3.2 * len(labels), 3.2)
     axes = fig.subplots(1, len(labels), squeeze=False)[0]
     grid = np.linspace(-5, 5, 201)
-    pairs = 0
+    pairs, by_snr = 0, {}
     for ax, label in zip(axes, labels, strict=True):
         for (errors, text), color in zip(kinds, ("0.4", "tab:blue"), strict=False):
-            z = pair_z_scores(*repeat_pairs(label, selection.tag or "", selection.model_sha256, errors=errors))
-            z = z[np.isfinite(z)]
+            x1, e1, x2, e2, snr1, snr2 = repeat_pairs(label, selection.tag or "", selection.model_sha256,
+                                                      errors=errors, with_snr=True)
+            z = pair_z_scores(x1, e1, x2, e2)
+            finite = np.isfinite(z)
+            by_snr.setdefault(label, {})[errors] = (z[finite], pair_snr(snr1, snr2)[finite])
+            z = z[finite]
             pairs = max(pairs, z.size)
             if z.size:
                 ax.hist(np.clip(z, -5, 5), bins=np.linspace(-5, 5, 41), density=True, histtype="step", color=color,
@@ -257,7 +265,38 @@ def _z_scores(page, selection, calibrated):
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("z = dx / sqrt(e1² + e2²)")
         ax.legend(fontsize=6)
-    return pairs, _img(page, fig, "repeat-visit z-scores")
+    return pairs, _img(page, fig, "repeat-visit z-scores") + _z_width_table(by_snr, [k for k, _ in kinds])
+
+
+def _z_width_table(by_snr, kinds):
+    """Width of z in S/N quartiles of the pairs (geometric mean of the two visits' S/N), per label: a noise model
+    that is right on average can still be wrong at low or high S/N."""
+    from .noise_model import quantile_snr_edges, snr_bin_index, snr_bin_names
+
+    rows = []
+    for label, columns in by_snr.items():
+        z, snr = columns["raw_e"]
+        edges = quantile_snr_edges(snr, 4)
+        if len(edges) != 3:
+            continue
+        index = snr_bin_index(snr, edges)
+        counts = np.bincount(index[index >= 0], minlength=4)
+        if counts.min() < _MIN_PAIRS_PER_SNR_BIN:
+            continue
+        cells = []
+        for k, name in enumerate(snr_bin_names(edges)):
+            widths = []
+            for kind in kinds:
+                z_kind, snr_kind = columns[kind]
+                chosen = z_kind[snr_bin_index(snr_kind, edges) == k]
+                widths.append(f"{np.std(chosen):.2f}" if chosen.size else "?")
+            cells.append(f"<td>S/N {html.escape(name)}: {' &rarr; '.join(widths)} ({counts[k]})</td>")
+        rows.append(f"<tr><td>{label}</td>{''.join(cells)}</tr>")
+    if not rows:
+        return ""
+    what = "formal errors &rarr; after the noise model" if len(kinds) > 1 else "formal errors"
+    return ("<p class='note'>Width of z by S/N of the pair (geometric mean of its two visits), in quartiles of the "
+            f"pairs, {what} (pairs); 1 is right.</p><table>{''.join(rows)}</table>")
 
 
 def _gallery(page, selection):

@@ -6,6 +6,7 @@ comes from the global ``--database`` option, else CONTRACT.md's lookup order.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def noise_model():
 @click.pass_context
 def apply(ctx, corrections_path, tag, model):
     """Set e_x = scale * raw_e_x + offset (quadrature entries: sqrt((scale raw_e_x)^2 + offset^2)) for every label
-    in CORRECTIONS.pkl ((corrections, reference) pickle)."""
+    in CORRECTIONS.pkl ((corrections, reference) pickle); S/N-dependent entries use the offset and scale of each
+    row's own S/N bin."""
     from ..db.models import ThePayne
     from ..emulator import PayneEmulator
     from ..noise_model import apply_corrections_to_database, load_corrections
@@ -203,8 +205,25 @@ def apply(ctx, corrections_path, tag, model):
     outcome = apply_corrections_to_database(corrections, sha256=sha256, where=where)
     rows = max(outcome["updated"].values(), default=0)
     click.echo(f"noise model {corrections_path.name}: e_* set for {len(outcome['updated'])} label(s) on {rows} row(s)")
+    if outcome["without_snr"]:
+        click.echo(f"{outcome['without_snr']} row(s) without a positive S/N left as they were: the file's "
+                   "S/N-dependent entries cannot place them in a bin", err=True)
     if outcome["skipped"]:
         click.echo(f"skipped labels without columns: {', '.join(outcome['skipped'])}", err=True)
+
+
+def _snr_edges_option(ctx, param, value):
+    """--snr-bins "30,60,100": the S/N bin edges, checked as the library checks them (exit 2 otherwise)."""
+    if value is None:
+        return None
+    from ..noise_model import check_snr_edges
+
+    try:
+        return check_snr_edges([float(part) for part in value.split(",") if part.strip()] if value.strip() else [])
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 30,60,100") from None
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @noise_model.command("calibrate")
@@ -212,22 +231,55 @@ def apply(ctx, corrections_path, tag, model):
 @click.option("--tag", default="", show_default=True, help="Use results with this tag.")
 @click.option("--model", default=None, help="Use results of this network file (or 'demo') only.")
 @click.option("--min-pairs", type=click.IntRange(min=3), default=30, show_default=True,
-              help="Labels with fewer repeat pairs get no correction.")
+              help="Labels with fewer repeat pairs get no correction; with S/N bins, a bin with fewer is merged with "
+                   "a neighbour.")
 @click.option("--form", type=click.Choice(["linear", "quadrature"]), default="linear", show_default=True,
               help="linear: e = s raw_e + o (Astra's); quadrature: e = sqrt((s raw_e)^2 + o^2).")
+@click.option("--snr-bins", "snr_edges", metavar="EDGES", default=None, callback=_snr_edges_option,
+              help="Fit (s, o) per S/N bin: increasing S/N edges, e.g. 30,60,100 (bins <30, 30-60, 60-100, >=100); "
+                   "each result is corrected by its own S/N. Astra reads only the S/N-independent offset and scale "
+                   "written beside them.")
+@click.option("--by-snr", "snr_bins", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Like --snr-bins, with N bins of about equal numbers of paired visits (per label).")
 @click.pass_context
-def calibrate(ctx, output, tag, model, min_pairs, form):
+def calibrate(ctx, output, tag, model, min_pairs, form, snr_edges, snr_bins):
     """Fit offset and scale per label from repeat visits of the same stars (two different exposures each); write
-    OUTPUT.pkl (Astra's format; quadrature entries add "form")."""
+    OUTPUT.pkl (Astra's format; quadrature entries add "form", S/N-dependent ones "snr_edges", "snr_offset" and
+    "snr_scale")."""
     from ..emulator import PayneEmulator
     from ..noise_model import calibrate_from_database, save_corrections
 
+    if snr_edges is not None and snr_bins is not None:
+        raise click.UsageError("give --snr-bins or --by-snr, not both")
     _database(ctx)
     sha256 = PayneEmulator.load(model).sha256 if model else None
-    corrections, reference = calibrate_from_database(tag=tag, model_sha256=sha256, min_pairs=min_pairs, form=form)
+    corrections, reference = calibrate_from_database(tag=tag, model_sha256=sha256, min_pairs=min_pairs, form=form,
+                                                     snr_edges=snr_edges, snr_bins=snr_bins)
     if not corrections:
         most = max(reference["n_pairs"].values(), default=0)
-        raise ConfigurationError(f"not enough repeat visits to calibrate: at most {most} pair(s) per label, "
+        what = " with an S/N" if "snr" in reference else ""
+        raise ConfigurationError(f"not enough repeat visits to calibrate: at most {most} pair(s){what} per label, "
                                  f"--min-pairs is {min_pairs}")
     save_corrections(output, corrections, reference)
+    for label, info in reference.get("snr", {}).items():
+        for message in info["merged"][:5]:
+            click.echo(f"{label}: {message}", err=True)
+        if len(info["merged"]) > 5:  # e.g. --by-snr far above the pairs there are: say so once
+            click.echo(f"{label}: ... and {len(info['merged']) - 5} more bins merged (the file's reference lists "
+                       "them all)", err=True)
+        if info["n_without_snr"]:
+            click.echo(f"{label}: {info['n_without_snr']} pair(s) left out: a visit without a positive S/N", err=True)
     click.echo(f"wrote corrections for {len(corrections)} label(s) to {output}")
+    for label, info in reference.get("snr", {}).items():
+        entry = corrections[label]
+        if "snr_edges" not in entry:
+            click.echo(f"  {label}: one S/N bin ({info['n_pairs'][0]} pairs): offset {entry['offset']:.4g}, "
+                       f"scale {entry['scale']:.4g}")
+            continue
+        def value(v, error):
+            return f"{v:.3g}" + (f"±{error:.2g}" if math.isfinite(error) else "")
+
+        cells = [f"{name} ({n} pairs): s {value(s, se)} o {value(o, oe)}" for name, n, s, se, o, oe in
+                 zip(info["bins"], info["n_pairs"], entry["snr_scale"], info["scale_err"], entry["snr_offset"],
+                     info["offset_err"], strict=True)]
+        click.echo(f"  {label}: " + "; ".join(cells))
