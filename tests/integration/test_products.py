@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 import warnings
 
 import numpy as np
@@ -238,15 +240,22 @@ def test_demo_writes_the_products_of_its_stars(tmp_path, monkeypatch):
     assert "per-star products in" in format_report(report)
 
 
-@pytest.mark.skipif(shutil.which("fitsverify") is None, reason="fitsverify is not installed (apt-get install "
-                                                               "fitsverify)")
-def test_products_pass_fitsverify(populated, db, tmp_path):
-    import subprocess
+def _fitsverify():
+    program = shutil.which("fitsverify")
+    if program is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("fitsverify is missing under CI: .ci/start_services.sh installs it (apt-get install "
+                        "fitsverify)")
+        pytest.skip("fitsverify is not installed (apt-get install fitsverify); CI installs it")
+    return program
 
+
+def test_products_pass_fitsverify(populated, db, tmp_path):
+    program = _fitsverify()
     _products(populated, tmp_path)
     for path in _files(tmp_path):
-        result = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True, check=False)
-        assert result.stdout.startswith("verification OK"), result.stdout + result.stderr
+        result = subprocess.run([program, str(path)], capture_output=True, text=True, check=False)
+        assert "Verification found 0 warning(s) and 0 error(s)." in result.stdout, result.stdout + result.stderr
 
 
 # -- the fast writer against astropy ---------------------------------------------------------------------------
