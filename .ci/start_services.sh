@@ -3,7 +3,9 @@
 #   - PostgreSQL on 127.0.0.1:5432 with a database `test` (trust auth): the machine's own cluster when it runs,
 #     else that cluster started with pg_ctlcluster, else a throwaway server from .ci/start_postgres.sh;
 #   - a single-node SLURM cluster (munged + slurmctld + slurmd) from .ci/start_slurm.sh;
-#   - Debian's chromium (headless browser for the report test), installed with apt-get when missing.
+#   - Debian's chromium (headless browser for the report test), installed with apt-get when missing;
+#   - Debian's fitsverify (the products test checks every file with it), installed the same way; a failed
+#     install only warns (that test then fails under CI=true, saying why), the other services are still started.
 # Fails loudly (exit 1, with the reason) when a service cannot be reached afterwards.
 #   bash .ci/start_services.sh && source /tmp/thepayne-ci/env.sh
 set -euo pipefail
@@ -54,6 +56,16 @@ if ! command -v chromium >/dev/null; then
     || { echo "cannot install chromium: see $BASE/chromium-install.log" >&2; exit 1; }
 fi
 chromium --version || { echo "chromium does not start" >&2; exit 1; }
+
+# --- fitsverify: tests/integration/test_products.py checks the astraStar/astraVisit files with it -------------
+if ! command -v fitsverify >/dev/null; then
+  echo "installing fitsverify (FITS checker for the products test)"
+  { apt-get install -y -q fitsverify >"$BASE/fitsverify-install.log" 2>&1 \
+      || { apt-get update -q >>"$BASE/fitsverify-install.log" 2>&1 \
+           && apt-get install -y -q fitsverify >>"$BASE/fitsverify-install.log" 2>&1; }; } \
+    || echo "warning: cannot install fitsverify (see $BASE/fitsverify-install.log); under CI=true" \
+            "test_products_pass_fitsverify fails" >&2
+fi
 
 cat >"$BASE/env.sh" <<ENV
 export THEPAYNE_TEST_POSTGRES_URL='$PG_URL'

@@ -31,8 +31,11 @@ Failed fits, and good fits whose intermediate pickle cannot be read, have NaN ar
 gets its files. Files are written atomically (temporary file, then :func:`os.replace`) and only when missing or
 stale: an existing file is kept when its ``RESULTS`` matches the rows in the database and ``NOARRAYS`` is 0.
 
-The database is read in the calling process; reading the pickles and writing the FITS files, the slow part, runs
-in ``processes`` worker processes that never touch the database.
+The database is read in the calling process; reading the pickles and writing the FITS files runs in ``processes``
+worker processes that never touch the database. A worker does not build the tables with astropy (about a second a
+file, nearly all of it per-column objects and card checks): it writes one product without rows with astropy, keeps
+its headers as templates, and puts each file together as bytes from them and from numpy record arrays
+(:mod:`astra_thepayne.fits_bytes`), the same bytes as astropy's (tests/integration/test_products.py compares them).
 """
 from __future__ import annotations
 
@@ -42,14 +45,14 @@ import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .catalogue import _column, _table_hdu, catalogue_columns, header_text
+from .catalogue import _column, _table_hdu, catalogue_columns, fits_text, header_text
 from .files import atomic_write
+from .fits_bytes import card, checksum_stamp, hdu_bytes, header_keywords
 from .grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
 from .labels import BAD_RESULT_FLAGS
 
@@ -266,18 +269,14 @@ def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
 # -- writing one file (worker processes: no database) ----------------------------------------------------------
 
 def _up_to_date(path: Path, fingerprint: str) -> bool:
-    from astropy.io import fits
-
-    if not path.is_file():
-        return False
+    """The file is whole (every HDU's data there, nothing after), in this layout, and made from these rows with
+    every array read. Reads a few keywords only: opening the file with astropy took ten times a write."""
     try:
-        with warnings.catch_warnings(), fits.open(path) as hdul:
-            warnings.simplefilter("ignore")  # a truncated file warns before it fails; it is rewritten anyway
-            header = hdul[0].header
-            return (header.get("RESULTS") == fingerprint and header.get("NOARRAYS", 1) == 0
-                    and [hdu.name for hdu in hdul[1:]] == list(HDU_NAMES))
-    except Exception:  # truncated or not FITS: rewrite it
+        hdus = header_keywords(path.read_bytes(), ("RESULTS", "NOARRAYS", "EXTNAME"))
+    except (OSError, ValueError):  # missing, truncated or not FITS: rewrite it
         return False
+    return (len(hdus) == 1 + len(HDU_NAMES) and hdus[0].get("RESULTS") == fingerprint
+            and hdus[0].get("NOARRAYS", 1) == 0 and [hdu.get("EXTNAME") for hdu in hdus[1:]] == list(HDU_NAMES))
 
 
 def _read_arrays(arrays):
@@ -306,7 +305,7 @@ def _table(rows, instrument):
     npix = WAVELENGTH_GRIDS[instrument][2]
     data, missing = {}, 0
     flags = np.array([r["values"]["result_flags"] or 0 for r in rows], dtype=np.int64)
-    for name, fld in catalogue_columns():
+    for name, fld in _catalogue_columns():
         if name == "flag_warn":
             data[name] = flags > 0
         elif name == "flag_bad":
@@ -343,63 +342,198 @@ def _extension(name, rows, help_texts, created, version):
     return hdu, missing
 
 
-def _primary(job, created, n_missing):
-    from astropy.io import fits
-
+def _primary_cards(job, created, n_missing) -> list:
+    """``(keyword, value, comment)`` of HDU0's cards after SIMPLE/BITPIX/NAXIS/EXTEND, its COMMENT cards last."""
     from . import __version__
 
     source = job["source"]
-    header = fits.Header()
-    header["V_ASTRA"] = (job["version"], "Version of the software that wrote this file")
-    header["CREATED"] = (created, f"File creation time (UTC {_DATETIME_FMT})")
-    # unknown values get Astra's fill values (-1, '', 'NaN'): a null card value is legal FITS but fitsverify
-    # warns about it, and FITS headers cannot hold a float NaN
-    header["SDSS_ID"] = (-1 if source["sdss_id"] is None else int(source["sdss_id"]), "SDSS-V identifier (-1: none)")
-    header["APOGEEID"] = (header_text(source["sdss4_apogee_id"] or ""), "APOGEE object id (2MASS style)")
+    cards = [("V_ASTRA", job["version"], "Version of the software that wrote this file"),
+             ("CREATED", created, f"File creation time (UTC {_DATETIME_FMT})"),
+             # unknown values get Astra's fill values (-1, '', 'NaN'): a null card value is legal FITS but
+             # fitsverify warns about it, and FITS headers cannot hold a float NaN
+             ("SDSS_ID", -1 if source["sdss_id"] is None else int(source["sdss_id"]), "SDSS-V identifier (-1: none)"),
+             ("APOGEEID", header_text(source["sdss4_apogee_id"] or ""), "APOGEE object id (2MASS style)")]
     for key in ("ra", "dec"):
         value = source[key]
-        header[key.upper()] = (float(value) if value is not None and np.isfinite(value) else "NaN",
-                               "Right ascension (deg)" if key == "ra" else "Declination (deg)")
-    header["SOURCEPK"] = (source["pk"], "Source primary key in the results database")
-    header["PIPELINE"] = (PIPELINE, "Pipeline name")
-    header["V_PAYNE"] = (__version__, "astra_thepayne version that wrote this file")
-    header["TAG"] = (header_text(job["tag"]), "Tag of the results (empty = untagged)")
-    header["NMODELS"] = (len(job["models"]), "Distinct networks in this file")
+        cards.append((key.upper(), float(value) if value is not None and np.isfinite(value) else "NaN",
+                      "Right ascension (deg)" if key == "ra" else "Declination (deg)"))
+    cards += [("SOURCEPK", source["pk"], "Source primary key in the results database"),
+              ("PIPELINE", PIPELINE, "Pipeline name"),
+              ("V_PAYNE", __version__, "astra_thepayne version that wrote this file"),
+              ("TAG", header_text(job["tag"]), "Tag of the results (empty = untagged)"),
+              ("NMODELS", len(job["models"]), "Distinct networks in this file")]
     for i, (sha, name) in enumerate(job["models"], start=1):
-        header[f"MODEL{i}"] = sha  # SHA-256 of a network file (no room left on the card for a comment)
-        header[f"MPATH{i}"] = (header_text(name), "Network file name")
+        cards.append((f"MODEL{i}", sha, None))  # SHA-256 of a network file (no room left on the card for a comment)
+        cards.append((f"MPATH{i}", header_text(name), "Network file name"))
     demo = job["demo"]
-    header["DEMO"] = (demo, "Results made with the demonstration network")
-    header["NRESULTS"] = (len(job["rows"]), "Result rows in this file")
-    header["RESULTS"] = job["fingerprint"]  # SHA-256 of those rows: a file whose rows changed is rewritten
-    header["NOARRAYS"] = (n_missing, "Good fits with NaN arrays (pickle unreadable)")
+    cards += [("DEMO", demo, "Results made with the demonstration network"),
+              ("NRESULTS", len(job["rows"]), "Result rows in this file"),
+              ("RESULTS", job["fingerprint"], None),  # SHA-256 of those rows: a file whose rows changed is rewritten
+              ("NOARRAYS", n_missing, "Good fits with NaN arrays (pickle unreadable)")]
     if demo:
-        header["COMMENT"] = "DEMONSTRATION: labels come from the bundled demonstration network,"
-        header["COMMENT"] = "not from the production Payne; do not use them for science."
-    header["COMMENT"] = "HDU 0: summary information only"
+        cards.append(("COMMENT", "DEMONSTRATION: labels come from the bundled demonstration network,", None))
+        cards.append(("COMMENT", "not from the production Payne; do not use them for science.", None))
+    cards.append(("COMMENT", "HDU 0: summary information only", None))
     for i, name in enumerate(HDU_NAMES, start=1):
-        header["COMMENT"] = f"HDU {i}: {name} results ({'coadded' if job['kind'] == 'star' else 'visit'} spectra)"
+        kind = "coadded" if job["kind"] == "star" else "visit"
+        cards.append(("COMMENT", f"HDU {i}: {name} results ({kind} spectra)", None))
+    return cards
+
+
+def _primary(job, created, n_missing):
+    from astropy.io import fits
+
+    header = fits.Header()
+    for key, value, comment in _primary_cards(job, created, n_missing):
+        header[key] = value if key == "COMMENT" else (value, comment)
     return fits.PrimaryHDU(header=header)
+
+
+def _astropy_hdul(job, created):
+    """``(HDUList, rows without arrays)`` of a product, built column by column with astropy.
+
+    This is the layout's definition, and what the fast writer (:func:`_product_bytes`) is tested against
+    (tests/integration/test_products.py) and timed against (benchmarks/products_speed.py); files are not written
+    from it, as it costs about a second a file.
+    """
+    from astropy.io import fits
+
+    help_texts = _help_texts()
+    extensions, missing = [], 0
+    for name in HDU_NAMES:
+        rows = [r for r in job["rows"] if r["hdu"] == name]
+        hdu, n = _extension(name, rows, help_texts, created, job["version"])
+        extensions.append(hdu)
+        missing += n
+    return fits.HDUList([_primary(job, created, missing), *extensions]), missing
+
+
+# -- the fast writer: astropy's empty tables as templates, rows as numpy record bytes -----------------------------
+
+@dataclass
+class _TableTemplate:
+    """One HDU's header as astropy writes it for an empty table, and what changes per file."""
+
+    cards: list  # card images
+    at: dict  # keyword -> index in cards of the cards set per file
+    comments: dict  # keyword -> comment of those cards
+    dtype: np.dtype  # the row's record layout (big-endian; character columns 1 wide)
+    text: dict  # character column -> its TFORMn keyword (its width follows the longest value)
+    logical: frozenset  # 'L' columns: stored as the bytes T and F
+
+
+_CATALOGUE_COLUMNS = None
+_TEMPLATE_CACHE = None
+
+
+def _catalogue_columns():
+    global _CATALOGUE_COLUMNS
+    if _CATALOGUE_COLUMNS is None:  # the same for every file of a process
+        _CATALOGUE_COLUMNS = catalogue_columns()
+    return _CATALOGUE_COLUMNS
+
+
+def _templates() -> dict:
+    """``{"PRIMARY": card images before V_ASTRA, table HDU name: _TableTemplate}``, made once per process by
+    writing a product without rows with astropy (about as long as one file took with astropy)."""
+    global _TEMPLATE_CACHE
+    if _TEMPLATE_CACHE is not None:
+        return _TEMPLATE_CACHE
+    import io
+
+    from astropy.io import fits
+
+    empty = {"kind": "star", "source": {"pk": 0, "sdss_id": None, "sdss4_apogee_id": "", "ra": None, "dec": None},
+             "rows": [], "models": [], "tag": "", "version": "0", "demo": False, "fingerprint": ""}
+    hdul, _ = _astropy_hdul(empty, "00-00-00 00:00:00")
+    buffer = io.BytesIO()
+    hdul.writeto(buffer, checksum=True)
+    buffer.seek(0)
+    templates = {}
+    with fits.open(buffer) as written:
+        header = written[0].header  # SIMPLE, BITPIX, NAXIS, EXTEND
+        templates["PRIMARY"] = [c.image for c in header.cards[:header.index("V_ASTRA")]]
+        for hdu in written[1:]:
+            header = hdu.header
+            text, logical, at = {}, set(), {}
+            for i, column in enumerate(hdu.columns, start=1):
+                if column.format.endswith("A"):
+                    text[column.name] = f"TFORM{i}"
+                elif column.format == "L":
+                    logical.add(column.name)
+            keys = ["NAXIS1", "NAXIS2", "V_ASTRA", "CREATED", "CHECKSUM", "DATASUM", *text.values()]
+            at = {key: header.index(key) for key in keys}
+            templates[hdu.name] = _TableTemplate(
+                cards=[c.image for c in header.cards], at=at, comments={key: header.comments[key] for key in keys},
+                dtype=hdu.data.dtype, text=text, logical=frozenset(logical))
+    _TEMPLATE_CACHE = templates
+    return templates
+
+
+def _table_bytes(template, name, rows, created, version, stamp):
+    """``(HDU bytes, rows without arrays)``: the bytes astropy writes for this table (same cards, same data)."""
+    cards = list(template.cards)
+
+    def put(key, value):
+        cards[template.at[key]] = card(key, value, template.comments[key])
+
+    put("V_ASTRA", version)
+    put("CREATED", created)
+    payload, missing = b"", 0
+    if rows:
+        data, missing = _table(rows, name.split("/")[0])
+        columns, fields = {}, []
+        for column in template.dtype.names:
+            value = data[column]
+            if column in template.text:
+                value = fits_text(value) if value.dtype.kind == "U" else value  # as _table_hdu does
+                width = value.dtype.itemsize // (4 if value.dtype.kind == "U" else 1)
+                put(template.text[column], f"{width}A")
+                fields.append((column, f"S{width}"))
+            else:
+                if column in template.logical:
+                    value = np.where(value, ord("T"), ord("F"))
+                fields.append((column, template.dtype.fields[column][0]))
+            columns[column] = value
+        record = np.zeros(len(rows), dtype=fields)
+        for column, value in columns.items():
+            record[column] = value
+        put("NAXIS1", record.dtype.itemsize)
+        put("NAXIS2", len(rows))
+        payload = record.tobytes()
+    return hdu_bytes(cards, payload, template.at["CHECKSUM"], template.at["DATASUM"], stamp), missing
+
+
+def _product_bytes(job, created, stamp=None) -> tuple:
+    """``(file bytes, rows without arrays)`` of a product: what ``_astropy_hdul(job, created)`` writes with
+    ``writeto(checksum=True)``, byte for byte (the checksum cards' times aside), ~300 times faster."""
+    templates = _templates()
+    stamp = stamp or checksum_stamp()
+    parts, missing = [], 0
+    for name in HDU_NAMES:
+        rows = [r for r in job["rows"] if r["hdu"] == name]
+        part, n = _table_bytes(templates[name], name, rows, created, job["version"], stamp)
+        parts.append(part)
+        missing += n
+    primary = _primary_cards(job, created, missing)
+    keywords = [card(key, value, comment) for key, value, comment in primary if key != "COMMENT"]
+    comments = [card(key, value) for key, value, _ in primary if key == "COMMENT"]
+    # CHECKSUM and DATASUM go where astropy's add_checksum puts them: after the last keyword card
+    cards = [*templates["PRIMARY"], *keywords, "", "", *comments]
+    start = len(templates["PRIMARY"]) + len(keywords)
+    primary = hdu_bytes(cards, b"", start, start + 1, stamp)
+    return b"".join([primary, *parts]), missing
 
 
 def write_product(job, force: bool = False) -> dict:
     """Write one product file from a job of :func:`_jobs_for` unless it is up to date; returns what happened."""
-    from astropy.io import fits
-
     path = Path(job["path"])
     if not force and _up_to_date(path, job["fingerprint"]):
         return {"path": str(path), "written": False, "missing": 0, "error": None}
     try:
         created = datetime.datetime.now(datetime.timezone.utc).strftime(_DATETIME_FMT)
-        help_texts = _help_texts()
-        extensions, missing = [], 0
-        for name in HDU_NAMES:
-            rows = [r for r in job["rows"] if r["hdu"] == name]
-            hdu, n = _extension(name, rows, help_texts, created, job["version"])
-            extensions.append(hdu)
-            missing += n
-        hdul = fits.HDUList([_primary(job, created, missing), *extensions])
-        atomic_write(path, lambda handle: hdul.writeto(handle, checksum=True))
+        content, missing = _product_bytes(job, created)
+        atomic_write(path, lambda handle: handle.write(content))
     except Exception as exc:  # one unwritable file must not stop the others
         return {"path": str(path), "written": False, "missing": 0,
                 "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
