@@ -26,8 +26,12 @@ Named profiles live in a TOML file, ``$THEPAYNE_CONFIG`` or else ``$XDG_CONFIG_H
     gres = ""             # e.g. "gpu:1"
     extra = ["--qos=sdss"]  # further #SBATCH lines, verbatim
 
-Everything in this module except :func:`submit` and :func:`job_status` / :func:`wait_for_jobs` is pure (strings
-in, strings out) so it is tested without a cluster; those three call ``sbatch`` and ``scontrol``/``sacct``.
+Everything in this module except :func:`submit` and :func:`job_status` / :func:`wait_for_jobs` works without a
+cluster, so it is tested without one; those three call ``sbatch`` and ``scontrol``/``sacct``. Only the slicing
+(:func:`split_key_ranges`, :func:`group_by_node`) is pure. The rest also reads the process's state where an argument
+is not given: the working directory (relative SQLite paths, ``workdir``, ``log_dir``), ``sys.executable``
+(:func:`thepayne_command`), the variables of ``_FORWARDED_ENVIRONMENT`` (:func:`render_script`), ``PATH``
+(:func:`require_program`), and ``$THEPAYNE_CONFIG`` / ``$XDG_CONFIG_HOME`` and the TOML file (the profiles).
 """
 from __future__ import annotations
 
