@@ -547,10 +547,12 @@ def job_status(job_id: str) -> JobStatus:
 
 def wait_for_jobs(job_ids: Sequence[str], poll_interval: float = 10.0,
                   on_change: Callable[[JobStatus], None] | None = None,
-                  status: Callable[[str], JobStatus] = job_status) -> dict[str, JobStatus]:
+                  status: Callable[[str], JobStatus] = job_status,
+                  sleep: Callable[[float], None] = time.sleep) -> dict[str, JobStatus]:
     """Poll until every job has finished; return the final status of each.
 
     ``on_change`` is called with each job's status whenever its state changes (for progress messages).
+    ``sleep(poll_interval)`` waits between two rounds of ``status`` calls.
     """
     last: dict[str, JobStatus] = {}
     pending = list(job_ids)
@@ -564,5 +566,5 @@ def wait_for_jobs(job_ids: Sequence[str], poll_interval: float = 10.0,
             if current.finished:
                 pending.remove(job_id)
         if pending:
-            time.sleep(poll_interval)
+            sleep(poll_interval)
     return {job_id: last[job_id] for job_id in job_ids}

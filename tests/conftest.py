@@ -66,6 +66,27 @@ def postgres_url(postgres_server) -> str:
     admin.close()
 
 
+class FakeClock:
+    """A clock that moves only when told to: code under test reads it (``clock()``) and "sleeps" on it
+    (``clock.sleep(seconds)``), so timings are exact and cost no time."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_bank_cache(tmp_path_factory):
     """Model banks of the many networks the tests build go to a throwaway folder, not the user's ~/.cache (30 MB

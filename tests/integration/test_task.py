@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from astra_thepayne import ThePayne, connect, the_payne
 from astra_thepayne.cli import main
 from astra_thepayne.db.migrate import upgrade
 from astra_thepayne.db.models import SpectrumRecord
-from astra_thepayne.runner import Timer, execute, save_in_batches
+from astra_thepayne.runner import execute
 from astra_thepayne.synthetic import synthetic_spectrum
 
 
@@ -50,43 +49,6 @@ def test_the_payne_honours_its_parameters(toy_emulator, toy_model_path, tmp_path
         list(the_payne([spectrum], model_path=str(toy_model_path), tag="../escape"))
     with pytest.raises(ConfigurationError):
         list(the_payne([spectrum], model_path=str(tmp_path / "missing.pkl")))
-
-
-class _Slow:
-    """A fake result row: the runner only sets t_elapsed and t_overhead on what it is given."""
-
-    t_elapsed = None
-    t_overhead = None
-
-
-def _task(n, work=0.02, overhead=0.05):
-    time.sleep(overhead)
-    yield ...
-    for _ in range(n):
-        time.sleep(work)
-        yield _Slow()
-    time.sleep(overhead)  # trailing shared work is overhead too
-
-
-def test_timer_spreads_overhead_like_astra():
-    timer = Timer(_task(4))
-    items = list(timer)
-    assert timer.n_results == 4 and timer.overheads == pytest.approx(0.10, abs=0.03)
-    timer.add_overheads(items)
-    for item in items:
-        assert item.t_overhead == pytest.approx(0.025, abs=0.008)
-        assert item.t_elapsed == pytest.approx(0.02 + item.t_overhead, abs=0.015)
-
-
-def test_save_in_batches_by_count_and_by_time():
-    saved = []
-    out = list(save_in_batches(_task(5, work=0.0, overhead=0.0), batch_size=2, seconds=1e9,
-                               save=lambda batch: saved.append(len(batch))))
-    assert len(out) == 5 and saved == [2, 2, 1]
-    saved.clear()
-    list(save_in_batches(_task(3, work=0.06, overhead=0.0), batch_size=100, seconds=0.05,
-                         save=lambda batch: saved.append(len(batch))))
-    assert saved[:3] == [1, 1, 1]
 
 
 def test_own_runner_saves_task_rows_with_timing(tmp_path, monkeypatch, spectra_dir, toy_model_path):

@@ -224,15 +224,22 @@ def test_missing_sbatch_is_a_clear_error(monkeypatch, tmp_path):
         slurm.submit(tmp_path / "job.sh")
 
 
-def test_wait_for_jobs_reports_state_changes():
-    states = {"1": iter(["PENDING", "RUNNING", "COMPLETED"]), "2": iter(["RUNNING", "FAILED"])}
-    seen = []
-    final = slurm.wait_for_jobs(["1", "2"], poll_interval=0.01,
-                                on_change=lambda s: seen.append((s.job_id, s.state)),
-                                status=lambda job_id: slurm.JobStatus(job_id, next(states[job_id])))
+def test_wait_for_jobs_reports_state_changes(clock):
+    states = {"1": iter(["PENDING", "RUNNING", "RUNNING", "COMPLETED"]), "2": iter(["RUNNING", "FAILED"])}
+    seen, asked = [], []
+
+    def status(job_id):
+        asked.append((clock(), job_id))
+        return slurm.JobStatus(job_id, next(states[job_id]))
+
+    final = slurm.wait_for_jobs(["1", "2"], poll_interval=10.0, on_change=lambda s: seen.append((s.job_id, s.state)),
+                                status=status, sleep=clock.sleep)
     assert final["1"].state == "COMPLETED" and not final["1"].failed
     assert final["2"].failed
     assert seen == [("1", "PENDING"), ("2", "RUNNING"), ("1", "RUNNING"), ("2", "FAILED"), ("1", "COMPLETED")]
+    # one round of questions per poll interval, a finished job is not asked again, no sleep after the last round
+    assert asked == [(0.0, "1"), (0.0, "2"), (10.0, "1"), (10.0, "2"), (20.0, "1"), (30.0, "1")]
+    assert clock.sleeps == [10.0, 10.0, 10.0]
 
 
 def test_job_status_reads_scontrol_and_tells_silence_from_absence(tmp_path, monkeypatch):
