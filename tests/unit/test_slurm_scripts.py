@@ -33,17 +33,6 @@ def test_ranges_cover_every_key_once_and_are_disjoint(n_keys, n):
         assert max(r.count for r in ranges) - min(r.count for r in ranges) <= 1
 
 
-def test_ranges_do_not_drift_when_results_are_written():
-    # Astra's bug: pages of a shrinking "pending" query. A key range selects the same spectra whatever else has
-    # been done meanwhile: recompute "pending in my range" after other slices finished and nothing moves.
-    keys = list(range(1, 101))
-    ranges = slurm.split_key_ranges(keys, 4)
-    done = {k for k in keys if ranges[0].pk_min <= k <= ranges[0].pk_max}  # slice 0 finished first
-    still_pending = [k for k in keys if k not in done]
-    in_slice_2 = [k for k in still_pending if ranges[2].pk_min <= k <= ranges[2].pk_max]
-    assert in_slice_2 == [k for k in keys if ranges[2].pk_min <= k <= ranges[2].pk_max]
-
-
 def test_duplicate_and_unsorted_keys():
     assert slurm.split_key_ranges([5, 3, 3, 9, 1], 2) == [KeyRange(1, 3, 2), KeyRange(5, 9, 2)]
     with pytest.raises(ValueError):
