@@ -9,19 +9,11 @@ from __future__ import annotations
 import re
 import subprocess
 
-import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
 from astra_thepayne.slurm import thepayne_command
 
 PROCESSES = 4
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def test_four_concurrent_runs_fit_each_spectrum_once(tmp_path, toy_emulator, database_url):

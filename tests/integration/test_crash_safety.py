@@ -12,20 +12,12 @@ import signal
 import subprocess
 import time
 
-import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
 from astra_thepayne.intermediate import read_intermediate
 from astra_thepayne.slurm import thepayne_command
 
 BATCH = 4
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def _check_rows_and_pickles(url, out_dir):

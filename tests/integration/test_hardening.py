@@ -270,23 +270,44 @@ def _ctrl_c(argv, env, started, timeout=60):
             pytest.fail(f"processes outlived the interrupted command:\n{left}")
 
 
-def test_ctrl_c_during_a_run_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
-    from _scale import registered_keys, results, write_synthetic_corpus
+def _registered_corpus(tmp_path, toy_emulator, n_files, visits=1):
+    """A SQLite database with ``n_files`` synthetic apStar files (coadd + ``visits`` visits each) registered;
+    returns (url, env)."""
+    from _scale import write_synthetic_corpus
 
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=5)
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=n_files, visits=visits, seed=8)
     url = f"sqlite:///{tmp_path / 'payne.db'}"
     env = cli_environment(tmp_path / "out")
     thepayne(url, "init", env=env)
     thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--processes", "2",
-            "--batch-size", "4", *FAST_FIT]
+    return url, env
+
+
+@pytest.fixture
+def run_to_interrupt(tmp_path, toy_emulator):
+    """64 registered spectra (16 files x 4): a run in batches of 4 is still going when Ctrl-C comes. (url, env)"""
+    return _registered_corpus(tmp_path, toy_emulator, 16, visits=3)
+
+
+def _interrupt_then_resume(url, env, argv):
+    """Ctrl-C the ``thepayne run`` of ``argv`` once 4 results are stored: exit 130, one line saying how to resume,
+    no traceback; then the same run fits the rest, each spectrum once."""
+    from _scale import registered_keys, results
+
     code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
     assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("thepayne run: interrupted (Ctrl-C)") and "run the same `thepayne run`" in last
-    thepayne(url, *argv[argv.index("run"):], env=env)  # resuming fits the rest, once each
+    assert last.startswith("thepayne run: interrupted (Ctrl-C)"), last
+    assert "run the same `thepayne run` command again" in last, last
+    thepayne(url, *argv[argv.index("run"):], env=env)
     assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
+
+
+def test_ctrl_c_during_a_run_with_two_processes_ends_cleanly_with_130(run_to_interrupt, model):
+    url, env = run_to_interrupt
+    _interrupt_then_resume(url, env, [*thepayne_command(), "--database", url, "run", "--model", str(model),
+                                      "--processes", "2", "--batch-size", "4", *FAST_FIT])
 
 
 def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
@@ -308,13 +329,6 @@ def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, to
 
 
 # -- item 8: --retry-failed --------------------------------------------------------------------------------------
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
-
 
 def test_retry_failed_refits_exactly_the_failed_rows_once(tmp_path, toy_emulator, model, database_url):
     from _scale import results
@@ -483,33 +497,10 @@ def test_python_dash_m_is_the_thepayne_command(tmp_path):
     assert proc.returncode == 2 and "No such command 'nosuch'" in proc.stderr
 
 
-def test_ctrl_c_through_python_dash_m_in_one_process_exits_130_and_says_how_to_resume(tmp_path, toy_emulator, model):
-    from _scale import registered_keys, results, write_synthetic_corpus
-
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=7)
-    url = f"sqlite:///{tmp_path / 'payne.db'}"
-    env = cli_environment(tmp_path / "out")
-    thepayne(url, "init", env=env)
-    thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    argv = [sys.executable, "-m", "astra_thepayne", "--database", url, "run", "--model", str(model),
-            "--batch-size", "4", *FAST_FIT]
-    code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
-    assert code == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    assert "run the same `thepayne run` command again" in stderr.strip().splitlines()[-1]
-    thepayne(url, *argv[argv.index("run"):], env=env)
-    assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
-
-
-def _registered_corpus(tmp_path, toy_emulator, n_files):
-    from _scale import write_synthetic_corpus
-
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=n_files, visits=1, seed=8)
-    url = f"sqlite:///{tmp_path / 'payne.db'}"
-    env = cli_environment(tmp_path / "out")
-    thepayne(url, "init", env=env)
-    thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    return url, env
+def test_ctrl_c_through_python_dash_m_in_one_process_exits_130_and_says_how_to_resume(run_to_interrupt, model):
+    url, env = run_to_interrupt
+    _interrupt_then_resume(url, env, [sys.executable, "-m", "astra_thepayne", "--database", url, "run", "--model",
+                                      str(model), "--batch-size", "4", *FAST_FIT])
 
 
 def test_run_progress_bar_moves_per_spectrum_on_a_terminal(tmp_path, toy_emulator, model):
