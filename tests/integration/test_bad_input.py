@@ -6,12 +6,15 @@ it was registered) or a one-line logged reason (files that are not spectra at al
 """
 from __future__ import annotations
 
+import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, thepayne, write_synthetic_corpus
 from broken_corpus import NO_INFORMATION, UNREADABLE, make_broken_corpus
 from peewee import JOIN
 
 from astra_thepayne import connect
 from astra_thepayne.db.models import SpectrumRecord, ThePayne
+
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 
 
 def _rows_by_path(url):

@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
 from astra_thepayne.slurm import thepayne_command
+
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 
 PROCESSES = 4
 

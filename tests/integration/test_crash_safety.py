@@ -12,10 +12,13 @@ import signal
 import subprocess
 import time
 
+import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
 from astra_thepayne.intermediate import read_intermediate
 from astra_thepayne.slurm import thepayne_command
+
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 
 BATCH = 4
 

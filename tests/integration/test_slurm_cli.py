@@ -7,6 +7,8 @@ import subprocess
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
+
 
 @pytest.fixture
 def sqlite_setup(tmp_path, toy_emulator):

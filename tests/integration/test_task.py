@@ -69,6 +69,7 @@ def test_own_runner_saves_task_rows_with_timing(tmp_path, monkeypatch, spectra_d
     database.close()
 
 
+@pytest.mark.slow
 def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monkeypatch, spectra_dir, toy_model_path):
     from _spectra_files import corrupt_file_d
 
@@ -88,6 +89,7 @@ def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monke
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tmp_path, spectra_dir, toy_model_path):
     # 8 copies of the 6 spectra: enough work that the runs overlap after their start-up (a fit takes milliseconds)
     for copy in range(8):
@@ -152,6 +154,7 @@ def test_demonstration_results_say_so_in_rows_and_catalogue(tmp_path, monkeypatc
     database.close()
 
 
+@pytest.mark.slow
 def test_overlapping_runs_on_sqlite_neither_fail_nor_duplicate(tmp_path, spectra_dir, toy_model_path):
     # SQLite has no row locks: two overlapping runs may both fit a spectrum, but the unique index and
     # insert-or-ignore keep one row each, and the busy timeout makes the writers wait instead of failing.
