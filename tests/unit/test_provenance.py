@@ -43,3 +43,13 @@ def test_the_import_check_sees_imports_anywhere():
                      "from . import sibling\n")
     assert sorted(_imports(tree)) == [(".", 5), ("astra_thepayne.db", 4), ("astra_thepayne.labels", 2),
                                       ("importlib", 3)]
+
+
+def test_version_option_prints_the_version_results_are_stamped_with():
+    from click.testing import CliRunner
+
+    from astra_thepayne import __version__
+    from astra_thepayne.cli import cli
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output == f"thepayne, version {__version__}\n"
