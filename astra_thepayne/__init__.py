@@ -2,7 +2,7 @@
 
 Importing the package never connects to a database; call :func:`connect` for that.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "connect", "the_payne", "ThePayne", "PayneEmulator", "Spectrum", "read_spectra"]
 

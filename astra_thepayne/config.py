@@ -1,4 +1,6 @@
-"""Where things are: the model file, the database URL and the output folder, resolved as CONTRACT.md says."""
+"""Where things are: the model file, the database URL and the output folder, in the order the documentation gives:
+docs/models.md (the model), README.md's "Commands" section (the database) and docs/catalogue.md, "With peewee" (the
+intermediate pickles)."""
 from __future__ import annotations
 
 import os

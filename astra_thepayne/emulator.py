@@ -259,7 +259,11 @@ class PayneEmulator:
         return w2 @ a1 + b2, w2 @ hidden_jac
 
     def subset(self, pixels) -> PayneEmulator:
-        """A copy restricted to the given model pixels (used once per spectrum, then fitted many times)."""
+        """A copy restricted to the given model pixels: a network of its own that predicts only those pixels.
+
+        The fitter does not use it (it works on the whole output layer, with weight 0 for unused pixels); it is for
+        experiments on a pixel range, such as one chip.
+        """
         pixels = np.asarray(pixels)
         return PayneEmulator(self.weights[:2] + (self.weights[2][pixels],), self.biases[:2] + (self.biases[2][pixels],),
                              self.x_min, self.x_max, self.wavelength[pixels], self.label_names, self.meta, self.path,

@@ -42,7 +42,10 @@ class FitResult:
     chi2 : float
         Sum of squared normalised residuals over the pixels used.
     dof : int
-        Degrees of freedom: pixels used minus free parameters (labels, plus v_rel when fitted).
+        Degrees of freedom: pixels used minus free parameters: the labels, v_rel when fitted, and the coefficients
+        of the continuum correction fitted with them (``joint_continuum``, the default: ``continuum_degree + 1``
+        per chip region with enough usable pixels, up to 15 at degree 4; profiled out of the optimiser, but fitted
+        to the same pixels).
     reduced_chi2 : float
         ``chi2 / dof``.
     snr : float

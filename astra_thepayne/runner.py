@@ -31,23 +31,27 @@ class Timer:
 
     The interval between two yields is measured inside the generator's own execution (the consumer's time spent
     saving is not counted, because a generator does not run between a ``yield`` and the next ``next()``).
+    ``clock`` (seconds, monotonic; default :func:`time.perf_counter`) is what it reads: tests give it a clock they
+    move themselves.
     """
 
-    def __init__(self, iterable):
+    def __init__(self, iterable, clock=time.perf_counter):
         self._iterable = iterable
+        self._clock = clock
         self.overheads = 0.0
         self.n_results = 0
 
     def __iter__(self):
         iterator = iter(self._iterable)
-        last = time.perf_counter()
+        clock = self._clock
+        last = clock()
         while True:
             try:
                 item = next(iterator)
             except StopIteration:
-                self.overheads += time.perf_counter() - last  # time after the last result is shared overhead
+                self.overheads += clock() - last  # time after the last result is shared overhead
                 return
-            interval = time.perf_counter() - last
+            interval = clock() - last
             if item is Ellipsis:
                 self.overheads += interval
             else:
@@ -55,7 +59,7 @@ class Timer:
                 if getattr(item, "t_elapsed", None) is None:  # a task may time its results itself
                     item.t_elapsed = interval
                 yield item
-            last = time.perf_counter()
+            last = clock()
 
     @property
     def mean_overhead(self) -> float:
@@ -85,20 +89,22 @@ def insert_rows(rows, database=None) -> None:
             model.insert_many(chunk).on_conflict_ignore().execute()
 
 
-def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows):
+def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows,
+                    clock=time.perf_counter):
     """Consume a task generator, saving its results every ``batch_size`` results or ``seconds`` seconds.
 
-    Yields the results once they are saved (in order), with ``t_elapsed`` and ``t_overhead`` filled.
+    Yields the results once they are saved (in order), with ``t_elapsed`` and ``t_overhead`` filled. ``clock``
+    (seconds, monotonic) times both the results (:class:`Timer`) and the interval between saves.
     """
-    timer = Timer(results)
-    batch, last_save = [], time.monotonic()
+    timer = Timer(results, clock=clock)
+    batch, last_save = [], clock()
     for item in timer:
         batch.append(item)
-        if len(batch) >= batch_size or time.monotonic() - last_save >= seconds:
+        if len(batch) >= batch_size or clock() - last_save >= seconds:
             timer.add_overheads(batch)
             save(batch)
             yield from batch
-            batch, last_save = [], time.monotonic()
+            batch, last_save = [], clock()
     timer.add_overheads(batch)  # only now is the total overhead known
     save(batch)
     yield from batch

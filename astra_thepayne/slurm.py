@@ -26,8 +26,12 @@ Named profiles live in a TOML file, ``$THEPAYNE_CONFIG`` or else ``$XDG_CONFIG_H
     gres = ""             # e.g. "gpu:1"
     extra = ["--qos=sdss"]  # further #SBATCH lines, verbatim
 
-Everything in this module except :func:`submit` and :func:`job_status` / :func:`wait_for_jobs` is pure (strings
-in, strings out) so it is tested without a cluster; those three call ``sbatch`` and ``scontrol``/``sacct``.
+Everything in this module except :func:`submit` and :func:`job_status` / :func:`wait_for_jobs` works without a
+cluster, so it is tested without one; those three call ``sbatch`` and ``scontrol``/``sacct``. Only the slicing
+(:func:`split_key_ranges`, :func:`group_by_node`) is pure. The rest also reads the process's state where an argument
+is not given: the working directory (relative SQLite paths, ``workdir``, ``log_dir``), ``sys.executable``
+(:func:`thepayne_command`), the variables of ``_FORWARDED_ENVIRONMENT`` (:func:`render_script`), ``PATH``
+(:func:`require_program`), and ``$THEPAYNE_CONFIG`` / ``$XDG_CONFIG_HOME`` and the TOML file (the profiles).
 """
 from __future__ import annotations
 
@@ -543,10 +547,12 @@ def job_status(job_id: str) -> JobStatus:
 
 def wait_for_jobs(job_ids: Sequence[str], poll_interval: float = 10.0,
                   on_change: Callable[[JobStatus], None] | None = None,
-                  status: Callable[[str], JobStatus] = job_status) -> dict[str, JobStatus]:
+                  status: Callable[[str], JobStatus] = job_status,
+                  sleep: Callable[[float], None] = time.sleep) -> dict[str, JobStatus]:
     """Poll until every job has finished; return the final status of each.
 
     ``on_change`` is called with each job's status whenever its state changes (for progress messages).
+    ``sleep(poll_interval)`` waits between two rounds of ``status`` calls.
     """
     last: dict[str, JobStatus] = {}
     pending = list(job_ids)
@@ -560,5 +566,5 @@ def wait_for_jobs(job_ids: Sequence[str], poll_interval: float = 10.0,
             if current.finished:
                 pending.remove(job_id)
         if pending:
-            time.sleep(poll_interval)
+            sleep(poll_interval)
     return {job_id: last[job_id] for job_id in job_ids}

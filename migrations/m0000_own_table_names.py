@@ -10,9 +10,8 @@ plugin's own; on any other database (a new one, or Astra's with its own ``source
 """
 from __future__ import annotations
 
+from peewee import PostgresqlDatabase
 from playhouse.migrate import migrate
-
-from astra_thepayne.db.database import is_postgres, schema_of
 
 #: (old table, new table, prefixes of the old index names): peewee named indexes after the model class
 #: (``thepayne_spectrum_pk`` on ``the_payne``), PostgreSQL names primary keys after the table (``the_payne_pkey``)
@@ -24,6 +23,17 @@ PRIMARY_KEYS = {"thepayne_source": "pk", "thepayne_spectrum": "pk", "thepayne_re
 
 def _quote(name):
     return '"' + name.replace('"', '""') + '"'
+
+
+# Frozen copies of two helpers of astra_thepayne.db.database: a migration imports nothing of the package, so that
+# it cannot change when the package does. The runner passes the database itself, never the proxy.
+def is_postgres(database) -> bool:
+    return isinstance(database, PostgresqlDatabase)
+
+
+def schema_of(database):
+    # the ?schema= of the URL, which astra_thepayne.db.database.connect records on the database
+    return getattr(database, "thepayne_schema", None)
 
 
 def upgrade(database, migrator):

@@ -5,13 +5,15 @@ Databases initialised by earlier versions of this migration named these tables `
 ``the_payne``, Astra's names; :mod:`m0000_own_table_names` renames them before any later migration runs on such a
 database.
 
-The table definitions are frozen here (not imported from the current models), so that this migration creates
-exactly the schema of release 0.1.0 even after later migrations change the models. The repeated label columns are
-still generated from the label table, whose 25 APOGEE labels are part of the frozen schema.
+The table definitions are frozen here (not imported from the current models or the label table), so that this
+migration creates exactly the schema of release 0.1.0 whatever later versions change: the 25 APOGEE labels are
+written out below, in network order, as they were then. A label added to :mod:`astra_thepayne.labels` later needs a
+migration of its own.
 """
 from __future__ import annotations
 
 import datetime
+from itertools import combinations
 
 from peewee import (
     AutoField,
@@ -26,7 +28,9 @@ from peewee import (
     TextField,
 )
 
-from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
+#: The labels of release 0.1.0 in network order, as :data:`astra_thepayne.labels.LABEL_NAMES` had them then.
+LABEL_NAMES = ("teff", "logg", "v_turb", "c_h", "n_h", "o_h", "na_h", "mg_h", "al_h", "si_h", "p_h", "s_h", "k_h",
+               "ca_h", "ti_h", "v_h", "cr_h", "mn_h", "fe_h", "co_h", "ni_h", "cu_h", "ge_h", "c12_c13", "v_macro")
 
 
 def _models(database):
@@ -84,7 +88,8 @@ def _models(database):
     }
     for prefix in ("", "e_", "raw_e_"):
         attrs.update({f"{prefix}{name}": FloatField(null=True) for name in LABEL_NAMES})
-    attrs.update({rho_name(a, b): FloatField(null=True) for a, b in label_pairs(LABEL_NAMES)})
+    # one correlation coefficient per pair, a before b in network order: 300 columns
+    attrs.update({f"rho_{a}_{b}": FloatField(null=True) for a, b in combinations(LABEL_NAMES, 2)})
     attrs.update({"chi2": FloatField(null=True), "reduced_chi2": FloatField(null=True), "dof": IntegerField(null=True)})
     attrs["result_flags"] = BitField(default=0)
     attrs["Meta"] = type("Meta", (), {"table_name": "thepayne_result",

@@ -1,6 +1,7 @@
 """Fixtures shared by all tests: real APOGEE files, a small seeded network, and a throwaway PostgreSQL database."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import uuid
@@ -48,22 +49,58 @@ def postgres_server() -> str:
     return url
 
 
-@pytest.fixture
-def postgres_url(postgres_server) -> str:
-    """A fresh, empty database on the test server, dropped after the test."""
+@contextlib.contextmanager
+def _throwaway_postgres_database(server_url: str, prefix: str):
+    """A new, empty database on the server of ``server_url``; yields its URL and drops it (sessions and all)."""
     import psycopg2
     from psycopg2.extensions import ISOLATION_LEVEL_AUTOCOMMIT
 
-    name = f"thepayne_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(postgres_server)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(server_url)
     admin.set_isolation_level(ISOLATION_LEVEL_AUTOCOMMIT)
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    base = postgres_server.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield f"{server_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the test server, dropped after the test."""
+    with _throwaway_postgres_database(postgres_server, "thepayne_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def session_postgres_url(postgres_server) -> str:
+    """A fresh PostgreSQL database for the test session (the shared populated database), dropped afterwards."""
+    with _throwaway_postgres_database(postgres_server, "thepayne_it") as url:
+        yield url
+
+
+class FakeClock:
+    """A clock that moves only when told to: code under test reads it (``clock()``) and "sleeps" on it
+    (``clock.sleep(seconds)``), so timings are exact and cost no time."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .. import __version__
 from ..errors import ConfigurationError
 
 __all__ = ["main", "cli"]
@@ -60,7 +61,9 @@ class _LazyGroup(click.Group):
               help="sqlite:///path.db or postgresql://user:pass@host:port/dbname[?schema=NAME]. "
                    "Default: $THEPAYNE_DATABASE_URL, else $ASTRA_DATABASE_PATH, else sqlite:///thepayne.db.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
-@click.version_option(package_name="astra-thepayne", prog_name="thepayne")
+# the version the package stamps on its results (v_thepayne), not the installed metadata, which an editable install
+# freezes at install time
+@click.version_option(version=__version__, prog_name="thepayne")
 @click.pass_context
 def cli(ctx, database_url, verbose):
     """The Payne: neural-network stellar labels for APOGEE spectra."""

@@ -2,7 +2,8 @@
 
 Each is a thin layer over the library (:mod:`astra_thepayne.db`, :mod:`astra_thepayne.ingest`,
 :mod:`astra_thepayne.runner`, :mod:`astra_thepayne.catalogue`, :mod:`astra_thepayne.noise_model`); the database
-comes from the global ``--database`` option, else CONTRACT.md's lookup order.
+comes from the global ``--database`` option, else the lookup order of README.md's "Commands" section
+(:func:`astra_thepayne.config.resolve_database_url`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Connecting to the results database.
 
-Every model binds to :data:`database_proxy`; :func:`connect` resolves a URL (CONTRACT.md order: argument,
+Every model binds to :data:`database_proxy`; :func:`connect` resolves a URL (README.md's order: argument,
 ``$THEPAYNE_DATABASE_URL``, ``$ASTRA_DATABASE_PATH`` as SQLite, ``sqlite:///thepayne.db``), opens it through
 :mod:`playhouse.db_url` and initialises the proxy. Importing this module never connects.
 
@@ -99,8 +99,9 @@ def connect(url: str | None = None, bind: bool = True):
     Parameters
     ----------
     url : str, optional
-        ``sqlite:///path.db`` or ``postgresql://user:pass@host:port/dbname[?schema=NAME]``. Default: CONTRACT.md
-        order (``$THEPAYNE_DATABASE_URL``, then ``$ASTRA_DATABASE_PATH`` as SQLite, then ``sqlite:///thepayne.db``).
+        ``sqlite:///path.db`` or ``postgresql://user:pass@host:port/dbname[?schema=NAME]``. Default: the order of
+        README.md's "Commands" section (``$THEPAYNE_DATABASE_URL``, then ``$ASTRA_DATABASE_PATH`` as SQLite, then
+        ``sqlite:///thepayne.db``).
     bind : bool
         Initialise :data:`database_proxy` (True, default) so that the models use this database.
 

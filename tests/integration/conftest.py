@@ -1,8 +1,9 @@
 """Fixtures of the database tests: apStar-like files of synthetic spectra, a saved toy network, and databases
-on SQLite and on the real PostgreSQL server (one fresh database per test module)."""
+on SQLite and on the real PostgreSQL server (a fresh one per test, and one populated database per backend for the
+session)."""
 from __future__ import annotations
 
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,23 +42,6 @@ def spectra_dir(toy_emulator, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def session_postgres_url(postgres_server):
-    """A fresh PostgreSQL database for the test session, dropped afterwards."""
-    import psycopg2
-    from psycopg2.extensions import ISOLATION_LEVEL_AUTOCOMMIT
-
-    name = f"thepayne_it_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(postgres_server)
-    admin.set_isolation_level(ISOLATION_LEVEL_AUTOCOMMIT)
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    yield f"{postgres_server.rsplit('/', 1)[0]}/{name}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
     """A fresh database URL per test, on SQLite and on PostgreSQL."""
@@ -66,8 +50,21 @@ def database_url(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
+@dataclass(frozen=True)
 class Populated:
-    """A database after init, ingest (6 spectra, 4 sources) and three runs; see :func:`populated`."""
+    """A database after init, ingest (6 spectra, 4 sources) and three runs; see :func:`populated`.
+
+    ``first``, ``second``, ``third``: (exit code, stdout, stderr) of the three runs.
+    """
+
+    backend: str
+    url: str
+    root: Path
+    data: Path
+    model: str
+    first: tuple
+    second: tuple
+    third: tuple
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -89,15 +86,14 @@ def populated(request, tmp_path_factory, spectra_dir, toy_model_path):
     data = shutil.copytree(spectra_dir, root / "spectra")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("THEPAYNE_OUTPUT_DIR", str(root / "out"))
-        p = Populated()
-        p.backend, p.url, p.root, p.data, p.model = request.param, url, root, data, str(toy_model_path)
+        model = str(toy_model_path)
         assert _cli("--database", url, "init")[0] == 0
         assert _cli("--database", url, "ingest", str(data))[0] == 0
         corrupt_file_d(data)
-        p.first = _cli("--database", url, "run", "--model", p.model, "--limit", "2")
-        p.second = _cli("--database", url, "run", "--model", p.model, "--batch-size", "3")
-        p.third = _cli("--database", url, "run", "--model", p.model)
-        yield p
+        first = _cli("--database", url, "run", "--model", model, "--limit", "2")
+        second = _cli("--database", url, "run", "--model", model, "--batch-size", "3")
+        third = _cli("--database", url, "run", "--model", model)
+        yield Populated(request.param, url, root, data, model, first, second, third)
         connect(url).close()
 
 

@@ -75,6 +75,7 @@ def test_standalone_tables_have_names_of_their_own():
                                                                  "thepayne_result"}
 
 
+@pytest.mark.slow
 def test_init_in_astra_database_leaves_astra_tables_alone(tmp_path, monkeypatch, spectra_dir, toy_model_path, capsys):
     """`thepayne init` on (a copy of) Astra's database, found by $ASTRA_DATABASE_PATH as the contract says, adds
     only the plugin's own thepayne_* tables; ingest and run then work there too, and Astra's rows are unchanged."""
@@ -235,6 +236,7 @@ def test_astra_init_without_astra_says_why_in_one_line(arguments, capsys, monkey
     assert not list(tmp_path.iterdir())  # no database made
 
 
+@pytest.mark.slow
 def test_astra_results_keep_their_arrays_when_thepayne_init_shares_the_database(tmp_path, monkeypatch, spectra_dir,
                                                                              toy_model_path):
     """A result the Astra task wrote names its database by where it is; `thepayne init` adding the standalone
@@ -266,6 +268,7 @@ def test_astra_results_keep_their_arrays_when_thepayne_init_shares_the_database(
     database.close()
 
 
+@pytest.mark.slow
 def test_standalone_commands_do_not_import_astra(tmp_path, apogee_data_dir):
     """Where sdss-astra is installed, importing it costs seconds and prints Astra's configuration warnings; the
     standalone commands use their own runner and tables and must not import it (`astra-init` must). A package named

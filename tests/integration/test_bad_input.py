@@ -14,12 +14,7 @@ from peewee import JOIN
 from astra_thepayne import connect
 from astra_thepayne.db.models import SpectrumRecord, ThePayne
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 
 
 def _rows_by_path(url):

@@ -14,14 +14,9 @@ from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne
 
 from astra_thepayne.slurm import thepayne_command
 
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
+
 PROCESSES = 4
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def test_four_concurrent_runs_fit_each_spectrum_once(tmp_path, toy_emulator, database_url):

@@ -18,14 +18,9 @@ from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne
 from astra_thepayne.intermediate import read_intermediate
 from astra_thepayne.slurm import thepayne_command
 
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
+
 BATCH = 4
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def _check_rows_and_pickles(url, out_dir):

@@ -21,6 +21,7 @@ def _blocks(language):
     return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_catalogue_page_examples_run(populated, db, monkeypatch):
     monkeypatch.setenv("THEPAYNE_DATABASE_URL", populated.url)
     namespace = {}
@@ -81,6 +82,7 @@ def fresh_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_after_the_demo_in_a_fresh_folder(fresh_folder, apogee_data_dir):
     code, out, err = run_cli("demo")
     assert code == 0, err
@@ -97,6 +99,7 @@ def test_readme_python_example_runs_after_the_demo_in_a_fresh_folder(fresh_folde
     assert 3000 < float(teff) < 8000 and float(e_teff) > 0 and flag_bad == "False"
 
 
+@pytest.mark.slow
 def test_catalogue_page_runs_on_a_database_without_failed_fits(database_url, spectra_dir, toy_model_path,
                                                                monkeypatch, tmp_path):
     monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))

@@ -45,6 +45,7 @@ def _unprivileged(argv):
 
 # -- item 2: one unreadable file ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fit_with_one_unreadable_file_writes_the_others_and_flags_it(tmp_path, toy_emulator, model):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -100,6 +101,7 @@ def test_ingest_skips_a_symlink_loop_and_registers_the_rest(tmp_path, toy_emulat
 
 # -- item 4: a non-ASCII path ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_non_ascii_path_survives_fit_output_and_export(tmp_path, toy_emulator, model):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -135,6 +137,7 @@ def _flux_of_spectrum_1(url):
         database.close()
 
 
+@pytest.mark.slow
 def test_two_sqlite_databases_in_one_folder_keep_their_own_arrays(tmp_path, toy_emulator, model, monkeypatch):
     from astra_thepayne.intermediate import NotThisRowsFileError, read_intermediate
     from astra_thepayne.synthetic import synthetic_spectrum
@@ -194,6 +197,7 @@ def _start_writer(target):
     return proc
 
 
+@pytest.mark.slow
 def test_a_later_run_removes_temporaries_of_killed_writers_but_not_of_live_ones(tmp_path, toy_emulator, model):
     from astra_thepayne import connect
     from astra_thepayne.db.database import database_identity
@@ -270,25 +274,48 @@ def _ctrl_c(argv, env, started, timeout=60):
             pytest.fail(f"processes outlived the interrupted command:\n{left}")
 
 
-def test_ctrl_c_during_a_run_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
-    from _scale import registered_keys, results, write_synthetic_corpus
+def _registered_corpus(tmp_path, toy_emulator, n_files, visits=1):
+    """A SQLite database with ``n_files`` synthetic apStar files (coadd + ``visits`` visits each) registered;
+    returns (url, env)."""
+    from _scale import write_synthetic_corpus
 
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=5)
+    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=n_files, visits=visits, seed=8)
     url = f"sqlite:///{tmp_path / 'payne.db'}"
     env = cli_environment(tmp_path / "out")
     thepayne(url, "init", env=env)
     thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    argv = [*thepayne_command(), "--database", url, "run", "--model", str(model), "--processes", "2",
-            "--batch-size", "4", *FAST_FIT]
+    return url, env
+
+
+@pytest.fixture
+def run_to_interrupt(tmp_path, toy_emulator):
+    """64 registered spectra (16 files x 4): a run in batches of 4 is still going when Ctrl-C comes. (url, env)"""
+    return _registered_corpus(tmp_path, toy_emulator, 16, visits=3)
+
+
+def _interrupt_then_resume(url, env, argv):
+    """Ctrl-C the ``thepayne run`` of ``argv`` once 4 results are stored: exit 130, one line saying how to resume,
+    no traceback; then the same run fits the rest, each spectrum once."""
+    from _scale import registered_keys, results
+
     code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
     assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("thepayne run: interrupted (Ctrl-C)") and "run the same `thepayne run`" in last
-    thepayne(url, *argv[argv.index("run"):], env=env)  # resuming fits the rest, once each
+    assert last.startswith("thepayne run: interrupted (Ctrl-C)"), last
+    assert "run the same `thepayne run` command again" in last, last
+    thepayne(url, *argv[argv.index("run"):], env=env)
     assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_with_two_processes_ends_cleanly_with_130(run_to_interrupt, model):
+    url, env = run_to_interrupt
+    _interrupt_then_resume(url, env, [*thepayne_command(), "--database", url, "run", "--model", str(model),
+                                      "--processes", "2", "--batch-size", "4", *FAST_FIT])
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, toy_emulator, model):
     from _scale import write_synthetic_corpus
 
@@ -309,13 +336,7 @@ def test_ctrl_c_during_fit_with_two_processes_ends_cleanly_with_130(tmp_path, to
 
 # -- item 8: --retry-failed --------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'payne.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
+@pytest.mark.slow
 def test_retry_failed_refits_exactly_the_failed_rows_once(tmp_path, toy_emulator, model, database_url):
     from _scale import results
 
@@ -400,6 +421,7 @@ def _corpus(tmp_path, emulator, n):
     return tmp_path / "spectra"
 
 
+@pytest.mark.slow
 def test_disk_full_for_pickles_names_the_file(tmp_path, toy_emulator, model, tiny_disk):
     url = f"sqlite:///{tmp_path / 'payne.db'}"
     env = cli_environment(tiny_disk / "out")
@@ -413,6 +435,7 @@ def test_disk_full_for_pickles_names_the_file(tmp_path, toy_emulator, model, tin
     assert "THEPAYNE_OUTPUT_DIR" in last
 
 
+@pytest.mark.slow
 def test_disk_full_under_sqlite_names_the_database(tmp_path, toy_emulator, model, tiny_disk):
     url = f"sqlite:///{tiny_disk / 'payne.db'}"
     env = cli_environment(tmp_path / "out")
@@ -427,6 +450,7 @@ def test_disk_full_under_sqlite_names_the_database(tmp_path, toy_emulator, model
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_postgresql_gone_mid_run_names_the_server(tmp_path, toy_emulator, model, postgres_url):
     import time
 
@@ -483,35 +507,14 @@ def test_python_dash_m_is_the_thepayne_command(tmp_path):
     assert proc.returncode == 2 and "No such command 'nosuch'" in proc.stderr
 
 
-def test_ctrl_c_through_python_dash_m_in_one_process_exits_130_and_says_how_to_resume(tmp_path, toy_emulator, model):
-    from _scale import registered_keys, results, write_synthetic_corpus
-
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=16, visits=3, seed=7)
-    url = f"sqlite:///{tmp_path / 'payne.db'}"
-    env = cli_environment(tmp_path / "out")
-    thepayne(url, "init", env=env)
-    thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    argv = [sys.executable, "-m", "astra_thepayne", "--database", url, "run", "--model", str(model),
-            "--batch-size", "4", *FAST_FIT]
-    code, stderr = _ctrl_c(argv, env, started=lambda: len(results(url)) >= 4)
-    assert code == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    assert "run the same `thepayne run` command again" in stderr.strip().splitlines()[-1]
-    thepayne(url, *argv[argv.index("run"):], env=env)
-    assert sorted(pk for pk, _f, _t in results(url)) == registered_keys(url)
+@pytest.mark.slow
+def test_ctrl_c_through_python_dash_m_in_one_process_exits_130_and_says_how_to_resume(run_to_interrupt, model):
+    url, env = run_to_interrupt
+    _interrupt_then_resume(url, env, [sys.executable, "-m", "astra_thepayne", "--database", url, "run", "--model",
+                                      str(model), "--batch-size", "4", *FAST_FIT])
 
 
-def _registered_corpus(tmp_path, toy_emulator, n_files):
-    from _scale import write_synthetic_corpus
-
-    write_synthetic_corpus(tmp_path / "spectra", toy_emulator, n_files=n_files, visits=1, seed=8)
-    url = f"sqlite:///{tmp_path / 'payne.db'}"
-    env = cli_environment(tmp_path / "out")
-    thepayne(url, "init", env=env)
-    thepayne(url, "ingest", tmp_path / "spectra", env=env)
-    return url, env
-
-
+@pytest.mark.slow
 def test_run_progress_bar_moves_per_spectrum_on_a_terminal(tmp_path, toy_emulator, model):
     import fcntl
     import pty
@@ -542,6 +545,7 @@ def test_run_progress_bar_moves_per_spectrum_on_a_terminal(tmp_path, toy_emulato
     assert total >= 60 and any(0 < n < total for n in counts), output[-2000:]  # a batch is not one jump
 
 
+@pytest.mark.slow
 def test_run_progress_bar_stays_out_of_a_log_file(tmp_path, toy_emulator, model):
     url, env = _registered_corpus(tmp_path, toy_emulator, 4)
     proc = thepayne(url, "run", "--model", model, *FAST_FIT, env=env)

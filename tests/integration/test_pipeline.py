@@ -32,10 +32,11 @@ def test_rows_carry_provenance_timing_and_links(populated, db):
     import hashlib
 
     from astra_thepayne import __version__
+    from astra_thepayne.db.models import version_to_int
 
     sha = hashlib.sha256(open(populated.model, "rb").read()).hexdigest()
     for row in ThePayne.select():
-        assert row.model_sha256 == sha and row.v_thepayne == __version__ and row.v_astra == 1000
+        assert row.model_sha256 == sha and row.v_thepayne == __version__ and row.v_astra == version_to_int(__version__)
         assert row.demonstration is False and row.tag == ""
         assert row.t_elapsed is not None and row.t_overhead is not None and row.t_elapsed >= row.t_overhead >= 0
         spectrum = SpectrumRecord.get_by_id(row.spectrum_pk_id)

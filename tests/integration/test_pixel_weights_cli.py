@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from astropy.table import Table
 
 from astra_thepayne.cli.slurm import _run_options
@@ -18,6 +19,7 @@ def _fit(path, output, *options):
     return Table.read(output)[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_fit_options_reach_the_fit_and_are_said(apogee_data_dir, tmp_path):
     visit = apogee_data_dir / "apVisit-r13-5095-55844-128.fits"
     weighted, said = _fit(visit, tmp_path / "weighted.csv")

@@ -54,6 +54,7 @@ def _products(populated, folder, *args):
     return out
 
 
+@pytest.mark.slow
 def test_one_star_and_one_visit_file_per_source_in_astras_layout(populated, db, tmp_path):
     out = _products(populated, tmp_path)
     assert "4 source(s): 8 file(s) written" in out
@@ -109,6 +110,7 @@ def test_one_star_and_one_visit_file_per_source_in_astras_layout(populated, db, 
         assert [len(h.data) for h in hdul[1:]] == [0, 0, 0, 0] and hdul[0].header["NRESULTS"] == 0
 
 
+@pytest.mark.slow
 def test_failed_fits_have_nan_arrays_and_files(populated, db, tmp_path):
     _products(populated, tmp_path)
     stars = _by_source(populated, tmp_path, "star")
@@ -119,6 +121,7 @@ def test_failed_fits_have_nan_arrays_and_files(populated, db, tmp_path):
         assert np.isnan(_filled(table["teff"])[0])
 
 
+@pytest.mark.slow
 def test_a_rerun_writes_nothing_and_a_stale_or_broken_file_is_rewritten(populated, db, tmp_path):
     out = _products(populated, tmp_path, "--processes", "2")
     assert "8 file(s) written" in out
@@ -161,6 +164,7 @@ def test_a_rerun_writes_nothing_and_a_stale_or_broken_file_is_rewritten(populate
     assert len(Table.read(a_path, hdu="APOGEE/APO")) == 1
 
 
+@pytest.mark.slow
 def test_a_missing_pickle_gives_nan_arrays_and_is_retried(populated, db, tmp_path):
     good = (ThePayne.select().join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))
             .where(SpectrumRecord.obj == "2M00000002+0000002", ThePayne.tag == "").get())
@@ -183,6 +187,7 @@ def test_a_missing_pickle_gives_nan_arrays_and_is_retried(populated, db, tmp_pat
         assert hdul[0].header["NOARRAYS"] == 0 and np.isfinite(hdul["APOGEE/APO"].data["model_flux"]).any()
 
 
+@pytest.mark.slow
 def test_selection_by_tag_model_and_source_range(populated, db, tmp_path):
     keys = sorted(s.pk for s in Source.select())
     out = _products(populated, tmp_path / "slice", "--source-pk-min", str(keys[1]), "--source-pk-max",
@@ -223,6 +228,7 @@ def test_identifiers_are_integers_or_source_keys_only():
         product_path("/r", "other", "5")
 
 
+@pytest.mark.slow
 def test_demo_writes_the_products_of_its_stars(tmp_path, monkeypatch):
     from astra_thepayne.demo import format_report, run_demo
 
@@ -250,6 +256,7 @@ def _fitsverify():
     return program
 
 
+@pytest.mark.slow
 def test_products_pass_fitsverify(populated, db, tmp_path):
     program = _fitsverify()
     _products(populated, tmp_path)

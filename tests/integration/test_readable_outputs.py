@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from _spectra_files import run_cli
 from astropy.io import fits
 from astropy.table import Table
@@ -18,6 +19,7 @@ def test_flag_names_follow_the_flag_table():
     assert flag_names(1 << 40) == ("bit40",)  # a bit this version does not know is still shown
 
 
+@pytest.mark.slow
 def test_fit_tables_with_the_demo_network_say_so_inside_the_file(spectra_dir, tmp_path):
     star = str(spectra_dir / "apStar-A.fits")
     for name in ("labels.csv", "labels.fits"):
@@ -37,6 +39,7 @@ def test_fit_tables_with_another_network_are_not_marked(spectra_dir, toy_model_p
     assert [str(v) for v in Table.read(tmp_path / "labels.csv")["demonstration"]] == ["False"]
 
 
+@pytest.mark.slow
 def test_fit_summary_prints_whole_kelvin_and_flag_names(spectra_dir):
     code, out, err = run_cli("fit", "--model", "demo", str(spectra_dir / "apStar-A.fits"),
                              str(spectra_dir / "apStar-B.fits"))
@@ -52,6 +55,7 @@ def test_fit_summary_prints_whole_kelvin_and_flag_names(spectra_dir):
     assert any("low_snr" in row for row in rows)
 
 
+@pytest.mark.slow
 def test_export_of_an_empty_tag_names_the_tags_that_have_results(tmp_path, spectra_dir, toy_model_path,
                                                                  monkeypatch):
     url = f"sqlite:///{tmp_path / 'payne.db'}"

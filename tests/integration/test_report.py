@@ -47,6 +47,7 @@ def report_html(populated, db, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_report_is_one_self_contained_page_with_the_counts(report_html, populated, db):
     from astra_thepayne.emulator import PayneEmulator
 
@@ -98,6 +99,7 @@ def _chromium():
     return browser
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_headless_browser_with_every_image_loaded(report_html, tmp_path):
     browser = _chromium()
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -7,6 +7,8 @@ import subprocess
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
+pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
+
 
 @pytest.fixture
 def sqlite_setup(tmp_path, toy_emulator):
@@ -24,6 +26,17 @@ def sqlite_setup(tmp_path, toy_emulator):
 
 def _scripts(stdout):
     return [part for part in re.split(r"^# ----- job \d+ of \d+ -----$", stdout, flags=re.M) if part.strip()]
+
+
+def _run_with_bash(script, tmp_path, env, processes):
+    """Run one printed batch script with bash, as a node would without the scheduler; it must end with exit 0
+    and each of its ``processes`` must say it is done (their logs are shown otherwise)."""
+    (tmp_path / "job.sh").write_text(script)
+    job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    logs = sorted((tmp_path / "thepayne-slurm").glob("thepayne-local-*.log"))
+    assert job.returncode == 0, job.stderr + "".join(p.read_text()[-2000:] for p in logs)
+    assert job.stdout.count(" done") == processes
 
 
 def test_dry_run_prints_one_script_per_node_with_disjoint_ranges(tmp_path, sqlite_setup):
@@ -55,12 +68,7 @@ def test_dry_run_scripts_run_to_completion_with_bash(tmp_path, sqlite_setup):
     proc = thepayne(url, "slurm", "--nodes", 1, "--procs-per-node", 2, "--model", model, *FAST_FIT, "--dry-run",
                     env=env, cwd=tmp_path)
     (script,) = _scripts(proc.stdout)
-    (tmp_path / "job.sh").write_text(script)
-    job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)
-    logs = sorted((tmp_path / "thepayne-slurm").glob("thepayne-local-*.log"))
-    assert job.returncode == 0, job.stderr + "".join(p.read_text()[-2000:] for p in logs)
-    assert job.stdout.count(" done") == 2
+    _run_with_bash(script, tmp_path, env, processes=2)
     rows = results(url)
     assert sorted(pk for pk, _flags, _tag in rows) == registered_keys(url)  # each once
 
@@ -95,6 +103,7 @@ def test_configuration_errors_stop_before_submission(tmp_path, sqlite_setup):
 def test_products_are_sliced_by_source_and_the_scripts_write_them(tmp_path, sqlite_setup):
     """`--products DIR` cuts the sources with results into disjoint source_pk slices; run by bash, the scripts
     write one star and one visit file per such source."""
+    import contextlib
     import sqlite3
 
     url, model, env = sqlite_setup
@@ -105,14 +114,9 @@ def test_products_are_sliced_by_source_and_the_scripts_write_them(tmp_path, sqli
     (script,) = _scripts(proc.stdout)
     assert "<= source_pk <=" in script and " run " not in script
     ranges = [tuple(map(int, m)) for m in re.findall(r"--source-pk-min (\d+) --source-pk-max (\d+)", script)]
-    database = sqlite3.connect(url.split("///", 1)[1])
-    sources = [pk for (pk,) in database.execute("SELECT pk FROM thepayne_source ORDER BY pk")]
+    with contextlib.closing(sqlite3.connect(url.split("///", 1)[1])) as connection:
+        sources = [pk for (pk,) in connection.execute("SELECT pk FROM thepayne_source ORDER BY pk")]
     assert all(sum(lo <= pk <= hi for lo, hi in ranges) == 1 for pk in sources)
-    (tmp_path / "job.sh").write_text(script)
-    job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)
-    logs = sorted((tmp_path / "thepayne-slurm").glob("thepayne-local-*.log"))
-    assert job.returncode == 0, job.stderr + "".join(p.read_text()[-2000:] for p in logs)
-    assert job.stdout.count(" done") == 2
+    _run_with_bash(script, tmp_path, env, processes=2)
     assert len(list((tmp_path / "products" / "star").rglob("*.fits"))) == 3
     assert len(list((tmp_path / "products" / "visit").rglob("*.fits"))) == 3

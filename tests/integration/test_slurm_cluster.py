@@ -18,7 +18,7 @@ from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne
 
 from astra_thepayne.intermediate import read_intermediate
 
-pytestmark = [pytest.mark.slurm, pytest.mark.postgres]
+pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.slow]  # jobs on a real cluster: minutes
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # where .ci/start_slurm.sh writes its configuration; used when SLURM_CONF is not exported

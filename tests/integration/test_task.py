@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from astra_thepayne import ThePayne, connect, the_payne
 from astra_thepayne.cli import main
 from astra_thepayne.db.migrate import upgrade
 from astra_thepayne.db.models import SpectrumRecord
-from astra_thepayne.runner import Timer, execute, save_in_batches
+from astra_thepayne.runner import execute
 from astra_thepayne.synthetic import synthetic_spectrum
 
 
@@ -52,43 +51,6 @@ def test_the_payne_honours_its_parameters(toy_emulator, toy_model_path, tmp_path
         list(the_payne([spectrum], model_path=str(tmp_path / "missing.pkl")))
 
 
-class _Slow:
-    """A fake result row: the runner only sets t_elapsed and t_overhead on what it is given."""
-
-    t_elapsed = None
-    t_overhead = None
-
-
-def _task(n, work=0.02, overhead=0.05):
-    time.sleep(overhead)
-    yield ...
-    for _ in range(n):
-        time.sleep(work)
-        yield _Slow()
-    time.sleep(overhead)  # trailing shared work is overhead too
-
-
-def test_timer_spreads_overhead_like_astra():
-    timer = Timer(_task(4))
-    items = list(timer)
-    assert timer.n_results == 4 and timer.overheads == pytest.approx(0.10, abs=0.03)
-    timer.add_overheads(items)
-    for item in items:
-        assert item.t_overhead == pytest.approx(0.025, abs=0.008)
-        assert item.t_elapsed == pytest.approx(0.02 + item.t_overhead, abs=0.015)
-
-
-def test_save_in_batches_by_count_and_by_time():
-    saved = []
-    out = list(save_in_batches(_task(5, work=0.0, overhead=0.0), batch_size=2, seconds=1e9,
-                               save=lambda batch: saved.append(len(batch))))
-    assert len(out) == 5 and saved == [2, 2, 1]
-    saved.clear()
-    list(save_in_batches(_task(3, work=0.06, overhead=0.0), batch_size=100, seconds=0.05,
-                         save=lambda batch: saved.append(len(batch))))
-    assert saved[:3] == [1, 1, 1]
-
-
 def test_own_runner_saves_task_rows_with_timing(tmp_path, monkeypatch, spectra_dir, toy_model_path):
     monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
     database = connect(f"sqlite:///{tmp_path / 'x.db'}")
@@ -107,6 +69,7 @@ def test_own_runner_saves_task_rows_with_timing(tmp_path, monkeypatch, spectra_d
     database.close()
 
 
+@pytest.mark.slow
 def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monkeypatch, spectra_dir, toy_model_path):
     from _spectra_files import corrupt_file_d
 
@@ -126,6 +89,7 @@ def test_worker_processes_keep_input_order_with_unreadable_files(tmp_path, monke
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_concurrent_runs_on_postgres_never_fit_a_spectrum_twice(postgres_url, tmp_path, spectra_dir, toy_model_path):
     # 8 copies of the 6 spectra: enough work that the runs overlap after their start-up (a fit takes milliseconds)
     for copy in range(8):
@@ -190,6 +154,7 @@ def test_demonstration_results_say_so_in_rows_and_catalogue(tmp_path, monkeypatc
     database.close()
 
 
+@pytest.mark.slow
 def test_overlapping_runs_on_sqlite_neither_fail_nor_duplicate(tmp_path, spectra_dir, toy_model_path):
     # SQLite has no row locks: two overlapping runs may both fit a spectrum, but the unique index and
     # insert-or-ignore keep one row each, and the busy timeout makes the writers wait instead of failing.

@@ -169,6 +169,7 @@ def test_thepayne_train_on_the_saved_toy_grid_gives_the_same_network(tmp_path):
 
 
 # -- label recovery ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fits_of_demo_spectra_recover_labels_with_unit_pulls(demo):
     # 48 spectra at S/N 100 drawn from the demo network (seed 2024), fitted with the default fitter (continuum
     # fitted first on model-derived continuum pixels, then labels with raw_e from the covariance).

@@ -19,6 +19,7 @@ def _robust_width(pulls):
     return 1.4826 * np.median(np.abs(pulls - np.median(pulls)))
 
 
+@pytest.mark.slow
 def test_pulls_have_zero_mean_and_unit_width(toy_emulator, fitter):
     """60 spectra at S/N 30-200 with continuum, flagged pixel spikes and chip gaps.
 
@@ -40,6 +41,7 @@ def test_pulls_have_zero_mean_and_unit_width(toy_emulator, fitter):
     assert np.mean(np.abs(pulls) > 5) < 0.05
 
 
+@pytest.mark.slow
 def test_radial_velocity_is_recovered(toy_emulator):
     fitter = PayneFitter(toy_emulator, v_rad_tolerance=100)
     rng = np.random.default_rng(7)
@@ -140,6 +142,7 @@ def test_flagged_pixels_do_not_leak_into_the_fit(toy_emulator):
     assert honest.reduced_chi2 < 1.2 < naive.reduced_chi2
 
 
+@pytest.mark.slow
 def test_parallel_fit_many_matches_serial(toy_emulator, fitter):
     rng = np.random.default_rng(2)
     spectra = [synthetic_spectrum(toy_emulator, toy_emulator.unscale(rng.uniform(-0.3, 0.3, 25)), rng=rng)
@@ -202,6 +205,7 @@ def test_problem_chi2_gradient_and_normal_matrix_match_the_pixel_space_jacobian(
         np.testing.assert_allclose(approximate, approximate.T, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
 
 
+@pytest.mark.slow
 def test_joint_continuum_removes_the_bias_of_continuum_pixels_inside_lines(toy_emulator):
     """Continuum pixels chosen 1-3% below the continuum (as a realistic network leaves them): the single pass
     puts the continuum too low and biases labels by several sigma; the joint fit brings pulls back near unit

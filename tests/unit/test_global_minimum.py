@@ -13,6 +13,8 @@ import pytest
 from astra_thepayne.fitting import PayneFitter
 from astra_thepayne.synthetic import LineModel, line_network, synthetic_spectrum
 
+pytestmark = pytest.mark.slow  # science runs on the line network: about a minute in all
+
 N_SPECTRA = 50
 V_TOLERANCE = 10.0
 

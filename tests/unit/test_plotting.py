@@ -63,11 +63,16 @@ def test_line_cores_are_inside_the_flux_axis(fitted):
     assert low < np.nanmin(chips) and high > 1.0
 
 
+def _texts(figure):
+    """The figure-level texts (the suptitle is one), through the public Figure.texts."""
+    return [text.get_text() for text in figure.texts]
+
+
 def test_title_names_the_flags(fitted):
     flags = RESULT_FLAGS[1].value | RESULT_FLAGS[4].value
-    title = _figure(fitted, flags=flags)._suptitle.get_text()
+    (title,) = _texts(_figure(fitted, flags=flags))
     assert f"{RESULT_FLAGS[1].name},{RESULT_FLAGS[4].name}" in title and f"flags={flags}" not in title
-    assert "flags: none" in _figure(fitted, flags=0)._suptitle.get_text()
+    assert "flags: none" in _texts(_figure(fitted, flags=0))[0]
 
 
 def test_residuals_of_a_bad_fit_stay_on_the_axes(fitted):

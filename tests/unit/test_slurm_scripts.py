@@ -33,17 +33,6 @@ def test_ranges_cover_every_key_once_and_are_disjoint(n_keys, n):
         assert max(r.count for r in ranges) - min(r.count for r in ranges) <= 1
 
 
-def test_ranges_do_not_drift_when_results_are_written():
-    # Astra's bug: pages of a shrinking "pending" query. A key range selects the same spectra whatever else has
-    # been done meanwhile: recompute "pending in my range" after other slices finished and nothing moves.
-    keys = list(range(1, 101))
-    ranges = slurm.split_key_ranges(keys, 4)
-    done = {k for k in keys if ranges[0].pk_min <= k <= ranges[0].pk_max}  # slice 0 finished first
-    still_pending = [k for k in keys if k not in done]
-    in_slice_2 = [k for k in still_pending if ranges[2].pk_min <= k <= ranges[2].pk_max]
-    assert in_slice_2 == [k for k in keys if ranges[2].pk_min <= k <= ranges[2].pk_max]
-
-
 def test_duplicate_and_unsorted_keys():
     assert slurm.split_key_ranges([5, 3, 3, 9, 1], 2) == [KeyRange(1, 3, 2), KeyRange(5, 9, 2)]
     with pytest.raises(ValueError):
@@ -224,15 +213,22 @@ def test_missing_sbatch_is_a_clear_error(monkeypatch, tmp_path):
         slurm.submit(tmp_path / "job.sh")
 
 
-def test_wait_for_jobs_reports_state_changes():
-    states = {"1": iter(["PENDING", "RUNNING", "COMPLETED"]), "2": iter(["RUNNING", "FAILED"])}
-    seen = []
-    final = slurm.wait_for_jobs(["1", "2"], poll_interval=0.01,
-                                on_change=lambda s: seen.append((s.job_id, s.state)),
-                                status=lambda job_id: slurm.JobStatus(job_id, next(states[job_id])))
+def test_wait_for_jobs_reports_state_changes(clock):
+    states = {"1": iter(["PENDING", "RUNNING", "RUNNING", "COMPLETED"]), "2": iter(["RUNNING", "FAILED"])}
+    seen, asked = [], []
+
+    def status(job_id):
+        asked.append((clock(), job_id))
+        return slurm.JobStatus(job_id, next(states[job_id]))
+
+    final = slurm.wait_for_jobs(["1", "2"], poll_interval=10.0, on_change=lambda s: seen.append((s.job_id, s.state)),
+                                status=status, sleep=clock.sleep)
     assert final["1"].state == "COMPLETED" and not final["1"].failed
     assert final["2"].failed
     assert seen == [("1", "PENDING"), ("2", "RUNNING"), ("1", "RUNNING"), ("2", "FAILED"), ("1", "COMPLETED")]
+    # one round of questions per poll interval, a finished job is not asked again, no sleep after the last round
+    assert asked == [(0.0, "1"), (0.0, "2"), (10.0, "1"), (10.0, "2"), (20.0, "1"), (30.0, "1")]
+    assert clock.sleeps == [10.0, 10.0, 10.0]
 
 
 def test_job_status_reads_scontrol_and_tells_silence_from_absence(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from astra_thepayne.io import read_spectra
 from astra_thepayne.labels import RESULT_FLAGS
 
 
+@pytest.mark.slow
 def test_single_visit_coadd_and_its_visit_row_have_one_snr(toy_emulator, apogee_data_dir):
     coadd, visit = read_spectra(apogee_data_dir / "apStar-dr17-2M19485057+5005279.fits")
     assert (coadd.spectrum_type, visit.spectrum_type, visit.meta["data_row"]) == ("apstar_coadd", "apstar_visit", 0)
