@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 
+from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
 from peewee import (
     AutoField,
     BigIntegerField,
@@ -25,8 +26,6 @@ from peewee import (
     Model,
     TextField,
 )
-
-from astra_thepayne.labels import LABEL_NAMES, label_pairs, rho_name
 
 
 def _models(database):

@@ -18,10 +18,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from astra_thepayne import ThePayne, __version__
-from astra_thepayne.catalogue import catalogue_columns
+from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, apstar_wavelength
 from astra_thepayne.db.models import Source, SpectrumRecord
-from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
-from astra_thepayne.products import HDU_NAMES, product_identifier, product_path
+from astra_thepayne.pipeline.catalogue import catalogue_columns
+from astra_thepayne.pipeline.products import HDU_NAMES, product_identifier, product_path
 
 ASTRA_EXTENSION_CARDS = ("EXTNAME", "OBSRVTRY", "INSTRMNT", "V_ASTRA", "CREATED", "CRVAL", "CDELT", "CTYPE", "CUNIT",
                          "CRPIX", "DC-FLAG", "NPIXELS")
@@ -220,7 +220,7 @@ def test_identifiers_are_integers_or_source_keys_only():
 
 
 def test_demo_writes_the_products_of_its_stars(tmp_path, monkeypatch):
-    from astra_thepayne.demo import format_report, run_demo
+    from astra_thepayne.pipeline.demo import format_report, run_demo
 
     monkeypatch.delenv("THEPAYNE_OUTPUT_DIR", raising=False)
     report = run_demo(tmp_path / "demo", n_synthetic=2, progress=False)

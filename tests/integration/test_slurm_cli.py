@@ -105,7 +105,8 @@ def test_products_are_sliced_by_source_and_the_scripts_write_them(tmp_path, sqli
     (script,) = _scripts(proc.stdout)
     assert "<= source_pk <=" in script and " run " not in script
     ranges = [tuple(map(int, m)) for m in re.findall(r"--source-pk-min (\d+) --source-pk-max (\d+)", script)]
-    sources = [pk for (pk,) in sqlite3.connect(url.split("///", 1)[1]).execute("SELECT pk FROM thepayne_source ORDER BY pk")]
+    database = sqlite3.connect(url.split("///", 1)[1])
+    sources = [pk for (pk,) in database.execute("SELECT pk FROM thepayne_source ORDER BY pk")]
     assert all(sum(lo <= pk <= hi for lo, hi in ranges) == 1 for pk in sources)
     (tmp_path / "job.sh").write_text(script)
     job = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=600,

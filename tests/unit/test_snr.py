@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from astra_thepayne.fitting import PayneFitter
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.labels import RESULT_FLAGS
 from astra_thepayne.io import read_spectra
-from astra_thepayne.labels import RESULT_FLAGS
 
 
 def test_single_visit_coadd_and_its_visit_row_have_one_snr(toy_emulator, apogee_data_dir):

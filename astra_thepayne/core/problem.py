@@ -1,4 +1,4 @@
-"""The Payne fit of one spectrum as a least-squares problem for :func:`astra_thepayne.solver.minimise`.
+"""The Payne fit of one spectrum as a least-squares problem for :func:`astra_thepayne.core.solver.minimise`.
 
 Weighted residuals ``r = w (c * S_v(f(x)) - y)`` over the model pixels, with ``f(x) = W2 a(x) + b2`` the network
 (``a`` its last hidden layer), ``S_v`` an optional Doppler shift (cubic spline within each chip, see :class:`Shift`) and
@@ -17,11 +17,12 @@ depends.
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 
-from .grid import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
+from .lockstep import run_in_lockstep
+from .wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
 
 __all__ = ["OutputLayer", "PayneProblem", "Shift", "pixel_shift"]
 
@@ -193,39 +194,16 @@ class OutputLayer:
 
     # -- lockstep execution ------------------------------------------------------------------------------------
     def run(self, steps):
-        """Drive several fit generators together and return their return values, in order.
+        """Drive several fit generators together (:func:`~astra_thepayne.core.lockstep.run_in_lockstep`) and
+        return their return values, in order.
 
         Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
-        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m``, and receives the product. Whatever
-        the generators ask for at the same moment is computed as one matrix-matrix product, so the output layer
-        (8.7 MB of float32 in production) streams through memory once for all of them instead of once each, and
-        the products run at matrix-matrix speed.
+        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m`` (and ``("bank", ...)`` for the model
+        bank's scores), and receives the product. Whatever the generators ask for at the same moment is computed as
+        one matrix-matrix product, so the output layer (8.7 MB of float32 in production) streams through memory
+        once for all of them instead of once each, and the products run at matrix-matrix speed.
         """
-        steps = list(steps)
-        results = [None] * len(steps)
-        pending = {}
-
-        def advance(index, value):
-            try:
-                pending[index] = steps[index].send(value)
-            except StopIteration as stop:
-                results[index] = stop.value
-
-        for index in range(len(steps)):
-            advance(index, None)
-        while pending:
-            by_kind = {}
-            for index, (kind, array) in pending.items():
-                by_kind.setdefault(kind, []).append((index, array))
-            # serve only the most asked-for product: the others wait a round and fall into step with the rest,
-            # which keeps the batches large
-            kind = max(by_kind, key=lambda k: len(by_kind[k]))
-            items = by_kind[kind]
-            for index, _ in items:
-                del pending[index]
-            for (index, _), product in zip(items, self._products(kind, [a for _, a in items]), strict=True):
-                advance(index, product)
-        return results
+        return run_in_lockstep(steps, self._products)
 
     def _products(self, kind, arrays):
         # results are float32 (rows made contiguous where a caller reads them as vectors); float64 arithmetic
@@ -304,6 +282,25 @@ def _column_groups(design):
     return [(slice(*key), np.array(columns)) for key, columns in groups.items()]
 
 
+@dataclass(slots=True)
+class _Evaluation:
+    """What :class:`PayneProblem` computed at one point ``x``; filled as the evaluation and the requests after it
+    need."""
+
+    x: np.ndarray
+    a1: np.ndarray | None = None  #: last hidden layer
+    slopes: tuple | None = None  #: the activation pattern (leaky-ReLU slopes of each hidden layer)
+    shift: Shift | None = None  #: the Doppler shift operator (velocity fitted)
+    flux: np.ndarray | None = None  #: network flux, shifted
+    d_flux_d_v: np.ndarray | None = None  #: its derivative with respect to the scaled velocity
+    g: np.ndarray | None = None  #: continuum coefficients at their best
+    c: np.ndarray | None = None  #: continuum correction ``1 + D g`` (None without a design)
+    continuum_matrix: np.ndarray | None = None  #: ``(w f D)^T (w f D)``, block diagonal by region
+    continuum_columns: np.ndarray | None = None  #: ``w f D``, made when an exact Jacobian asks for it
+    r: np.ndarray | None = None  #: weighted residuals
+    exact_matrix: np.ndarray | None = None  #: exact profiled ``J^T J``, once computed
+
+
 class PayneProblem:
     """Chi2, gradient and Gauss-Newton matrix of the network against one spectrum (see the module docstring).
 
@@ -372,7 +369,7 @@ class PayneProblem:
         if self._previous is not None and np.array_equal(theta, self._previous.x):
             self._p, self._previous = self._previous, self._p
             return
-        p = SimpleNamespace(x=np.array(theta, copy=True), exact_matrix=None)
+        p = _Evaluation(x=np.array(theta, copy=True))
         p.a1, p.slopes = self.emulator.hidden_forward(theta[:self.n_labels])
         rest = yield ("flux", p.a1)
         if self.v_scale:

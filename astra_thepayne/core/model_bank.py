@@ -6,7 +6,7 @@ whichever basin it starts in. The bank holds the network's rectified flux at ``s
 sequence over the scaled box; a spectrum is compared with every member at once (two matrix products per chip, the
 continuum level of each chip profiled out), and the fit starts from the best match. Velocity is found against that
 match by a chi2 scan over whole pixels, refined to a fraction of a pixel by a parabola (see
-:mod:`astra_thepayne.fitting`).
+:mod:`astra_thepayne.core.fitting`).
 
 The bank is a deterministic function of the network and the size, so it is cached on disk under the network's
 SHA-256 (``$THEPAYNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/astra_thepayne``, else ``~/.cache/astra_thepayne``) and

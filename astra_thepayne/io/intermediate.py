@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import output_dir
-from .files import atomic_write
-from .grid import APSTAR_NPIX
+from ..config import output_dir
+from ..core.wavelength import APSTAR_NPIX
+from ..files import atomic_write
 
 __all__ = ["intermediate_path", "write_intermediate", "read_intermediate", "IntermediateFileError",
            "NotThisRowsFileError", "check_tag", "HEADER_FORMAT"]
@@ -119,7 +119,7 @@ def _load_all(path):
     """The first pickle of the file (the arrays) and the header after it (None when there is none)."""
     import io
 
-    from .emulator import _ArrayOnlyUnpickler
+    from ..core.safe_pickle import ArrayOnlyUnpickler
 
     try:
         data = path.read_bytes()
@@ -128,13 +128,13 @@ def _load_all(path):
                                     "its permissions") from None
     stream = io.BytesIO(data)
     try:
-        arrays = _ArrayOnlyUnpickler(stream).load()
+        arrays = ArrayOnlyUnpickler(stream).load()
     except Exception as exc:  # truncated, garbage, or a class other than numpy arrays
         raise IntermediateFileError(f"intermediate pickle {path}: unreadable ({type(exc).__name__}: {exc})") from None
     header = None
     if stream.tell() < len(data):
         try:
-            header = _ArrayOnlyUnpickler(stream).load()
+            header = ArrayOnlyUnpickler(stream).load()
         except Exception as exc:
             raise IntermediateFileError(f"intermediate pickle {path}: unreadable header ({exc})") from None
         if not isinstance(header, dict) or header.get("format") != HEADER_FORMAT:

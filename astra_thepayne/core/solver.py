@@ -14,7 +14,7 @@ covariance directly.
 Pure numpy. The problem's three functions (see :class:`LeastSquaresProblem`) and :func:`minimise` itself are
 generators: whatever expensive product a problem needs it may yield as a request to its driver and receive the
 answer, so that a driver can advance many fits in lockstep and serve all their requests at once
-(:meth:`astra_thepayne.problem.OutputLayer.run`). A problem that needs nothing yields nothing.
+(:func:`astra_thepayne.core.lockstep.run_in_lockstep`). A problem that needs nothing yields nothing.
 """
 from __future__ import annotations
 

@@ -2,19 +2,18 @@
 
 ``the_payne(spectra, ...)`` accepts database rows of this package (:class:`~astra_thepayne.db.models.SpectrumRecord`),
 Astra spectrum rows (anything with ``flux``, ``ivar`` and ``wavelength`` arrays and a ``spectrum_pk``) or
-:class:`~astra_thepayne.spectrum.Spectrum` objects read from files, and yields, in input order, one unsaved result
+:class:`~astra_thepayne.core.spectrum.Spectrum` objects read from files, and yields, in input order, one unsaved result
 row for each. It yields ``...`` after loading the network, which marks that time as overhead shared by all results
 (Astra's convention). For a spectrum with a primary key, the intermediate pickle is written atomically before its
 row is yielded, so a row can never be committed before its arrays are on disk.
 
 Running it:
 
-* without Astra, :func:`astra_thepayne.runner.execute` (or ``thepayne run``) saves the rows in batches and fills
-  ``t_elapsed`` / ``t_overhead``;
-* when ``import astra`` succeeds, :data:`the_payne` is additionally wrapped by Astra's ``@task`` decorator with an
-  output model bound to Astra's database and base model (:func:`astra_model`), so that
-  ``astra execute astra_thepayne.the_payne <SpectrumModel>`` works. Set ``THEPAYNE_NO_ASTRA=1`` to keep the plain
-  generator even where Astra is installed.
+* without Astra, :func:`astra_thepayne.pipeline.runner.execute` (or ``thepayne run``) saves the rows in batches
+  and fills ``t_elapsed`` / ``t_overhead``;
+* under Astra, ``astra_thepayne.the_payne`` is this task wrapped by Astra's ``@task`` decorator with an output
+  model bound to Astra's database (:mod:`astra_thepayne.pipeline.astra_binding`, built on first use); this module's
+  :func:`the_payne` is always the plain generator.
 """
 from __future__ import annotations
 
@@ -27,11 +26,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .db.models import SpectrumRecord, ThePayne, row_to_fields
-from .errors import ConfigurationError
+from ..db.models import SpectrumRecord, ThePayne, row_to_fields
+from ..errors import ConfigurationError
 
-__all__ = ["the_payne", "fit_rows", "load_fitter", "astra_model", "paginate", "skip_fitted", "result_model",
-           "connect_default", "ASTRA_AVAILABLE"]
+__all__ = ["the_payne", "fit_rows", "load_fitter", "ASTRA_MASK_FILE", "ASTRA_CONTINUUM_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +43,20 @@ def _as_float(value, name):
 
 def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
                 v_rad_tolerance=0.0, pixel_weights=None):
-    """Load the network and build a :class:`~astra_thepayne.fitting.PayneFitter` (shared by task and CLI).
+    """Load the network and build a :class:`~astra_thepayne.core.fitting.PayneFitter` (shared by task and CLI).
 
     ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
-    :class:`~astra_thepayne.emulator.PayneEmulator`. ``pixel_weights`` is a
-    :class:`~astra_thepayne.pixel_weights.PixelWeights` (default: every rule on).
+    :class:`~astra_thepayne.core.emulator.PayneEmulator`. ``pixel_weights`` is a
+    :class:`~astra_thepayne.core.pixel_weights.PixelWeights` (default: every rule on).
 
     As Astra does, the model mask and the continuum pixels default to :data:`ASTRA_MASK_FILE` and
     :data:`ASTRA_CONTINUUM_FILE` beside the network file when they are there (None = look there; ``"none"`` = use
     none). Without them: no mask, continuum pixels derived from the network. One log line says what was used
     (``fitter.setup``).
     """
-    from .config import resolve_model_path
-    from .emulator import PayneEmulator
-    from .fitting import PayneFitter, load_pixel_array
+    from ..config import resolve_model_path
+    from ..core.emulator import PayneEmulator
+    from ..core.fitting import PayneFitter, load_pixel_array
 
     if isinstance(model_path, PayneEmulator):
         emulator = model_path
@@ -142,7 +140,7 @@ class _SpectrumSource:
 
     def __call__(self, item):
         """Return ``(spectrum, spectrum_pk, source_pk, error message)``."""
-        from .spectrum import Spectrum
+        from ..core.spectrum import Spectrum
 
         if isinstance(item, Spectrum):
             return item, None, None, ""
@@ -163,24 +161,23 @@ class _SpectrumSource:
 
     def _read_record(self, record):
         if record.path != self._path:
-            from .io import read_spectra
+            from ..io import spectra_by_position
 
             self._path, self._spectra, self._error = record.path, {}, None
             try:
-                self._spectra = {(s.hdu, s.row): s for s in read_spectra(record.path)}
+                self._spectra = spectra_by_position(record.path)
             except Exception as exc:  # every row of this file fails for the same reason
                 self._error = exc
         if self._error is not None:
             raise self._error
-        try:
-            return self._spectra[(record.hdu, record.row)]
-        except KeyError:
-            raise LookupError(f"{record.path}: no spectrum at HDU {record.hdu}, row {record.row}") from None
+        from ..io import spectrum_at
+
+        return spectrum_at(self._spectra, record.path, record.hdu, record.row)
 
 
 def _paired(fitter, inputs, processes, initial_labels):
     """Yield ``(input, spectrum_pk, source_pk, spectrum, FitResult)`` in input order."""
-    from .result import FitResult
+    from ..core.result import FitResult
 
     names = fitter.emulator.label_names
     to_spectrum = _SpectrumSource()
@@ -189,42 +186,41 @@ def _paired(fitter, inputs, processes, initial_labels):
         log.warning("%s: cannot fit: %s", getattr(spectrum, "label", None) or _describe(item), message)
         return FitResult.failure(names, message)
 
-    if processes <= 1:
-        from .fitting import BATCH_SIZE, batches
+    if processes > 1:
+        from peewee import BaseQuery
 
-        for chunk in batches(inputs, BATCH_SIZE):  # fitted together in lockstep (PayneFitter.fit_batch)
-            start = time.perf_counter()
-            converted = [(item, *to_spectrum(item)) for item in chunk]
-            fitted = iter(fitter.fit_batch([c[1] for c in converted if c[1] is not None], initial_labels))
-            share = (time.perf_counter() - start) / len(converted)  # reading and fitting, per spectrum
-            for item, spectrum, spectrum_pk, source_pk, error in converted:
-                result = next(fitted) if spectrum is not None else failure(spectrum, item, error)
-                result.seconds = share
-                yield item, spectrum_pk, source_pk, spectrum, result
-        return
-    from peewee import BaseQuery
-
-    if isinstance(inputs, BaseQuery):
-        # the pool iterates its input in a feeder thread, and peewee connections are per thread: run the query here
-        inputs = list(inputs)
-    pending = deque()  # (item, spectrum, pks, error) in input order; the pool's feeder thread appends
+        if isinstance(inputs, BaseQuery):
+            # the pool iterates its input in a feeder thread, and peewee connections are per thread: run the query
+            # here
+            inputs = list(inputs)
+    # (item, spectrum, spectrum_pk, source_pk, error, seconds reading it) in input order, appended as fit_many reads
+    # its input (in this thread, or in the pool's feeder thread)
+    pending = deque()
 
     def feed():
         for item in inputs:
+            start = time.perf_counter()
             spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
-            pending.append((item, spectrum, spectrum_pk, source_pk, error))
+            pending.append((item, spectrum, spectrum_pk, source_pk, error, time.perf_counter() - start))
             if spectrum is not None:
                 yield spectrum
 
+    def failed():
+        item, _, spectrum_pk, source_pk, error, reading = pending.popleft()
+        result = failure(None, item, error)
+        result.seconds = reading
+        return item, spectrum_pk, source_pk, None, result
+
+    # fit_many fits in lockstep batches (PayneFitter.fit_batch), each result timed by its share of its batch; the
+    # time spent reading its file is added here
     for result in fitter.fit_many(feed(), processes=processes, initial_labels=initial_labels):
         while pending[0][1] is None:  # unreadable inputs before this fit keep their place in the order
-            item, spectrum, spectrum_pk, source_pk, error = pending.popleft()
-            yield item, spectrum_pk, source_pk, None, failure(None, item, error)
-        item, spectrum, spectrum_pk, source_pk, _ = pending.popleft()
+            yield failed()
+        item, spectrum, spectrum_pk, source_pk, _, reading = pending.popleft()
+        result.seconds = (result.seconds or 0.0) + reading
         yield item, spectrum_pk, source_pk, spectrum, result
     while pending:
-        item, spectrum, spectrum_pk, source_pk, error = pending.popleft()
-        yield item, spectrum_pk, source_pk, None, failure(None, item, error)
+        yield failed()
 
 
 def _describe(item):
@@ -241,11 +237,11 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
     :class:`~astra_thepayne.db.models.ThePayne`, or Astra's variant from :func:`astra_model`), ``fitter`` an
     already built fitter (the ``thepayne run`` command reuses one across batches), ``pixel_weights`` a
-    :class:`~astra_thepayne.pixel_weights.PixelWeights` for a fitter built here.
+    :class:`~astra_thepayne.core.pixel_weights.PixelWeights` for a fitter built here.
     """
-    from . import __version__
-    from .db.database import database_identity
-    from .intermediate import intermediate_path, write_intermediate
+    from .. import __version__
+    from ..db.database import database_identity
+    from ..io.intermediate import intermediate_path, write_intermediate
 
     if fitter is None:
         fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
@@ -303,7 +299,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     ----------
     spectra : iterable
         :class:`~astra_thepayne.db.models.SpectrumRecord` rows, Astra spectrum rows, or
-        :class:`~astra_thepayne.spectrum.Spectrum` objects.
+        :class:`~astra_thepayne.core.spectrum.Spectrum` objects.
     model_path : str or PayneEmulator, optional
         Network file (Astra pickle or The_Payne .npz), ``"demo"``, or None for ``$THEPAYNE_MODEL`` /
         ``$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl``.
@@ -324,7 +320,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     processes : int
         Worker processes for the fits.
     sky_lines, persistence, littrow_ghost, error_floor
-        The pipelines' pixel-weight rules (:mod:`astra_thepayne.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
+        The pipelines' pixel-weight rules (:mod:`astra_thepayne.core.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
         (errors x100, as ASPCAP; default), ``"mask"`` (as The_Payne) or ``"none"``; apVisit persistence inflation
         (default on); LITTROW_GHOST masked in visits (default on); fractional error floor (default 0.005, 0 = none).
 
@@ -333,7 +329,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     ``...`` once after setup (overhead marker), then one unsaved ThePayne row per spectrum. Rows of spectra with a
     primary key have their intermediate pickle written. Failed fits are rows with ``flag_bad`` set.
     """
-    from .pixel_weights import PixelWeights
+    from ..core.pixel_weights import PixelWeights
 
     weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
     return fit_rows(spectra, ThePayne, model_path, mask_path, continuum_pixels_path, opt_tolerance,
@@ -343,198 +339,3 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
 # `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from
 # the return annotation object (``annotations["return"].__args__[0]``), so give it the real one.
 the_payne.__annotations__["return"] = Iterable[ThePayne]
-
-
-# -- Astra integration -----------------------------------------------------------------------------------------
-
-def paginate(spectra, page=None, limit=None):
-    """Apply ``astra execute``'s ``--page`` / ``--limit`` to a peewee query; return other iterables unchanged.
-
-    ``astra execute`` paginates its query itself and then passes ``page`` and ``limit`` on to the task as keyword
-    arguments too, so an Astra task must accept them. Re-applying them to a query is harmless (the same LIMIT and
-    OFFSET), and paginates queries built by a Python caller; an iterable that is not a query (for example the
-    generator ``astra execute`` builds from a list of spectrum keys) is taken as given.
-    """
-    from peewee import SelectBase
-
-    if not isinstance(spectra, SelectBase) or (page is None and limit is None):
-        return spectra
-    limit = None if limit in (None, "") else int(limit)
-    if page not in (None, "") and limit is not None:
-        return spectra.paginate(int(page), limit)
-    return spectra.limit(limit) if limit is not None else spectra
-
-
-def astra_model():
-    """The result model bound to Astra's database and base model (requires sdss-astra).
-
-    Its foreign keys point at Astra's ``Source`` and ``Spectrum`` models; ``v_astra`` follows the installed Astra
-    (text before 0.8, integer from 0.8 on); the table is ``the_payne`` in Astra's schema, or
-    ``$THEPAYNE_ASTRA_TABLE`` when Astra's own ThePayne already uses that name in the database.
-    """
-    import astra
-    from astra.models.base import BaseModel as AstraBaseModel
-    from astra.models.source import Source as AstraSource
-    from astra.models.spectrum import Spectrum as AstraSpectrum
-    from peewee import IntegerField, TextField
-
-    from .db.models import make_result_model, version_to_int
-    from .labels import LABELS
-
-    bases, meta = (AstraBaseModel,), None
-    try:
-        # Astra 0.8: results derive from PipelineOutputModel, whose generated v_astra_major_minor column and
-        # UNIQUE (spectrum_pk, v_astra_major_minor) are the conflict target of Astra's insert-or-replace; without
-        # them every insert fails (and Astra 0.8 only logs that). One result per spectrum and Astra version, a
-        # re-run replaces it, so the plugin's own unique index on (spectrum_pk, model_sha256, tag) is left out.
-        from astra.models.pipeline import PipelineOutputModel
-
-        bases, meta = (PipelineOutputModel,), {"indexes": ()}
-    except ImportError:
-        try:  # Astra 0.6
-            from astra.models.pipeline import PipelineOutputMixin
-
-            bases = (AstraBaseModel, PipelineOutputMixin)
-        except ImportError:
-            pass
-    if version_to_int(astra.__version__) >= 8000:
-        v_astra = IntegerField(default=version_to_int(astra.__version__))
-    else:
-        v_astra = TextField(default=astra.__version__)
-    try:  # Astra's product writers (astraAllStar...) know Astra's BitField, not peewee's
-        from astra.fields import BitField as AstraBitField  # Astra 0.8
-    except ImportError:
-        try:
-            from astra.models.fields import BitField as AstraBitField  # Astra 0.6
-        except ImportError:
-            from peewee import BitField as AstraBitField
-    model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
-                              table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), meta=meta,
-                              v_astra_field=v_astra, bit_field=AstraBitField, own_schema=False)
-    # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
-    # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
-    model.category_headers = (("Provenance", "v_thepayne"), ("Spectrum", "snr"), ("Stellar labels", LABELS[0].name),
-                              ("Fit quality", "chi2"), ("Flags", "result_flags"))
-    model.category_comments = ()
-    return model
-
-
-def _spectrum_key(item):
-    """The spectrum primary key of a task input (this package's record, an Astra row), or None (a Spectrum)."""
-    if isinstance(item, SpectrumRecord):
-        return item.pk
-    key = getattr(item, "spectrum_pk", None)
-    return getattr(key, "pk", key)
-
-
-def skip_fitted(spectra, model, model_sha256, tag=""):
-    """Yield the inputs whose spectrum has no ``model`` row yet for this network and tag; log the others.
-
-    Astra's runner saves results with a plain INSERT, so one spectrum that already has a result for the same
-    network and tag (the result table's unique key) makes the whole batch fail, for example on
-    ``astra execute astra_thepayne.the_payne <spectrum_pk>`` for a spectrum fitted before. Skipping such inputs keeps
-    the plugin's rule that a re-run neither duplicates a row nor fails. Inputs without a spectrum key are kept.
-    """
-    tag = str(tag or "")
-    for item in spectra:
-        spectrum_pk = _spectrum_key(item)
-        if spectrum_pk is not None and (model.select()
-                                        .where((model.spectrum_pk == spectrum_pk)
-                                               & (model.model_sha256 == model_sha256) & (model.tag == tag))
-                                        .exists()):
-            log.info("spectrum %s already has a result for network %s and tag %r: skipped",
-                     spectrum_pk, model_sha256[:12], tag)
-            continue
-        yield item
-
-
-def result_model():
-    """The result model of the table :data:`the_payne` fills, which ``astra_thepayne.ThePayne`` names.
-
-    Where the Astra integration is active that is ``AstraThePayne`` (table ``the_payne`` in Astra's database, bound
-    by Astra's configuration), unless :func:`astra_thepayne.connect` was given a URL of another database: then, as
-    without Astra, the standalone :class:`~astra_thepayne.db.models.ThePayne` (table ``thepayne_result``).
-    """
-    if ASTRA_AVAILABLE:
-        from .db.database import database_proxy
-
-        if database_proxy.obj is None or database_proxy.obj is AstraThePayne._meta.database:
-            return AstraThePayne
-    return ThePayne
-
-
-def connect_default(bind=True):
-    """:func:`astra_thepayne.connect` without a URL: Astra's database where the Astra integration is active (its
-    SQLite file also binds the standalone models, as ``$ASTRA_DATABASE_PATH`` does for the command line), else the
-    command line's default database."""
-    from .db.database import connect, database_proxy, is_sqlite
-
-    if not ASTRA_AVAILABLE:
-        return connect(bind=bind)
-    database = AstraThePayne._meta.database
-    if bind and is_sqlite(database):
-        database_proxy.initialize(database)
-    return database
-
-
-ASTRA_AVAILABLE = False
-#: Why the Astra integration is off (one line, for ``thepayne astra-init``); empty when it is on.
-ASTRA_UNAVAILABLE = "THEPAYNE_NO_ASTRA is set"
-#: The spectrum models the Astra task's ``spectra`` annotation names (what ``astra run`` fits by default).
-ASTRA_INPUT_MODELS = ()
-if not os.environ.get("THEPAYNE_NO_ASTRA"):
-    try:
-        import astra as _astra
-    except ImportError as _exc:
-        _astra = None
-        ASTRA_UNAVAILABLE = f"sdss-astra is not importable here ({_exc})"
-    if _astra is not None:
-        try:
-            from peewee import BaseQuery as _BaseQuery
-
-            AstraThePayne = astra_model()
-        except Exception as _exc:  # a broken Astra installation must not break the plugin's own runner
-            log.warning("sdss-astra is installed but its models could not be used (%s); the_payne stays a plain "
-                        "generator", _exc)
-            ASTRA_UNAVAILABLE = f"sdss-astra is installed but its models could not be used ({_exc})"
-        else:
-            def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
-                                 opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
-                                 processes=1, sky_lines="inflate", persistence=True, littrow_ghost=True,
-                                 error_floor=0.005, page=None, limit=None,
-                                 **options) -> Iterable[AstraThePayne]:
-                # `astra execute --page/--limit` also passes page= and limit= to the task. The `decorator` package
-                # checks a call against this signature before Astra's `task` sees it, so Astra's own options
-                # (write_to_database=, batch_size=, frequency=, ...) reach `task` only through **options; `task`
-                # removes those it knows, and anything left here is a misspelt argument.
-                # Astra 0.8's `astra run` passes its progress display; the task does not draw into it.
-                options.pop("live_renderable", None)
-                if options:
-                    raise TypeError(f"the_payne() got unexpected keyword arguments: {', '.join(sorted(options))}")
-                processes = int(processes or 1)
-                from .pixel_weights import PixelWeights
-
-                weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
-                fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
-                                     weights)
-                spectra = paginate(spectra, page, limit)
-                if processes > 1 and isinstance(spectra, _BaseQuery):
-                    spectra = list(spectra)  # run the query here, not in the process pool's feeder thread
-                if not hasattr(AstraThePayne, "v_astra_major_minor"):  # Astra 0.8 replaces on conflict instead
-                    spectra = skip_fitted(spectra, AstraThePayne, fitter.emulator.sha256, tag)
-                yield from fit_rows(spectra, AstraThePayne, initial_labels=initial_labels, tag=tag,
-                                    processes=processes, fitter=fitter)
-
-            _the_payne_astra.__annotations__["return"] = Iterable[AstraThePayne]
-            try:  # Astra 0.8's `astra run astra_thepayne.the_payne` (no spectrum model) reads the input types here
-                from astra.models.apogee import ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar
-
-                ASTRA_INPUT_MODELS = (ApogeeCoaddedSpectrumInApStar, ApogeeVisitSpectrumInApStar)
-                _the_payne_astra.__annotations__["spectra"] = Iterable[
-                    ApogeeCoaddedSpectrumInApStar | ApogeeVisitSpectrumInApStar]
-            except ImportError:
-                pass
-            _the_payne_astra.__name__ = _the_payne_astra.__qualname__ = "the_payne"
-            _the_payne_astra.__doc__ = the_payne.__doc__
-            the_payne = _astra.task(_the_payne_astra)  # noqa: F811 - the Astra task replaces the plain generator
-            ASTRA_AVAILABLE, ASTRA_UNAVAILABLE = True, ""

@@ -48,10 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.labels import BAD_RESULT_FLAGS
+from ..core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
+from ..files import atomic_write
 from .catalogue import _column, _table_hdu, catalogue_columns, header_text
-from .files import atomic_write
-from .grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
-from .labels import BAD_RESULT_FLAGS
 
 __all__ = ["write_products", "product_source_keys", "product_path", "product_identifier", "ProductSummary", "HDU_NAMES",
            "PRODUCT_FORMAT", "WAVELENGTH_GRIDS"]
@@ -103,7 +103,7 @@ def product_identifier(source_pk: int, sdss_id, shared_sdss_ids=frozenset()) -> 
 
 def product_path(directory, kind: str, identifier: str, version: str | None = None) -> Path:
     """Path of the ``kind`` (``"star"`` or ``"visit"``) product of a source under ``directory``."""
-    from . import __version__
+    from .. import __version__
 
     if kind not in _TEMPLATES:
         raise ValueError(f"product kind {kind!r}: expected 'star' or 'visit'")
@@ -147,7 +147,7 @@ def _fingerprint(rows, source=None, demo=False) -> str:
 def _selected_results(tag, model_sha256, source_pk_min, source_pk_max, source_pks=None):
     from peewee import JOIN
 
-    from .db.models import Source, SpectrumRecord, ThePayne
+    from ..db.models import Source, SpectrumRecord, ThePayne
 
     query = (ThePayne.select(ThePayne, SpectrumRecord, Source)
              .join(SpectrumRecord, on=(ThePayne.spectrum_pk == SpectrumRecord.pk))
@@ -166,7 +166,7 @@ def _selected_results(tag, model_sha256, source_pk_min, source_pk_max, source_pk
 
 def _source_pages(tag, model_sha256, source_pk_min, source_pk_max, page_size):
     """Source primary keys with results in the selection, ascending, in pages of ``page_size``."""
-    from .db.models import Source
+    from ..db.models import Source
 
     query = (_selected_results(tag, model_sha256, source_pk_min, source_pk_max)
              .select(Source.pk).distinct().order_by(Source.pk).tuples())
@@ -184,7 +184,7 @@ def product_source_keys(tag: str = "", model_sha256: str | None = None) -> list[
 def _shared_sdss_ids() -> frozenset:
     from peewee import fn
 
-    from .db.models import Source
+    from ..db.models import Source
 
     query = (Source.select(Source.sdss_id).where(Source.sdss_id.is_null(False))
              .group_by(Source.sdss_id).having(fn.COUNT(Source.pk) > 1).tuples())
@@ -193,8 +193,8 @@ def _shared_sdss_ids() -> frozenset:
 
 def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
     """One job (a plain dict a worker can write a file from) per product of the given sources."""
-    from .db.database import database_identity
-    from .db.models import COADD_TYPES, VISIT_TYPES, ThePayne
+    from ..db.database import database_identity
+    from ..db.models import COADD_TYPES, VISIT_TYPES, ThePayne
 
     database_id = database_identity(ThePayne._meta.database)
     owner_database = None if database_id.startswith("loc") else database_id
@@ -282,7 +282,7 @@ def _up_to_date(path: Path, fingerprint: str) -> bool:
 
 def _read_arrays(arrays):
     """(model_flux, continuum, readable) of one row; NaN arrays for a failed fit or an unreadable pickle."""
-    from .intermediate import IntermediateFileError, read_intermediate
+    from ..io.intermediate import IntermediateFileError, read_intermediate
 
     nan = np.full(APSTAR_NPIX, np.nan, dtype=np.float32)
     if arrays is None:
@@ -346,7 +346,7 @@ def _extension(name, rows, help_texts, created, version):
 def _primary(job, created, n_missing):
     from astropy.io import fits
 
-    from . import __version__
+    from .. import __version__
 
     source = job["source"]
     header = fits.Header()
@@ -433,8 +433,8 @@ def write_products(directory, tag: str = "", model_sha256: str | None = None, pr
     force : bool
         Rewrite files that are up to date too.
     """
-    from . import __version__
-    from .intermediate import check_tag
+    from .. import __version__
+    from ..io.intermediate import check_tag
 
     check_tag(tag)
     version = version or __version__

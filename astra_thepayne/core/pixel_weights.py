@@ -1,7 +1,7 @@
 """Pixel weights as APOGEE's own pipelines set them, per spectrum type, and the error floor.
 
-Applied where a spectrum is prepared for the fit (:meth:`astra_thepayne.fitting.PayneFitter.prepare`, through
-:func:`astra_thepayne.preprocess.to_apstar_grid`), never inside the solver. Switched by ``PayneFitter(pixel_weights=)``,
+Applied where a spectrum is prepared for the fit (:meth:`astra_thepayne.core.fitting.PayneFitter.prepare`, through
+:func:`.preprocess.to_apstar_grid`), never inside the solver. Switched by ``PayneFitter(pixel_weights=)``,
 the ``--sky-lines``, ``--persistence/--no-persistence``, ``--littrow-ghost/--no-littrow-ghost`` and ``--error-floor``
 options of ``thepayne fit``, ``run`` and ``slurm``, and the task's ``sky_lines``, ``persistence``, ``littrow_ghost`` and
 ``error_floor`` arguments.
@@ -60,7 +60,7 @@ class PixelWeights:
     error_floor: float = 0.005
 
     def __post_init__(self):
-        from .errors import ConfigurationError
+        from ..errors import ConfigurationError
 
         if self.sky_lines not in SKY_LINE_MODES:
             raise ConfigurationError(f"sky_lines={self.sky_lines!r}: use one of {', '.join(SKY_LINE_MODES)}")

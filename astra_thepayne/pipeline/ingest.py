@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["find_spectrum_files", "ingest", "IngestSummary"]
 
@@ -60,7 +60,7 @@ def find_spectrum_files(paths, skipped: list | None = None) -> list[Path]:
     ConfigurationError
         A path that does not exist.
     """
-    from .io import SpectrumFileError, iter_spectrum_files
+    from ..io import SpectrumFileError, iter_spectrum_files
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -128,8 +128,8 @@ def ingest(paths, progress: bool = False) -> IngestSummary:
     -------
     IngestSummary
     """
-    from .db.models import Source, SpectrumRecord
-    from .io import SpectrumFileError, read_spectra
+    from ..db.models import Source, SpectrumRecord
+    from ..io import SpectrumFileError, read_spectra
 
     summary = IngestSummary()
     files = find_spectrum_files(paths, skipped=summary.skipped)

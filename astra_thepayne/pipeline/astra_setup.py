@@ -10,7 +10,7 @@ Tables that exist are left as they are; a result table that exists with another 
 (``thepayne_*``) is created: the task does not use it.
 
 The function takes the models as arguments, so that it knows nothing of how Astra is imported; the command finds
-them in :mod:`astra_thepayne.task`.
+them in :mod:`astra_thepayne.pipeline.task`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from peewee import sort_models
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["prepare_astra_database", "Prepared"]
 
@@ -65,7 +65,7 @@ def prepare_astra_database(result_model, input_models=(), where=None) -> Prepare
     Parameters
     ----------
     result_model : peewee model
-        The task's result model (``astra_thepayne.task.AstraThePayne``).
+        The task's result model (:attr:`astra_thepayne.pipeline.astra_binding.AstraIntegration.result_model`).
     input_models : sequence of peewee models
         Spectrum models the task's ``spectra`` annotation names (Astra 0.8's ``astra run`` queries them).
     where : str, optional

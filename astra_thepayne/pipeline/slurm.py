@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
+from ..threads import BLAS_THREAD_VARIABLES
 
 __all__ = [
     "KeyRange",
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 #: Environment variables that cap the thread pools of NumPy/SciPy's BLAS and of OpenMP code, set per process.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARIABLES = BLAS_THREAD_VARIABLES
 
 #: Job states after which a job will not run again.
 FINISHED_OK = frozenset({"COMPLETED"})
@@ -364,7 +365,7 @@ def render_script(options: SlurmOptions, node_index: int, commands: Sequence[Seq
         Words of the script's comments and log lines: the sliced key, what each process does with its range, and
         what the range counts (``thepayne slurm --products`` slices sources, not spectra).
     """
-    from . import __version__
+    from .. import __version__
 
     if len(commands) != len(ranges) or not commands:
         raise ValueError("need one key range per command, and at least one command")

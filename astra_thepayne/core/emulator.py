@@ -17,64 +17,23 @@ anything but containers of arrays, numbers and strings is rejected before any of
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigurationError
-from .grid import model_wavelength
+from ..errors import ModelFileError
 from .labels import LABEL_NAMES
+from .safe_pickle import load_pickle_arrays
+from .wavelength import model_wavelength
 
 __all__ = ["PayneEmulator", "ModelFileError", "load_pickle_arrays", "leaky_relu", "LEAKY_SLOPE"]
 
 LEAKY_SLOPE = 0.01
 
 
-class ModelFileError(ConfigurationError, ValueError):
-    """A model file is missing, unreadable or not a Payne network. The message names the file and the problem."""
-
-
 def leaky_relu(z):
     return np.where(z > 0, z, LEAKY_SLOPE * z)
-
-
-_SAFE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "set"),
-    ("collections", "OrderedDict"), ("_codecs", "encode"),
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
-        if module.startswith("numpy.core."):  # pickles written by numpy 1.x name numpy.core; numpy 2 moved it
-            try:
-                return super().find_class(module.replace("numpy.core.", "numpy._core.", 1), name)
-            except (ImportError, AttributeError):
-                pass
-        return super().find_class(module, name)
-
-
-def load_pickle_arrays(path) -> object:
-    """Load a pickle that may only contain containers of numpy arrays, numbers and strings."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelFileError(f"model file {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        return _ArrayOnlyUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(f"model file {path}: not a safe Payne pickle ({exc})") from None
-    except Exception as exc:  # truncated or garbage bytes raise many different errors
-        raise ModelFileError(f"model file {path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
 class PayneEmulator:
@@ -114,7 +73,7 @@ class PayneEmulator:
     def load(cls, path) -> PayneEmulator:
         """Read an Astra pickle or a The_Payne .npz; ``"demo"`` selects the bundled demonstration network."""
         if str(path) == "demo":
-            from .demo_model import demo_model_path
+            from .demo_network import demo_model_path
 
             path = demo_model_path()
         path = Path(path)
@@ -273,7 +232,7 @@ class PayneEmulator:
 
     def save(self, path):
         """Write the Astra pickle format atomically (temporary file, then rename)."""
-        from .files import atomic_write
+        from ..files import atomic_write
 
         content = self.to_dict()
         return atomic_write(path, lambda handle: pickle.dump(content, handle, protocol=4))

@@ -10,7 +10,8 @@ from itertools import combinations
 
 __all__ = [
     "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
-    "flag_result", "flag_names", "describe_flags", "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
+    "flag_result", "flag_names", "describe_flags", "is_bad", "is_flagged",
+    "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
     "AT_BOUND_BITS", "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS",
 ]
 
@@ -83,7 +84,7 @@ class ResultFlag:
         return 1 << self.bit
 
 
-#: Chips, in ascending wavelength (the three segments of the model grid, :data:`astra_thepayne.grid.MODEL_SEGMENTS`).
+#: Chips, in ascending wavelength (the three segments of the model grid, :data:`.wavelength.MODEL_SEGMENTS`).
 CHIPS = ("blue", "green", "red")
 #: A chip with more than this fraction of its model pixels without weight gets its ``bad_pixels_<chip>`` bit: the
 #: DRP's threshold for the BAD_PIXELS STARFLAG bit (20% bad pixels), applied per chip.
@@ -114,6 +115,17 @@ RESULT_FLAGS: tuple[ResultFlag, ...] = (
 _FLAG = {flag.name: flag.value for flag in RESULT_FLAGS}
 #: The bits that make a result unusable (``flag_bad``).
 BAD_RESULT_FLAGS = sum(flag.value for flag in RESULT_FLAGS if flag.bad)
+
+
+def is_bad(result_flags):
+    """``flag_bad``: a bad bit is set, the labels are not usable (an int, or elementwise on an integer array). The
+    result models' SQL form of the same rule is ``result_flags & BAD_RESULT_FLAGS != 0``."""
+    return (result_flags & BAD_RESULT_FLAGS) != 0
+
+
+def is_flagged(result_flags):
+    """``flag_warn``: any bit is set (an int, or elementwise on an integer array)."""
+    return result_flags != 0
 
 #: Bit of each label in ``at_bound_flags`` (label at the bound of the fit): its index in :data:`LABELS`.
 AT_BOUND_BITS = {label.name: 1 << index for index, label in enumerate(LABELS)}

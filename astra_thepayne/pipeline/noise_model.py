@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigurationError
-from .files import atomic_write
+from ..errors import ConfigurationError
+from ..files import atomic_write
 
 __all__ = ["apply_correction", "calibrate_pair_errors", "pair_z_scores", "load_corrections", "save_corrections",
            "apply_corrections_to_database", "repeat_pairs", "calibrate_from_database", "FORMS"]
@@ -114,7 +114,7 @@ def load_corrections(path):
         Whatever the file holds as its reference (kept for provenance).
     sha256 : str
     """
-    from .emulator import ModelFileError, load_pickle_arrays
+    from ..core.emulator import ModelFileError, load_pickle_arrays
 
     path = Path(path)
     try:
@@ -173,7 +173,7 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
     """
     from peewee import fn
 
-    from .db.models import ThePayne
+    from ..db.models import ThePayne
 
     fields = ThePayne._meta.fields
     updated, skipped = {}, []
@@ -206,7 +206,7 @@ def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None, err
     first of them is used, so a pair never shares an exposure (visits without an MJD count as their own).
     Errors are the formal ones (``errors="raw_e"``), or those after the noise model (``errors="e"``).
     """
-    from .db.models import VISIT_TYPES, SpectrumRecord, ThePayne
+    from ..db.models import VISIT_TYPES, SpectrumRecord, ThePayne
 
     value, error = ThePayne._meta.fields[label], ThePayne._meta.fields[f"{errors}_{label}"]
     query = (ThePayne.select(ThePayne.source_pk, SpectrumRecord.mjd, value, error)
@@ -242,7 +242,7 @@ def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None
     reference : dict
         Provenance: pairs used per label, tag, network hash.
     """
-    from .labels import LABEL_NAMES
+    from ..core.labels import LABEL_NAMES
 
     corrections, n_pairs = {}, {}
     for label in labels or LABEL_NAMES:

@@ -33,9 +33,9 @@ DEMO_GRID_SEED = 2019
 
 def demo_model_path() -> Path:
     """Path of the bundled demonstration network (``astra_thepayne/data/demo_nn.pkl``)."""
-    from .emulator import ModelFileError
+    from ..errors import ModelFileError
 
-    path = Path(__file__).resolve().parent / "data" / DEMO_FILENAME
+    path = Path(__file__).resolve().parents[1] / "data" / DEMO_FILENAME
     if not path.is_file():
         raise ModelFileError(f"demonstration network {path} is missing from this installation; "
                              "regenerate it with `python -m astra_thepayne.training.make_demo`")

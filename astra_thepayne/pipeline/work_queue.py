@@ -1,12 +1,9 @@
-"""Running a task generator and saving its results in batches, timed the way Astra times them.
+"""``thepayne run``: fit every registered spectrum that has no result yet, in claimed batches.
 
-A task is a generator that yields result rows, and ``...`` (Ellipsis) whenever it has spent time on work shared by
-all results (loading the network, building masks). :class:`Timer` gives every result the time since the previous
-yield (``t_elapsed``) and spreads the shared overhead evenly (``t_overhead``, also added to ``t_elapsed``), exactly
-as Astra's task decorator does; :func:`save_in_batches` inserts the rows every ``batch_size`` results or
-``seconds`` seconds, whichever comes first, with on-conflict-ignore so that a duplicate (a re-run, or a concurrent
-process) never fails the batch. This module is the project's own stand-in for Astra's runner when sdss-astra is not
-installed.
+Work is claimed batch by batch so that any number of processes (on one node or many) can run on one database
+without fitting a spectrum twice: with ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, with claim rows written
+under SQLite's write lock there. A batch's rows and pickles are stored in one transaction, so a process killed
+mid-batch loses no stored result and leaves nothing half-written (see :func:`run_pending`).
 """
 from __future__ import annotations
 
@@ -14,102 +11,15 @@ import logging
 import os
 import time
 
-from peewee import chunked
-from peewee import fn as _fn
+from peewee import fn
+
+from ..db.queries import done_condition, pending_spectra, utc_now
+from .runner import Timer, insert_rows
+
+__all__ = ["RunSummary", "run_pending", "page_range", "release_dead_claims"]
 
 log = logging.getLogger(__name__)
 
-
-def fn_max(column):
-    return _fn.MAX(column)
-
-__all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
-
-
-class Timer:
-    """Iterate over a task generator, timing each result.
-
-    The interval between two yields is measured inside the generator's own execution (the consumer's time spent
-    saving is not counted, because a generator does not run between a ``yield`` and the next ``next()``).
-    """
-
-    def __init__(self, iterable):
-        self._iterable = iterable
-        self.overheads = 0.0
-        self.n_results = 0
-
-    def __iter__(self):
-        iterator = iter(self._iterable)
-        last = time.perf_counter()
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                self.overheads += time.perf_counter() - last  # time after the last result is shared overhead
-                return
-            interval = time.perf_counter() - last
-            if item is Ellipsis:
-                self.overheads += interval
-            else:
-                self.n_results += 1
-                if getattr(item, "t_elapsed", None) is None:  # a task may time its results itself
-                    item.t_elapsed = interval
-                yield item
-            last = time.perf_counter()
-
-    @property
-    def mean_overhead(self) -> float:
-        return self.overheads / self.n_results if self.n_results else 0.0
-
-    def add_overheads(self, items) -> None:
-        """Give each item the mean overhead so far (``t_overhead``) and add it to its ``t_elapsed``."""
-        overhead = self.mean_overhead
-        for item in items:
-            item.t_overhead = overhead
-            item.t_elapsed = (item.t_elapsed or 0.0) + overhead
-
-
-def insert_rows(rows, database=None) -> None:
-    """Insert model instances of one class with on-conflict-ignore, in statements small enough for SQLite."""
-    rows = list(rows)
-    if not rows:
-        return
-    model = type(rows[0])
-    pk = model._meta.primary_key.name
-    names = [f.name for f in model._meta.sorted_fields if f.name != pk]
-    data = [{name: row.__data__.get(name) for name in names} for row in rows]
-    per_statement = max(1, 30_000 // len(names))  # SQLite allows 32766 bound variables per statement
-    database = database or model._meta.database
-    with database.atomic():
-        for chunk in chunked(data, per_statement):
-            model.insert_many(chunk).on_conflict_ignore().execute()
-
-
-def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows):
-    """Consume a task generator, saving its results every ``batch_size`` results or ``seconds`` seconds.
-
-    Yields the results once they are saved (in order), with ``t_elapsed`` and ``t_overhead`` filled.
-    """
-    timer = Timer(results)
-    batch, last_save = [], time.monotonic()
-    for item in timer:
-        batch.append(item)
-        if len(batch) >= batch_size or time.monotonic() - last_save >= seconds:
-            timer.add_overheads(batch)
-            save(batch)
-            yield from batch
-            batch, last_save = [], time.monotonic()
-    timer.add_overheads(batch)  # only now is the total overhead known
-    save(batch)
-    yield from batch
-
-
-def execute(results, batch_size: int = 1000, seconds: float = 300.0) -> list:
-    """Run a task generator to the end, saving everything; returns the saved results."""
-    return list(save_in_batches(results, batch_size=batch_size, seconds=seconds))
-
-
-# -- `thepayne run`: fit the spectra that have no result yet ------------------------------------------------------
 
 class RunSummary:
     """Counts and timing of one :func:`run_pending` call."""
@@ -142,36 +52,10 @@ class RunSummary:
                 f"{self.seconds:.1f} s: {self.rate:.2f} spectra/s")
 
 
-def pending_spectra(model_sha256: str, tag: str = "", pk_min=None, pk_max=None, spectrum_types=None,
-                    retry_failed_before=None):
-    """Query of the spectra without a result for this network and tag, in primary-key order.
-
-    ``retry_failed_before`` (a UTC datetime): also the spectra whose result failed (``flag_bad``) and was created
-    before then, so that ``--retry-failed`` refits each failed spectrum once per run, not again and again.
-    """
-    from peewee import fn
-
-    from .db.models import SpectrumRecord, ThePayne
-
-    condition = ((ThePayne.spectrum_pk == SpectrumRecord.pk) & (ThePayne.model_sha256 == model_sha256)
-                 & (ThePayne.tag == tag))
-    if retry_failed_before is not None:
-        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
-    done = ThePayne.select(ThePayne.task_pk).where(condition)
-    query = SpectrumRecord.select().where(~fn.EXISTS(done))
-    if pk_min is not None:
-        query = query.where(SpectrumRecord.pk >= int(pk_min))
-    if pk_max is not None:
-        query = query.where(SpectrumRecord.pk <= int(pk_max))
-    if spectrum_types:
-        query = query.where(SpectrumRecord.spectrum_type.in_(list(spectrum_types)))
-    return query.order_by(SpectrumRecord.pk)
-
-
 def _store(rows, records, database, model_sha256, tag, replace_failed):
     """Insert the rows of one batch; with ``replace_failed``, first delete the failed rows they replace (same
     transaction: a reader sees the old failed row or the new one, never neither)."""
-    from .db.models import ThePayne
+    from ..db.models import ThePayne
 
     with database.atomic():
         if replace_failed:
@@ -188,7 +72,7 @@ def page_range(page: int, per_page: int, pk_min=None, pk_max=None):
     are written (Astra's pages shrink as work completes, which skips or repeats spectra). Returns None for a page
     past the end.
     """
-    from .db.models import SpectrumRecord
+    from ..db.models import SpectrumRecord
 
     query = SpectrumRecord.select(SpectrumRecord.pk)
     if pk_min is not None:
@@ -213,7 +97,7 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
     Parameters
     ----------
     fitter : PayneFitter
-        See :func:`astra_thepayne.task.load_fitter`.
+        See :func:`astra_thepayne.pipeline.task.load_fitter`.
     tag : str
     limit : int, optional
         Fit at most this many spectra; with ``page``, the page size.
@@ -233,10 +117,8 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         Also refit the spectra whose result for this network and tag failed (``flag_bad``), once each: the new
         row (and its pickle) replaces the failed row in the transaction that stores it.
     """
-    from peewee import fn
-
-    from .db.database import is_postgres
-    from .db.models import SpectrumRecord
+    from ..db.database import is_postgres
+    from ..db.models import SpectrumRecord
 
     summary = RunSummary()
     start = time.perf_counter()
@@ -249,7 +131,7 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
         pk_min, pk_max = bounds
     database = SpectrumRecord._meta.database
     postgres = is_postgres(database)
-    retry_before = _utcnow() if retry_failed else None
+    retry_before = utc_now() if retry_failed else None
     pending = pending_spectra(fitter.emulator.sha256, tag, pk_min, pk_max, spectrum_types, retry_before)
     summary.registered = SpectrumRecord.select().count()
     if not postgres:
@@ -297,27 +179,21 @@ def run_pending(fitter, tag: str = "", limit=None, page=None, pk_min=None, pk_ma
     return summary
 
 
-def _utcnow():
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-
-
 def _fit_rows(*args, **kwargs):
-    from .task import fit_rows
+    from .task import fit_rows  # the task imports the models and the fitter: only when a run starts
 
     return fit_rows(*args, **kwargs)
 
 
 def _owner() -> str:
-    from .files import _HOST
+    from ..files import _HOST
 
     return f"{_HOST}-{os.getpid()}"
 
 
 def _claims_of(model_sha256, tag):
     """Subquery: a claim on the outer query's spectrum for this network and tag."""
-    from .db.models import Claim, SpectrumRecord
+    from ..db.models import Claim, SpectrumRecord
 
     return Claim.select(Claim.spectrum_pk).where(
         (Claim.spectrum_pk == SpectrumRecord.pk) & (Claim.model_sha256 == model_sha256) & (Claim.tag == tag))
@@ -331,13 +207,13 @@ def release_dead_claims(stale_seconds: float | None = None) -> int:
     """
     import datetime
 
-    from .db.models import Claim
-    from .files import _HOST, STALE_SECONDS, _alive
+    from ..db.models import Claim
+    from ..files import _HOST, STALE_SECONDS, _alive
 
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = utc_now()
     dead = []
-    for owner, claimed in Claim.select(Claim.owner, fn_max(Claim.claimed)).group_by(Claim.owner).tuples():
+    for owner, claimed in Claim.select(Claim.owner, fn.MAX(Claim.claimed)).group_by(Claim.owner).tuples():
         host, _, pid = owner.rpartition("-")
         if host == _HOST and pid.isdigit():
             gone = int(pid) != os.getpid() and not _alive(int(pid))
@@ -358,7 +234,7 @@ def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, se
                                 bar=None):
     """One SQLite batch: claim up to ``n`` pending spectra no other process claimed, fit them, store the rows and
     drop the claims. Returns ``(records, rows)``, or ``(None, None)`` when nothing is left to claim."""
-    from .db.models import Claim
+    from ..db.models import Claim
 
     owner = _owner()
     sha256 = fitter.emulator.sha256
@@ -394,12 +270,10 @@ def _claim_fit_and_store_sqlite(database, pending, n, fitter, tag, processes, se
 
 
 def _without_results(records, model_sha256, tag, retry_failed_before=None):
-    from .db.models import ThePayne
+    from ..db.models import ThePayne
 
-    condition = (ThePayne.spectrum_pk.in_([r.pk for r in records]) & (ThePayne.model_sha256 == model_sha256)
-                 & (ThePayne.tag == tag))
-    if retry_failed_before is not None:  # a failed row from before this run does not count as done
-        condition &= ~(ThePayne.flag_bad & (ThePayne.created < retry_failed_before))
+    condition = ThePayne.spectrum_pk.in_([r.pk for r in records]) & done_condition(ThePayne, model_sha256, tag,
+                                                                                  retry_failed_before)
     done = {pk for (pk,) in ThePayne.select(ThePayne.spectrum_pk).where(condition).tuples()}
     return [r for r in records if r.pk not in done]
 

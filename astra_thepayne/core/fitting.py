@@ -2,9 +2,9 @@
 flags.
 
 The problem is the Astra seed's (chi2 with absolute sigma over scaled labels bounded to [-0.5, 0.5], tolerance
-5e-4), started in the basin of the global minimum (a model bank, :mod:`astra_thepayne.model_bank`, and several local
-fits; or at given labels), solved by :func:`astra_thepayne.solver.minimise` on
-:class:`astra_thepayne.problem.PayneProblem`: exact chi2 and gradient at every step, an approximate Gauss-Newton
+5e-4), started in the basin of the global minimum (a model bank, :mod:`.model_bank`, and several local
+fits; or at given labels), solved by :func:`astra_thepayne.core.solver.minimise` on
+:class:`astra_thepayne.core.problem.PayneProblem`: exact chi2 and gradient at every step, an approximate Gauss-Newton
 matrix far from the minimum and the exact one near it, where it also gives the covariance. The tolerance is on
 chi2 in absolute terms, so fits end at the minimum rather than near it.
 With ``v_rad_tolerance > 0`` the radial velocity is a free parameter: the rectified model is Doppler shifted
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..threads import BLAS_THREAD_VARIABLES, blas_thread_environment
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
-from .grid import APSTAR_CDELT1, APSTAR_NPIX, MODEL_SEGMENTS, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .labels import APOGEE_BAD_PIXEL_MASK, at_bound_flags, flag_result
 from .model_bank import DEFAULT_BANK_SIZE, ModelBank
 from .pixel_weights import PixelWeights
@@ -32,6 +32,14 @@ from .preprocess import model_grid_coverage, spectrum_snr, to_apstar_grid
 from .problem import OutputLayer, PayneProblem, Shift, pixel_shift
 from .result import FitResult
 from .solver import SolverFailure, minimise
+from .wavelength import (
+    APSTAR_CDELT1,
+    APSTAR_NPIX,
+    MODEL_SEGMENTS,
+    MODEL_TO_APSTAR,
+    SPEED_OF_LIGHT_KMS,
+    apstar_wavelength,
+)
 
 __all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches", "load_pixel_array",
            "misfit"]
@@ -76,7 +84,7 @@ def load_pixel_array(path, n_model_pixels):
     """Read a continuum-pixel list or model mask (.npy, never pickled objects): a boolean array over the apStar grid
     (8575) or the model grid, or integer indices into the apStar grid (the convention of Astra's
     ``cannon_apogee_pixels.npy``). Returns a boolean array over the apStar grid."""
-    from .errors import ConfigurationError
+    from ..errors import ConfigurationError
 
     try:
         array = np.load(path, allow_pickle=False)
@@ -86,7 +94,7 @@ def load_pixel_array(path, n_model_pixels):
 
 
 def as_apstar_mask(array, n_model_pixels, what="pixel array"):
-    from .errors import ConfigurationError
+    from ..errors import ConfigurationError
 
     array = np.asarray(array)
     mask = np.zeros(APSTAR_NPIX, dtype=bool)
@@ -121,7 +129,7 @@ class PayneFitter:
     opt_tolerance : float
         The fit ends when a full Gauss-Newton step would lower chi2 by less than this (absolute, in chi2 units), or
         when a step moves no label by more than ``sqrt(opt_tolerance)`` of its sigma (0.022 sigma by default); see
-        :func:`astra_thepayne.solver.minimise`.
+        :func:`astra_thepayne.core.solver.minimise`.
     v_rad_tolerance : float
         Largest |v_rel| (km/s) fitted; 0 disables the radial velocity.
     pixel_flag_mask : int
@@ -136,14 +144,14 @@ class PayneFitter:
         errors. The joint fit removes the bias and its covariance marginalises over the continuum.
         False gives the seed's single pass.
     bank_size : int
-        Members of the model bank that finds each fit's starting point (:mod:`astra_thepayne.model_bank`).
+        Members of the model bank that finds each fit's starting point (:mod:`astra_thepayne.core.model_bank`).
     bank_cache_dir : path or False, optional
-        Where the bank is cached (default :func:`astra_thepayne.model_bank.default_cache_dir`; False: no cache).
+        Where the bank is cached (default :func:`astra_thepayne.core.model_bank.default_cache_dir`; False: no cache).
     n_starts : int
         Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.
     pixel_weights : PixelWeights, optional
         The survey pipelines' pixel-weight rules (sky lines, persistence, LITTROW ghosts, error floor), applied
-        where the spectrum is prepared (:mod:`astra_thepayne.pixel_weights`); default ``PixelWeights()``, all on;
+        where the spectrum is prepared (:mod:`astra_thepayne.core.pixel_weights`); default ``PixelWeights()``, all on;
         ``PixelWeights.off()`` for none.
     """
 
@@ -156,12 +164,12 @@ class PayneFitter:
         elif emulator.n_pixels == APSTAR_NPIX:
             self.model_to_apstar = np.arange(APSTAR_NPIX)
         else:
-            from .errors import ConfigurationError
+            from ..errors import ConfigurationError
 
             raise ConfigurationError(f"model {emulator.path}: {emulator.n_pixels} pixels; expected the 7214-pixel "
                                      f"APOGEE model grid or the {APSTAR_NPIX}-pixel apStar grid")
         if not np.allclose(emulator.wavelength, _APSTAR_WAVELENGTH[self.model_to_apstar], rtol=1e-6):
-            from .errors import ConfigurationError
+            from ..errors import ConfigurationError
 
             raise ConfigurationError(f"model {emulator.path}: its wavelength grid is not the APOGEE model grid")
         self.ignore = np.zeros(APSTAR_NPIX, dtype=bool)
@@ -224,7 +232,7 @@ class PayneFitter:
         return self._layer.run_one(self._fit_steps(spectrum, initial_labels))
 
     def fit_batch(self, spectra, initial_labels=None) -> list[FitResult]:
-        """Fit several spectra in lockstep (see :meth:`astra_thepayne.problem.OutputLayer.run`): the same results
+        """Fit several spectra in lockstep (see :meth:`astra_thepayne.core.problem.OutputLayer.run`): the same results
         as :meth:`fit` one at a time, in less time. Each result's ``seconds`` is its share of the batch's time."""
         start = time.perf_counter()
         results = self._layer.run([self._fit_steps(spectrum, initial_labels) for spectrum in spectra])
@@ -282,7 +290,7 @@ class PayneFitter:
 
     def _global_start(self, spectrum, by_shift, initial_labels):
         """Starting points ``[(scaled labels, velocity in km/s), ...]`` in the basins of the lowest minima: the best
-        ``n_starts`` distinct matches in the model bank (:mod:`astra_thepayne.model_bank`); with a free velocity,
+        ``n_starts`` distinct matches in the model bank (:mod:`astra_thepayne.core.model_bank`); with a free velocity,
         the velocity that best matches the first of them, the bank matched again with the spectrum moved to the
         rest frame, and the velocity of the best new match. ``initial_labels`` replace the bank (one start)."""
         y, weight = self._data(by_shift[0])
@@ -393,7 +401,7 @@ class PayneFitter:
         return problem
 
     def _solve(self, problem, start, coarse=False):
-        """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`astra_thepayne.solver.minimise`)."""
+        """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`.solver.minimise`)."""
         lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
         try:
             solution = yield from minimise(problem, start, lower, -lower, tolerance=self.opt_tolerance,
@@ -482,8 +490,8 @@ class PayneFitter:
         import multiprocessing
         from multiprocessing import resource_tracker
 
-        saved = {v: os.environ.get(v) for v in _THREAD_VARIABLES}
-        os.environ.update({v: "1" for v in _THREAD_VARIABLES})  # read by the spawned workers' BLAS at import
+        saved = {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES}
+        os.environ.update(blas_thread_environment(1))  # read by the spawned workers' BLAS at import
         try:
             context = multiprocessing.get_context("spawn")
             # started first: starting it later unblocks SIGINT (its own start blocks and then unblocks the signal)
@@ -535,7 +543,6 @@ def batches(items, size):
         yield batch
 
 
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _WORKER_FITTER = None
 
 

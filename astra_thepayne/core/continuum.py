@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.polynomial import chebyshev
 
-from .grid import CONTINUUM_REGIONS
+from .wavelength import CONTINUUM_REGIONS
 
 __all__ = ["ContinuumBasis", "continuum_pixels_from_model", "continuum_design"]
 

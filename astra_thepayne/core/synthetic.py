@@ -5,8 +5,8 @@ import functools
 
 import numpy as np
 
-from .grid import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from .spectrum import Spectrum
+from .wavelength import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
 __all__ = ["synthetic_spectrum", "doppler_shift", "smooth_continuum", "toy_network", "line_network", "LineModel",
            "LINE_NETWORK_LABELS"]
@@ -17,7 +17,7 @@ def doppler_shift(model_wavelength, model_flux, wavelength, v_rel, interpolation
     receding): ``f_obs(lambda) = f_model(lambda / (1 + v/c))``, NaN outside the model.
 
     ``interpolation="quintic"`` (default) uses a quintic spline in log-lambda: a star's spectrum is smooth between
-    pixels, and this is not the interpolation the fitter uses (a cubic spline, :class:`astra_thepayne.problem.Shift`),
+    pixels, and this is not the interpolation the fitter uses (a cubic spline, :class:`.problem.Shift`),
     as real data would not be. ``"cubic"`` is the fitter's own interpolation (data a fit can match exactly);
     ``"linear"`` makes lines 2 px wide shallower and broader at half-pixel shifts.
     """
@@ -87,8 +87,8 @@ def toy_network(hidden: int = 48, seed: int = 0):
     constrain all 25 labels.
     """
     from .emulator import PayneEmulator
-    from .grid import model_wavelength
     from .labels import LABELS
+    from .wavelength import model_wavelength
 
     rng = np.random.default_rng(seed)
     wavelength = model_wavelength()
@@ -151,7 +151,7 @@ class LineModel:
     label_names = tuple(name for name, _, _ in LINE_NETWORK_LABELS)
 
     def __init__(self, seed=0, n_lines=(("fe", 420), ("mg", 45), ("ti", 40)), n_molecular=300):
-        from .grid import MODEL_SEGMENTS
+        from .wavelength import MODEL_SEGMENTS
 
         rng = np.random.default_rng(seed)
         sizes = [b - a for a, b in MODEL_SEGMENTS]
@@ -234,7 +234,7 @@ def line_network(hidden: int = 64, seed: int = 0, n_train: int = 3000, ridge: fl
     second to build; cached (treat the returned network as read-only).
     """
     from .emulator import PayneEmulator
-    from .grid import model_wavelength
+    from .wavelength import model_wavelength
 
     rng = np.random.default_rng(seed)
     model = LineModel(seed=seed)

@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from .files import atomic_write
-from .labels import BAD_RESULT_FLAGS
+from ..core.labels import is_bad, is_flagged
+from ..files import atomic_write
 
 __all__ = ["catalogue_columns", "catalogue_data", "export_catalogue", "fits_text", "header_text", "tag_counts"]
 
@@ -27,7 +27,7 @@ _RESULT_SKIP = {"model_path", "source_pk", "spectrum_pk"}
 
 def catalogue_columns():
     """``[(name, peewee field)]`` of the APOGEE HDU, in order (flag_warn/flag_bad map to ``None``)."""
-    from .db.models import Source, SpectrumRecord, ThePayne
+    from ..db.models import Source, SpectrumRecord, ThePayne
 
     columns = [("source_pk", Source.pk)]
     columns += [(name, Source._meta.fields[name]) for name in _SOURCE_COLUMNS]
@@ -46,7 +46,7 @@ def catalogue_data(visits: bool = False, tag: str | None = "", model_sha256: str
     """Column name -> numpy array of the APOGEE HDU (see the module docstring for the row selection)."""
     from peewee import JOIN
 
-    from .db.models import COADD_TYPES, VISIT_TYPES, Source, SpectrumRecord, ThePayne
+    from ..db.models import COADD_TYPES, VISIT_TYPES, Source, SpectrumRecord, ThePayne
 
     columns = catalogue_columns()
     selected = [field.alias(name) for name, field in columns if field is not None]
@@ -71,9 +71,9 @@ def catalogue_data(visits: bool = False, tag: str | None = "", model_sha256: str
     data = {}
     for name, field in columns:
         if name == "flag_warn":
-            data[name] = flags > 0
+            data[name] = is_flagged(flags)
         elif name == "flag_bad":
-            data[name] = (flags & BAD_RESULT_FLAGS) != 0
+            data[name] = is_bad(flags)
         else:
             data[name] = _column(field, [r[name] for r in rows])
     return data
@@ -156,8 +156,8 @@ def export_catalogue(path, visits: bool = False, tag: str | None = "", model_sha
     """
     from astropy.io import fits
 
-    from . import __version__
-    from .db.models import ThePayne
+    from .. import __version__
+    from ..db.models import ThePayne
 
     data = catalogue_data(visits=visits, tag=tag, model_sha256=model_sha256)
     help_texts = {name: getattr(field, "help_text", None) for name, field in catalogue_columns() if field is not None}
@@ -195,7 +195,7 @@ def tag_counts(model_sha256: str | None = None) -> dict:
     """``{tag: number of results}`` in the database (one SQL ``GROUP BY``), optionally for one network only."""
     from peewee import fn
 
-    from .db.models import ThePayne
+    from ..db.models import ThePayne
 
     query = ThePayne.select(ThePayne.tag, fn.COUNT(ThePayne.task_pk)).group_by(ThePayne.tag)
     if model_sha256:

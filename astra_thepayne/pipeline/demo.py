@@ -47,8 +47,8 @@ def apogee_example_folder():
 
 
 def _draw_synthetic(emulator, folder, n, seed):
-    from .io.writers import write_apstar
-    from .synthetic import synthetic_spectrum
+    from ..core.synthetic import synthetic_spectrum
+    from ..io.writers import write_apstar
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,15 +65,15 @@ def _draw_synthetic(emulator, folder, n, seed):
 
 def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=2026, n_plots=4, progress=True):
     """Run the demonstration; returns a :class:`DemoReport`."""
+    from ..db.database import connect
+    from ..db.migrate import upgrade
+    from ..db.models import SpectrumRecord, ThePayne
     from .catalogue import export_catalogue
-    from .db.database import connect
-    from .db.migrate import upgrade
-    from .db.models import SpectrumRecord, ThePayne
     from .ingest import ingest
     from .plotting import plot_fit
     from .products import write_products
-    from .runner import run_pending
     from .task import load_fitter
+    from .work_queue import run_pending
 
     start = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -147,7 +147,7 @@ def run_demo(workdir="thepayne-demo", database_url=None, n_synthetic=6, seed=202
 
 def format_report(report) -> str:
     """The text ``thepayne demo`` prints."""
-    from .labels import describe_flags
+    from ..core.labels import describe_flags
 
     lines = ["", "Synthetic stars drawn from the demonstration network (truth known): true / fitted ± error (pull)"]
     header = f"  {'object':<16}" + "".join(f"{name:>30}" for name in _SUMMARY)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import LABEL_NAMES, LABELS, RESULT_FLAGS
+from ..core.labels import LABEL_NAMES, LABELS, RESULT_FLAGS
 
 __all__ = ["write_report", "report_counts", "DENSITY_THRESHOLD"]
 
@@ -39,7 +39,7 @@ class _Selection:
     model_sha256: str | None
 
     def where(self, query):
-        from .db.models import ThePayne
+        from ..db.models import ThePayne
 
         if self.tag is not None:
             query = query.where(ThePayne.tag == self.tag)
@@ -62,7 +62,7 @@ def report_counts(tag: str | None = "", model_sha256: str | None = None) -> dict
     ``by_type`` (spectrum type -> count)."""
     from peewee import Case, fn
 
-    from .db.models import SpectrumRecord, ThePayne
+    from ..db.models import SpectrumRecord, ThePayne
 
     selection = _Selection(tag, model_sha256)
     flags = ThePayne.result_flags
@@ -86,7 +86,7 @@ def report_counts(tag: str | None = "", model_sha256: str | None = None) -> dict
 
 def _columns(selection, names, good_only=True):
     """``{name: float array}`` of the selected rows (NULL as NaN), one query, no row objects."""
-    from .db.models import ThePayne
+    from ..db.models import ThePayne
 
     fields = [ThePayne._meta.fields[name] for name in names]
     query = selection.where(ThePayne.select(*fields))
@@ -262,7 +262,7 @@ def _z_scores(page, selection, calibrated):
 
 def _gallery(page, selection):
     """The fits with the lowest, median and highest reduced chi2 among the usable results."""
-    from .db.models import SpectrumRecord, ThePayne
+    from ..db.models import SpectrumRecord, ThePayne
     from .plotting import fit_figure
     from .task import load_fitter
 
@@ -343,8 +343,8 @@ def write_report(path, tag: str | None = "", model_sha256: str | None = None, da
     -------
     Path of the written file.
     """
-    from .db.models import ThePayne
-    from .files import atomic_write
+    from ..db.models import ThePayne
+    from ..files import atomic_write
 
     selection = _Selection(tag, model_sha256)
     counts = report_counts(tag, model_sha256)
@@ -390,7 +390,7 @@ def write_report(path, tag: str | None = "", model_sha256: str | None = None, da
         demo = (f"<p class='demo'>{counts['demonstration']} of these results were made with the bundled "
                 "DEMONSTRATION network (a toy line model): their labels are not for science.</p>")
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    from . import __version__
+    from .. import __version__
 
     title = f"The Payne run report: {'any tag' if tag is None else repr(tag)}"
     text = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

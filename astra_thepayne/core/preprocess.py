@@ -1,7 +1,7 @@
 """Put a spectrum onto the apStar rest-frame grid with bad pixels carrying zero weight.
 
 Pixels are bad when their flux or inverse variance is not finite, their inverse variance is not positive, or their
-APOGEE_PIXMASK bits intersect the chosen mask. The pixel-weight rules of :mod:`astra_thepayne.pixel_weights`
+APOGEE_PIXMASK bits intersect the chosen mask. The pixel-weight rules of :mod:`astra_thepayne.core.pixel_weights`
 (sky lines, persistence, LITTROW ghosts) act on the spectrum's own pixels when ``weights`` are given (the fitter
 passes its own, ``PayneFitter.pixel_weights``).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grid import APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
+from .wavelength import APSTAR_NPIX, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
 __all__ = ["good_pixels", "to_apstar_grid", "resample", "pixel_edges", "median_snr", "spectrum_snr",
            "model_grid_coverage"]
@@ -108,7 +108,7 @@ def to_apstar_grid(spectrum, pixel_flag_mask, weights=None):
 
     Spectra already on that grid in the rest frame (apStar, mwmStar, aspcapStar) are only masked; others are
     shifted by ``spectrum.v_rel_known`` (when finite) and resampled. ``weights`` (a
-    :class:`~astra_thepayne.pixel_weights.PixelWeights`) applies the pipelines' pixel-weight rules first.
+    :class:`~astra_thepayne.core.pixel_weights.PixelWeights`) applies the pipelines' pixel-weight rules first.
 
     Returns
     -------

@@ -9,14 +9,14 @@ Choices, and why:
   not cut off, while one cosmic ray does not squash the rest;
 * residuals in units of the noise on a symmetric-log axis: linear within +-3 sigma, logarithmic beyond, so a good
   fit shows its noise and a bad one still shows where and how it fails instead of a wall at the axis limit;
-* the title names the result flags (:func:`astra_thepayne.labels.describe_flags`), not their integer.
+* the title names the result flags (:func:`astra_thepayne.core.labels.describe_flags`), not their integer.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .grid import MODEL_SEGMENTS, apstar_wavelength
-from .labels import describe_flags
+from ..core.labels import describe_flags
+from ..core.wavelength import MODEL_SEGMENTS, apstar_wavelength
 
 __all__ = ["plot_fit", "fit_figure"]
 

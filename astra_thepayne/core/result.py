@@ -5,12 +5,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .grid import APSTAR_NPIX
-from .labels import BAD_RESULT_FLAGS, label_pairs, rho_name
+from .labels import is_bad, is_flagged, label_pairs, rho_name
+from .wavelength import APSTAR_NPIX
 
 __all__ = ["FitResult", "row_keys"]
-
-_BAD_BITS = BAD_RESULT_FLAGS
 
 
 def row_keys(label_names) -> list[str]:
@@ -47,9 +45,9 @@ class FitResult:
         ``chi2 / dof``.
     snr : float
     result_flags : int
-        Bits of :data:`astra_thepayne.labels.RESULT_FLAGS`.
+        Bits of :data:`astra_thepayne.core.labels.RESULT_FLAGS`.
     at_bound_flags : int
-        One bit per label that ended on its bound (:data:`astra_thepayne.labels.AT_BOUND_BITS`).
+        One bit per label that ended on its bound (:data:`astra_thepayne.core.labels.AT_BOUND_BITS`).
     starflag : int or None
         The file's STARFLAG for this spectrum (APOGEE_STARFLAG bits; None when the file has none).
     vscatter : float
@@ -95,11 +93,11 @@ class FitResult:
 
     @property
     def flag_warn(self) -> bool:
-        return self.result_flags > 0
+        return bool(is_flagged(self.result_flags))
 
     @property
     def flag_bad(self) -> bool:
-        return bool(self.result_flags & _BAD_BITS)
+        return bool(is_bad(self.result_flags))
 
     @property
     def flag_names(self) -> tuple[str, ...]:
