@@ -96,7 +96,7 @@ class PayneEmulator:
                 [content[f"w_array_{i}"] for i in range(3)], [content[f"b_array_{i}"] for i in range(3)],
                 content["x_min"], content["x_max"], wavelength, names, path=path, sha256=sha256,
             )
-        content = load_pickle_arrays(path)
+        content = load_pickle_arrays(path)  # type: ignore[assignment]  # checked on the next line
         if not isinstance(content, dict):
             raise ModelFileError(f"model file {path}: expected a dict, found {type(content).__name__}")
         missing = [k for k in ("weights", "biases", "x_min", "x_max", "wavelength", "label_names") if k not in content]

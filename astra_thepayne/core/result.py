@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +93,11 @@ class FitResult:
                    result_flags=int(result_flags) | 1, message=message)
 
     @property
+    def errors(self) -> np.ndarray:
+        """``e`` (the noise model's errors; ``raw_e`` until one is applied)."""
+        return self.raw_e if self.e is None else self.e
+
+    @property
     def flag_warn(self) -> bool:
         return bool(is_flagged(self.result_flags))
 
@@ -123,10 +129,10 @@ class FitResult:
 
     def as_row(self) -> dict:
         """Flat ``{column: value}`` with the keys of :func:`row_keys`, identical for successes and failures."""
-        row = {"v_rel": float(self.v_rel), "e_v_rel": float(self.e_v_rel)}
+        row: dict[str, Any] = {"v_rel": float(self.v_rel), "e_v_rel": float(self.e_v_rel)}
         names = list(self.label_names)
         row.update({n: float(v) for n, v in zip(names, self.labels, strict=True)})
-        row.update({f"e_{n}": float(v) for n, v in zip(names, self.e, strict=True)})
+        row.update({f"e_{n}": float(v) for n, v in zip(names, self.errors, strict=True)})
         row.update({f"raw_e_{n}": float(v) for n, v in zip(names, self.raw_e, strict=True)})
         rho = self.rho
         index = {n: i for i, n in enumerate(names)}

@@ -18,10 +18,13 @@ answer, so that a driver can advance many fits in lockstep and serve all their r
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from .lockstep import Request
 
 __all__ = ["LeastSquaresProblem", "Solution", "SolverFailure", "minimise"]
 
@@ -29,13 +32,13 @@ __all__ = ["LeastSquaresProblem", "Solution", "SolverFailure", "minimise"]
 class LeastSquaresProblem(Protocol):
     """Each method is a generator returning the value described (``value = yield from problem.chi2(x)``)."""
 
-    def chi2(self, x: np.ndarray) -> float:
+    def chi2(self, x: np.ndarray) -> Generator[Request, Any, float]:
         """``sum(r(x)^2)``; may keep what it computed for :meth:`gradient` and :meth:`normal_matrix` at ``x``."""
 
-    def gradient(self, x: np.ndarray) -> np.ndarray:
+    def gradient(self, x: np.ndarray) -> Generator[Request, Any, np.ndarray]:
         """``J(x)^T r(x)`` (half the gradient of chi2)."""
 
-    def normal_matrix(self, x: np.ndarray, exact: bool) -> np.ndarray:
+    def normal_matrix(self, x: np.ndarray, exact: bool) -> Generator[Request, Any, np.ndarray]:
         """``J(x)^T J(x)``, exactly when ``exact`` is true, otherwise any cheap symmetric positive approximation."""
 
 
@@ -52,8 +55,8 @@ class SolverFailure(RuntimeError):
     pass
 
 
-def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_tolerance=0.02,
-             max_evaluations=None, coarse=False):
+def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 5e-4, x_tolerance: float = 0.02,
+             max_evaluations: int | None = None, coarse: bool = False) -> Generator[Request, Any, Solution]:
     """Minimise ``problem.chi2`` within ``lower <= x <= upper`` from ``x0``; a generator that passes on the
     problem's requests and returns a :class:`Solution`.
 
@@ -80,7 +83,7 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
     gradient = yield from problem.gradient(x)
     exact = False
     model = _Model((yield from problem.normal_matrix(x, exact)))
-    radius = max(np.linalg.norm(x), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
+    radius = max(float(np.linalg.norm(x)), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
 
     while True:
         matrix = model.matrix
@@ -110,7 +113,7 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance=5e-4, x_t
             trial = _strictly_inside(x + step, lower, upper, 0.0)
             trial_cost = 0.5 * (yield from problem.chi2(trial))
             evaluations += 1
-            step_h_norm = np.linalg.norm(step_h)
+            step_h_norm = float(np.linalg.norm(step_h))
             if not np.isfinite(trial_cost):
                 radius = 0.25 * step_h_norm
                 continue
