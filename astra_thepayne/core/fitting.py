@@ -131,7 +131,7 @@ class PayneFitter:
         when a step moves no label by more than ``sqrt(opt_tolerance)`` of its sigma (0.022 sigma by default); see
         :func:`astra_thepayne.core.solver.minimise`.
     v_rad_tolerance : float
-        Largest |v_rel| (km/s) fitted; 0 disables the radial velocity.
+        Largest ``|v_rel|`` (km/s) fitted; 0 disables the radial velocity.
     pixel_flag_mask : int
         APOGEE_PIXMASK bits that make a pixel bad (default bits 0-7 and 14).
     continuum_degree : int
@@ -145,7 +145,7 @@ class PayneFitter:
         False gives the seed's single pass.
     bank_size : int
         Members of the model bank that finds each fit's starting point (:mod:`astra_thepayne.core.model_bank`).
-    bank_cache_dir : path or False, optional
+    bank_cache_dir : path-like or False, optional
         Where the bank is cached (default :func:`astra_thepayne.core.model_bank.default_cache_dir`; False: no cache).
     n_starts : int
         Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.

@@ -24,7 +24,7 @@ its APOGEE_PIXMASK bits, and each can be switched off (:class:`PixelWeights`):
     over visits).
 ``error_floor`` (fractional, default 0.005)
     applied after continuum normalisation: a normalised pixel's error is at least ``error_floor`` (in units of the
-    continuum), i.e. S/N per pixel at most 200 at the continuum. ASPCAP floors the error at 0.005 of |flux| before
+    continuum), i.e. S/N per pixel at most 200 at the continuum. ASPCAP floors the error at 0.005 of ``|flux|`` before
     normalising and The_Payne caps S/N at 200; a floor in continuum units bounds the weight of every pixel by the
     same amount (model imperfections scale with the continuum, not with the line flux). 0 disables it.
 """

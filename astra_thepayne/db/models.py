@@ -127,7 +127,7 @@ class SpectrumRecord(BaseModel):
 
 
 def result_field_names(label_names=None) -> list[str]:
-    """Names of the per-label fields (values, e_, raw_e_, rho_) in output order."""
+    """Names of the per-label fields (values, ``e_*``, ``raw_e_*``, ``rho_*``) in output order."""
     names = [label.name for label in LABELS] if label_names is None else list(label_names)
     return (names + [f"e_{n}" for n in names] + [f"raw_e_{n}" for n in names]
             + [rho_name(a, b) for a, b in label_pairs(names)])

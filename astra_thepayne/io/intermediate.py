@@ -67,7 +67,7 @@ def intermediate_path(spectrum_pk: int, tag: str = "", version: str | None = Non
         Results with a non-empty tag live in a sub-folder named after it.
     version : str, optional
         Package version used in the ``$MWM_ASTRA`` layout (default: the installed version).
-    root : path, optional
+    root : path-like, optional
         Override of :func:`astra_thepayne.config.output_dir`.
     model_sha256 : str, optional
         The network's hash: its first 12 characters name a folder, so that results of two networks for the same

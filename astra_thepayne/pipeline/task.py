@@ -312,7 +312,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     opt_tolerance : float
         Optimiser tolerance (default 5e-4): on the chi2 decrease, and relative on the step (see docs/science.md).
     v_rad_tolerance : float
-        Largest |v_rel| fitted in km/s; 0 (default) does not fit the radial velocity.
+        Largest ``|v_rel|`` fitted in km/s; 0 (default) does not fit the radial velocity.
     initial_labels : array_like, shape (K,), optional
         Starting labels (physical units); default mid-grid.
     tag : str

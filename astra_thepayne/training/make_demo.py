@@ -13,7 +13,7 @@ Recipe (constants in :mod:`astra_thepayne.core.demo_network`):
 Same machine, numpy build and ``OPENBLAS_NUM_THREADS=1`` (set by this script before numpy loads when run as a
 module): the file is bit-for-bit identical (verified: sha256 a6e33d10... twice). Elsewhere the float32 summation
 order differs between BLAS builds, training takes another path, and the stated tolerance is the network's own
-emulation error: flux agrees with the bundled file to a median |difference| of ~1e-3 (99th percentile ~3e-2),
+emulation error: flux agrees with the bundled file to a median absolute difference of ~1e-3 (99th percentile ~3e-2),
 which ``--check`` reports. (Measured by retraining the recipe with the torch backend, a different summation
 order: median 8.8e-4, 99th percentile 3.3e-2.) That is far above the label precision at S/N 100: labels fitted
 to one spectrum with the two networks differ by 3-7 formal sigma, so demonstration results are reproducible only
