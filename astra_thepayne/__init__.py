@@ -1,7 +1,16 @@
 """The Payne: a neural-network spectral emulator for APOGEE spectra, as a database-backed Astra pipeline plugin.
 
 Importing the package never connects to a database; call :func:`connect` for that.
+
+Layout (each layer imports only those before it): :mod:`.core` (the science: pure numpy and scipy), :mod:`.io`
+(readers of APOGEE files, intermediate files), :mod:`.db` (models, migrations, queries), :mod:`.pipeline` (the task,
+runners, ingest, catalogues, products, report, SLURM), :mod:`.cli` (the ``thepayne`` command), and
+:mod:`.training`; :mod:`.errors`, :mod:`.files` and :mod:`.config` are shared by all. The modules' earlier places
+(``astra_thepayne.fitting``, ``astra_thepayne.task``, ...) still import, as the same modules (:mod:`._moved`).
 """
+from . import _moved
+
+_moved.install()
 __version__ = "0.2.0"
 
 __all__ = ["__version__", "connect", "the_payne", "ThePayne", "PayneEmulator", "Spectrum", "read_spectra"]
@@ -21,7 +30,7 @@ def connect(url=None, bind=True):
     import os
 
     if url is None and not os.environ.get("THEPAYNE_DATABASE_URL"):
-        from .task import connect_default
+        from .pipeline.astra_binding import connect_default
 
         return connect_default(bind)
     from .db.database import connect as connect_url
@@ -32,20 +41,21 @@ def connect(url=None, bind=True):
 def __getattr__(name):
     # Lazy re-exports keep `import astra_thepayne` light (no peewee, astropy or scipy until needed).
     if name == "ThePayne":
-        # the model of the table `the_payne` fills: Astra's where the task is Astra's (see task.result_model)
-        from .task import result_model
+        # the model of the table `the_payne` fills: Astra's where the task is Astra's
+        from .pipeline.astra_binding import result_model
 
         return result_model()
     if name == "the_payne":
-        from .task import the_payne
+        # the Astra task where the Astra integration is on, else the plain generator
+        from .pipeline.astra_binding import the_payne_task
 
-        return the_payne
+        return the_payne_task()
     if name == "PayneEmulator":
-        from .emulator import PayneEmulator
+        from .core.emulator import PayneEmulator
 
         return PayneEmulator
     if name == "Spectrum":
-        from .spectrum import Spectrum
+        from .core.spectrum import Spectrum
 
         return Spectrum
     if name == "read_spectra":

@@ -2,7 +2,7 @@
 
 (a) seed: ``scipy.optimize.curve_fit`` (TRF, bounds +-0.5, xtol = ftol = 5e-4, absolute sigma) with a
     finite-difference Jacobian, one spectrum at a time -- what Astra's ThePayne does;
-(b) engine, seed settings, one at a time: :class:`astra_thepayne.fitting.PayneFitter` with
+(b) engine, seed settings, one at a time: :class:`astra_thepayne.core.fitting.PayneFitter` with
     ``joint_continuum=False`` (one continuum pass), i.e. the same chi2, bounds, start and tolerance as (a), but with
     the tolerance on chi2 in absolute terms, so it ends at the minimum (see docs/science.md), each spectrum alone;
 (c) the same, as ``thepayne fit`` and ``thepayne run`` fit: in lockstep batches (``PayneFitter.fit_many``), where
@@ -11,7 +11,7 @@
 
 All see identical continuum-normalised data. BLAS is limited to one thread so the figures are per core.
 The network is 25 labels -> 300 -> 300 -> 7214 pixels (the DR19 production shape), random but well conditioned
-(``astra_thepayne.synthetic.toy_network``), or any network file given with ``--model``.
+(``astra_thepayne.core.synthetic.toy_network``), or any network file given with ``--model``.
 
     python benchmarks/fit_speed.py [--spectra 64] [--rounds 5] [--model PATH | --network line|kurucz5|kurucz25]
     python benchmarks/fit_speed.py --network kurucz25 --spectra 500 --rounds 1 --whole-process
@@ -34,9 +34,9 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
-from astra_thepayne.emulator import PayneEmulator  # noqa: E402
-from astra_thepayne.fitting import BATCH_SIZE, PayneFitter  # noqa: E402
-from astra_thepayne.synthetic import synthetic_spectrum, toy_network  # noqa: E402
+from astra_thepayne.core.emulator import PayneEmulator  # noqa: E402
+from astra_thepayne.core.fitting import BATCH_SIZE, PayneFitter  # noqa: E402
+from astra_thepayne.core.synthetic import synthetic_spectrum, toy_network  # noqa: E402
 
 
 def seed_fit(emulator, fitter, spectrum, tolerance=5e-4):

@@ -1,6 +1,6 @@
 """Networks for benchmarks, by name: ``line``, ``kurucz5`` and ``kurucz25``.
 
-* ``line``: :func:`astra_thepayne.synthetic.line_network`, 7 labels, 64 x 64 hidden, built in code (tests use it).
+* ``line``: :func:`astra_thepayne.core.synthetic.line_network`, 7 labels, 64 x 64 hidden, built in code (tests use it).
 * ``kurucz5``: the physics-based Payne network ``payne_kurucz5_nn.pkl`` (teff, logg, fe_h, alpha_m, v_macro;
   300 x 300 hidden; 7214 pixels), as it is.
 * ``kurucz25``: a production-size 25-label network (labels in ``labels.LABEL_NAMES`` order, 340 x 340 hidden, 7214
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from astra_thepayne.emulator import PayneEmulator
-from astra_thepayne.labels import LABELS
-from astra_thepayne.model_bank import default_cache_dir
+from astra_thepayne.core.emulator import PayneEmulator
+from astra_thepayne.core.labels import LABELS
+from astra_thepayne.core.model_bank import default_cache_dir
 
 NAMES = ("line", "kurucz5", "kurucz25")
 CACHE = default_cache_dir()  # the model banks' folder
@@ -46,7 +46,7 @@ def kurucz5_path(path=None) -> Path:
 def load_network(name, kurucz5=None) -> PayneEmulator:
     """The network called ``name`` (one of :data:`NAMES`)."""
     if name == "line":
-        from astra_thepayne.synthetic import line_network
+        from astra_thepayne.core.synthetic import line_network
 
         return line_network()
     if name == "kurucz5":

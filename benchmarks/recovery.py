@@ -43,9 +43,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from networks import NAMES, load_network  # noqa: E402
 
-from astra_thepayne.fitting import PayneFitter  # noqa: E402
-from astra_thepayne.labels import BAD_RESULT_FLAGS, LABELS  # noqa: E402
-from astra_thepayne.synthetic import synthetic_spectrum  # noqa: E402
+from astra_thepayne.core.fitting import PayneFitter  # noqa: E402
+from astra_thepayne.core.labels import BAD_RESULT_FLAGS, LABELS  # noqa: E402
+from astra_thepayne.core.synthetic import synthetic_spectrum  # noqa: E402
 
 _RANGES = {label.name: (label.lower, label.upper) for label in LABELS}
 

@@ -19,8 +19,8 @@ import numpy as np
 
 
 def fill(n_rows: int, seed: int = 0, chunk: int = 2000):
+    from astra_thepayne.core.labels import LABELS
     from astra_thepayne.db.models import Source, SpectrumRecord, ThePayne
-    from astra_thepayne.labels import LABELS
 
     rng = np.random.default_rng(seed)
     n_stars = n_rows // 3
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     from astra_thepayne import connect
     from astra_thepayne.db.migrate import upgrade
-    from astra_thepayne.report import write_report
+    from astra_thepayne.pipeline.report import write_report
 
     folder = tempfile.mkdtemp(prefix="thepayne-report-bench-")
     os.environ.setdefault("THEPAYNE_OUTPUT_DIR", folder)

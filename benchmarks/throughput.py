@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))  # the synthetic apStar 
 
 from _scale import write_synthetic_corpus  # noqa: E402
 
-from astra_thepayne.emulator import PayneEmulator  # noqa: E402
-from astra_thepayne.slurm import thepayne_command  # noqa: E402
+from astra_thepayne.core.emulator import PayneEmulator  # noqa: E402
+from astra_thepayne.pipeline.slurm import thepayne_command  # noqa: E402
 
 
 def _rss_kb(pid: int) -> int | None:
@@ -73,7 +73,7 @@ def _insert_rate(url: str, tag: str, batch_size: int) -> tuple[int, float]:
     """Copy every row of ``tag`` under a new tag with the runner's batch insert; returns (rows, rows per second)."""
     from astra_thepayne import connect
     from astra_thepayne.db.models import ThePayne
-    from astra_thepayne.runner import insert_rows
+    from astra_thepayne.pipeline.runner import insert_rows
 
     database = connect(url)
     try:

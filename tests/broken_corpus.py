@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from astra_thepayne.grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX, MODEL_TO_APSTAR
+from astra_thepayne.core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX, MODEL_TO_APSTAR
 
 __all__ = [
     "make_broken_corpus", "UNREADABLE", "NO_INFORMATION", "write_mwm_file", "write_aspcapstar_file", "gzip_copy",

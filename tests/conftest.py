@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from astra_thepayne.emulator import PayneEmulator
-from astra_thepayne.synthetic import toy_network as make_toy_emulator  # noqa: F401  (imported by tests)
+from astra_thepayne.core.emulator import PayneEmulator
+from astra_thepayne.core.synthetic import toy_network as make_toy_emulator  # noqa: F401  (imported by tests)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -1,9 +1,9 @@
 """Database commands: ``init``, ``astra-init``, ``ingest``, ``run``, ``export`` and ``noise-model apply``.
 
-Each is a thin layer over the library (:mod:`astra_thepayne.db`, :mod:`astra_thepayne.ingest`,
-:mod:`astra_thepayne.runner`, :mod:`astra_thepayne.catalogue`, :mod:`astra_thepayne.noise_model`); the database
-comes from the global ``--database`` option, else the lookup order of README.md's "Commands" section
-(:func:`astra_thepayne.config.resolve_database_url`).
+Each is a thin layer over the library (:mod:`astra_thepayne.db`, :mod:`astra_thepayne.pipeline.ingest`,
+:mod:`astra_thepayne.pipeline.work_queue`, :mod:`astra_thepayne.pipeline.catalogue`,
+:mod:`astra_thepayne.pipeline.noise_model`); the database comes from the global ``--database`` option, else the
+lookup order of README.md's "Commands" section (:func:`astra_thepayne.config.resolve_database_url`).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ __all__ = ["init", "astra_init", "ingest", "run", "export", "noise_model"]
 
 
 def _database(ctx, check_schema=True):
-    from ..db import require_schema
     from ..db.database import connect
+    from ..db.migrate import require_schema
 
     database = connect(ctx.obj.get("database_url") if ctx.obj else None)
     if check_schema:
@@ -59,19 +59,20 @@ def astra_init(ctx):
     astra_thepayne.the_payne: it creates the result table (the_payne, or $THEPAYNE_ASTRA_TABLE), the spectrum tables
     the task reads by default and the tables they refer to, each only if missing (idempotent).
     """
-    from .. import task
-    from ..astra_setup import prepare_astra_database
+    from ..pipeline.astra_binding import integration
+    from ..pipeline.astra_setup import prepare_astra_database
 
     if ctx.obj and ctx.obj.get("database_url"):
         raise click.UsageError("astra-init uses Astra's own configuration ($ASTRA_DATABASE_PATH or Astra's config "
                                "file); --database does not apply to it")
-    if not task.ASTRA_AVAILABLE:
-        raise ConfigurationError(f"astra-init needs the Astra integration: {task.ASTRA_UNAVAILABLE}; install "
+    astra = integration()
+    if not astra.available:
+        raise ConfigurationError(f"astra-init needs the Astra integration: {astra.reason}; install "
                                  "sdss-astra in this environment (the standalone schema is made by `thepayne init`)")
-    database = task.AstraThePayne._meta.database
+    database = astra.result_model._meta.database
     where = str(getattr(database, "database", "") or "Astra's database")
     try:
-        summary = prepare_astra_database(task.AstraThePayne, task.ASTRA_INPUT_MODELS, where=f"Astra's database {where}")
+        summary = prepare_astra_database(astra.result_model, astra.input_models, where=f"Astra's database {where}")
     except ConfigurationError:
         raise
     except Exception as exc:
@@ -88,7 +89,7 @@ def ingest(ctx, paths):
 
     Re-ingesting a file adds nothing. Unreadable files are reported and skipped.
     """
-    from ..ingest import ingest as _ingest
+    from ..pipeline.ingest import ingest as _ingest
 
     _database(ctx)
     summary = _ingest(paths, progress=True)
@@ -120,9 +121,9 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
 
     Stores one row per spectrum and its intermediate pickle; safe to run from several processes at once.
     """
-    from ..pixel_weights import PixelWeights
-    from ..runner import run_pending
-    from ..task import load_fitter
+    from ..core.pixel_weights import PixelWeights
+    from ..pipeline.task import load_fitter
+    from ..pipeline.work_queue import run_pending
 
     if page is not None and limit is None:
         raise click.UsageError("--page needs --limit (the page size)")
@@ -149,8 +150,8 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
 @click.pass_context
 def export(ctx, path, visits, tag, any_tag, model):
     """Write an astraAllStarThePayne-style FITS catalogue to PATH (HDU1 BOSS empty, HDU2 APOGEE)."""
-    from ..catalogue import export_catalogue
-    from ..emulator import PayneEmulator
+    from ..core.emulator import PayneEmulator
+    from ..pipeline.catalogue import export_catalogue
 
     _database(ctx)
     sha256 = PayneEmulator.load(model).sha256 if model else None
@@ -162,7 +163,7 @@ def export(ctx, path, visits, tag, any_tag, model):
 
 def _hint_other_tags(tag, sha256):
     """After an empty export: name the tags that do have results (the demo's are tagged 'demo')."""
-    from ..catalogue import tag_counts
+    from ..pipeline.catalogue import tag_counts
 
     others = {name: count for name, count in tag_counts(sha256).items() if name != tag}
     if others:
@@ -186,9 +187,9 @@ def apply(ctx, corrections_path, tag, model):
     """Set e_x = scale * raw_e_x + offset (quadrature entries: sqrt((scale raw_e_x)^2 + offset^2)) for every label
     in CORRECTIONS.pkl ((corrections, reference) pickle); S/N-dependent entries use the offset and scale of each
     row's own S/N bin."""
+    from ..core.emulator import PayneEmulator
     from ..db.models import ThePayne
-    from ..emulator import PayneEmulator
-    from ..noise_model import apply_corrections_to_database, load_corrections
+    from ..pipeline.noise_model import apply_corrections_to_database, load_corrections
 
     if not corrections_path.exists():
         raise ConfigurationError(f"corrections file {corrections_path}: does not exist")
@@ -217,7 +218,7 @@ def _snr_edges_option(ctx, param, value):
     """--snr-bins "30,60,100": the S/N bin edges, checked as the library checks them (exit 2 otherwise)."""
     if value is None:
         return None
-    from ..noise_model import check_snr_edges
+    from ..pipeline.noise_model import check_snr_edges
 
     try:
         return check_snr_edges([float(part) for part in value.split(",") if part.strip()] if value.strip() else [])
@@ -247,8 +248,8 @@ def calibrate(ctx, output, tag, model, min_pairs, form, snr_edges, snr_bins):
     """Fit offset and scale per label from repeat visits of the same stars (two different exposures each); write
     OUTPUT.pkl (Astra's format; quadrature entries add "form", S/N-dependent ones "snr_edges", "snr_offset" and
     "snr_scale")."""
-    from ..emulator import PayneEmulator
-    from ..noise_model import calibrate_from_database, save_corrections
+    from ..core.emulator import PayneEmulator
+    from ..pipeline.noise_model import calibrate_from_database, save_corrections
 
     if snr_edges is not None and snr_bins is not None:
         raise click.UsageError("give --snr-bins or --by-snr, not both")

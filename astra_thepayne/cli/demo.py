@@ -17,7 +17,7 @@ __all__ = ["demo"]
 def demo(ctx, workdir, synthetic):
     """Run the pipeline end to end: SQLite database, real APOGEE files, synthetic stars with known labels,
     fit, catalogue, plots. Uses the bundled demonstration network (a toy model, not for science)."""
-    from ..demo import format_report, run_demo
+    from ..pipeline.demo import format_report, run_demo
 
     database_url = ctx.obj.get("database_url") if ctx.obj else None
     click.echo("The Payne demo, with the bundled DEMONSTRATION network (toy line model, not for science).", err=True)

@@ -25,8 +25,8 @@ def results_table(pairs, emulator):
     from astropy.table import Table
 
     from .. import __version__
-    from ..labels import describe_flags
-    from ..result import row_keys
+    from ..core.labels import describe_flags
+    from ..core.result import row_keys
 
     keys = row_keys(emulator.label_names)
     columns = {name: [] for name in (*_IDENTITY_COLUMNS, *keys, "flag_names", "demonstration")}
@@ -77,7 +77,7 @@ def _write(table, path):
     if path.suffix.lower() == ".csv":
         table.write(path, format="ascii.csv", overwrite=True)
     elif path.suffix.lower() in (".fits", ".fit") or path.name.lower().endswith(".fits.gz"):
-        from ..catalogue import fits_safe
+        from ..pipeline.catalogue import fits_safe
 
         fits_safe(table).write(path, format="fits", overwrite=True)  # non-ASCII text as UTF-8 bytes
     else:
@@ -107,10 +107,10 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
     """Fit spectra straight from FILES (apStar, apVisit, mwmStar, mwmVisit, aspcapStar; files or folders)."""
     from tqdm import tqdm
 
+    from ..core.pixel_weights import PixelWeights
+    from ..core.result import FitResult
     from ..io import SpectrumFileError, iter_spectrum_files, read_spectra
-    from ..pixel_weights import PixelWeights
-    from ..result import FitResult
-    from ..task import load_fitter
+    from ..pipeline.task import load_fitter
 
     if output is not None and output.suffix.lower() not in (".fits", ".fit", ".csv", ".gz"):
         raise ConfigurationError(f"--output {output}: use a .fits or .csv file name")
@@ -146,7 +146,7 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
     elapsed = time.monotonic() - start
 
     if plot_dir is not None:
-        from ..plotting import plot_fit
+        from ..pipeline.plotting import plot_fit
 
         plot_dir.mkdir(parents=True, exist_ok=True)
         for spectrum, result, _ in results:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..pixel_weights import SKY_LINE_MODES
+from ..core.pixel_weights import SKY_LINE_MODES
 
 __all__ = ["fit_options"]
 

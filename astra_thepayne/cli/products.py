@@ -27,9 +27,9 @@ def products(ctx, directory, tag, model, source_pk_min, source_pk_max, processes
     """Write one astraStarThePayne and one astraVisitThePayne FITS file per source with results, under DIR/star/
     and DIR/visit/. Files that are up to date with the database are left alone; re-running writes only what is
     missing or stale."""
-    from ..emulator import PayneEmulator
-    from ..intermediate import check_tag
-    from ..products import write_products
+    from ..core.emulator import PayneEmulator
+    from ..io.intermediate import check_tag
+    from ..pipeline.products import write_products
     from .db_commands import _database
 
     try:

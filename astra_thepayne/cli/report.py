@@ -1,4 +1,4 @@
-"""``thepayne report``: a self-contained HTML page on a run (see :mod:`astra_thepayne.report`)."""
+"""``thepayne report``: a self-contained HTML page on a run (see :mod:`astra_thepayne.pipeline.report`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +21,9 @@ __all__ = ["report"]
 def report(ctx, path, tag, any_tag, model, no_gallery):
     """Write one HTML page (plots embedded, opens offline) on the results: counts, flags, Kiel diagram,
     [X/Fe], errors against S/N, reduced chi2, v_rel, noise-model z-scores and the best, median and worst fits."""
-    from ..catalogue import tag_counts
-    from ..emulator import PayneEmulator
-    from ..report import report_counts, write_report
+    from ..core.emulator import PayneEmulator
+    from ..pipeline.catalogue import tag_counts
+    from ..pipeline.report import report_counts, write_report
     from .db_commands import _database
 
     if path.suffix.lower() not in (".html", ".htm"):

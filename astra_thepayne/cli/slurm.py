@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .. import slurm as _slurm
 from ..errors import ConfigurationError
+from ..pipeline import slurm as _slurm
 from .options import fit_options
 
 __all__ = ["slurm"]
@@ -25,7 +25,7 @@ def _absolute(path):
 def _pending_keys(database_url: str, model_path: str, tag: str, retry_failed: bool = False) -> list[int]:
     """Primary keys of the registered spectra without a result for this model and tag (with ``retry_failed``,
     also those whose result failed), ascending."""
-    from ..db import pending_spectrum_keys
+    from ..db.queries import pending_spectrum_keys
 
     return pending_spectrum_keys(database_url, model_path, tag, retry_failed=retry_failed)
 
@@ -93,7 +93,7 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
     Prints one job id per line.
     """
     from ..config import resolve_database_url, resolve_model_path
-    from ..intermediate import check_tag
+    from ..io.intermediate import check_tag
 
     try:  # the jobs would refuse it after waiting in the queue: refuse it now, --dry-run included
         tag = check_tag(tag)
@@ -144,10 +144,10 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
 
 def _products_scripts(options, database_url, directory, model, tag):
     """Batch scripts of `thepayne products` over slices of the sources with results (None: no such source)."""
-    from ..db import require_schema
+    from ..core.emulator import PayneEmulator
     from ..db.database import connect
-    from ..emulator import PayneEmulator
-    from ..products import product_source_keys
+    from ..db.migrate import require_schema
+    from ..pipeline.products import product_source_keys
 
     require_schema(connect(database_url))
     model = _absolute(model)

@@ -155,7 +155,7 @@ def database_identity(database, own_schema=True) -> str:
     ``own_schema=False`` (results in Astra's tables, which keep their identity when ``thepayne init`` later adds the
     standalone tables to the same database), ``loc`` and a hash of where it is (SQLite: the file's real path;
     PostgreSQL: host, port, database and schema), which changes when the database moves (readers do not check such
-    identities, see :mod:`astra_thepayne.intermediate`).
+    identities, see :mod:`astra_thepayne.io.intermediate`).
     """
     import hashlib
     import os

@@ -20,7 +20,8 @@ from playhouse.migrate import SchemaMigrator
 
 from .database import DatabaseProxy, ensure_schema, is_postgres
 
-__all__ = ["HISTORY_TABLE", "available_migrations", "applied_migrations", "pending_migrations", "upgrade"]
+__all__ = ["HISTORY_TABLE", "available_migrations", "applied_migrations", "pending_migrations", "upgrade",
+           "require_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,24 @@ def upgrade(database, target: str | None = None) -> list[str]:
     if applied and hasattr(database, "thepayne_identity"):
         del database.thepayne_identity  # m0004 may just have given the database its identity
     return applied
+
+
+def require_schema(database) -> None:
+    """Raise ConfigurationError with a hint when the schema is missing or behind the package's migrations."""
+    from ..errors import ConfigurationError
+    from .database import redact
+
+    try:
+        pending = pending_migrations(database)
+    except Exception as exc:  # cannot even reach the database
+        url = getattr(database, "thepayne_url", None) or redact(str(getattr(database, "database", "")))
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "disk i/o error" in reason.lower() or "disk is full" in reason.lower():
+            hint = " (is its disk full or read-only? free space or move the database)"
+        elif "could not connect" in reason.lower() or "connection refused" in reason.lower():
+            hint = " (is the server running and reachable?)"
+        raise ConfigurationError(f"cannot use database {url}: {reason}{hint}") from None
+    if pending:
+        raise ConfigurationError(f"database schema is missing or out of date ({len(pending)} pending migration(s)): "
+                                 "run `thepayne init` first")

@@ -3,13 +3,13 @@
 The standalone tables are ``thepayne_source``, ``thepayne_spectrum`` and ``thepayne_result`` (with
 ``thepayne_migration``, ``thepayne_database`` and ``thepayne_claim``): every table of the plugin's own schema starts
 with ``thepayne_``, so that it can share a database with Astra, whose tables are ``source``, ``spectrum`` and, for
-this plugin's results inside Astra, ``the_payne`` (:func:`astra_thepayne.task.astra_model`).
+this plugin's results inside Astra, ``the_payne`` (:func:`astra_thepayne.pipeline.astra_binding.astra_model`).
 
-The result model is generated from the label table (:data:`astra_thepayne.labels.LABELS`) and the flag table
-(:data:`astra_thepayne.labels.RESULT_FLAGS`): for every label ``x`` a value ``x``, ``e_x`` (after the noise model)
+The result model is generated from the label table (:data:`astra_thepayne.core.labels.LABELS`) and the flag table
+(:data:`astra_thepayne.core.labels.RESULT_FLAGS`): for every label ``x`` a value ``x``, ``e_x`` (after the noise model)
 and ``raw_e_x`` (formal), for every pair ``a`` before ``b`` a correlation ``rho_a_b``, and for every flag bit a named
 peewee flag ``flag_<name>`` on ``result_flags``, and for every label a flag ``flag_at_bound_<label>`` on
-``at_bound_flags`` (the label ended on its bound; bits :data:`astra_thepayne.labels.AT_BOUND_BITS`). ``flag_warn``
+``at_bound_flags`` (the label ended on its bound; bits :data:`astra_thepayne.core.labels.AT_BOUND_BITS`). ``flag_warn``
 (any bit) and ``flag_bad`` (a bad bit: the labels are not usable) are hybrid properties: they work on a loaded row
 and inside ``where()``.
 
@@ -18,7 +18,7 @@ Foreign keys use the Astra 0.8 column names ``source_pk`` and ``spectrum_pk`` (t
 (spectrum, model file hash, tag): a re-run cannot duplicate rows.
 
 Arrays are not stored in the database: ``wavelength``, ``continuum``, ``rectified_model_flux`` and ``model_flux``
-load lazily from the intermediate pickle (see :mod:`astra_thepayne.intermediate`) and are NaN for failed fits.
+load lazily from the intermediate pickle (see :mod:`astra_thepayne.io.intermediate`) and are NaN for failed fits.
 """
 from __future__ import annotations
 
@@ -43,7 +43,16 @@ from peewee import (
 )
 from playhouse.hybrid import hybrid_property
 
-from ..labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABELS, RESULT_FLAGS, label_pairs, rho_name
+from ..core.labels import (
+    AT_BOUND_BITS,
+    BAD_RESULT_FLAGS,
+    LABELS,
+    RESULT_FLAGS,
+    is_bad,
+    is_flagged,
+    label_pairs,
+    rho_name,
+)
 from .database import database_proxy
 
 __all__ = [
@@ -56,7 +65,7 @@ SPECTRUM_TYPES = ("apstar_coadd", "apstar_visit", "apvisit", "mwmstar", "mwmvisi
 COADD_TYPES = ("apstar_coadd", "mwmstar", "aspcapstar")
 VISIT_TYPES = ("apstar_visit", "apvisit", "mwmvisit")
 
-_BAD_BITS = BAD_RESULT_FLAGS
+
 
 
 def version_to_int(version: str) -> int:
@@ -111,17 +120,14 @@ class SpectrumRecord(BaseModel):
         indexes = ((("path", "hdu", "row"), True),)
 
     def read(self):
-        """Read this spectrum from its file (:class:`astra_thepayne.spectrum.Spectrum`)."""
-        from ..io import read_spectra
+        """Read this spectrum from its file (:class:`astra_thepayne.core.spectrum.Spectrum`)."""
+        from ..io import spectra_by_position, spectrum_at
 
-        for spectrum in read_spectra(self.path):
-            if spectrum.hdu == self.hdu and spectrum.row == self.row:
-                return spectrum
-        raise LookupError(f"{self.path}: no spectrum at HDU {self.hdu}, row {self.row} any more")
+        return spectrum_at(spectra_by_position(self.path), self.path, self.hdu, self.row)
 
 
 def result_field_names(label_names=None) -> list[str]:
-    """Names of the per-label fields (values, e_, raw_e_, rho_) in output order."""
+    """Names of the per-label fields (values, ``e_*``, ``raw_e_*``, ``rho_*``) in output order."""
     names = [label.name for label in LABELS] if label_names is None else list(label_names)
     return (names + [f"e_{n}" for n in names] + [f"raw_e_{n}" for n in names]
             + [rho_name(a, b) for a, b in label_pairs(names)])
@@ -147,7 +153,7 @@ class _ThePayneMixin:
     @hybrid_property
     def flag_warn(self):
         """Any bit of ``result_flags`` is set."""
-        return (self.result_flags or 0) > 0
+        return bool(is_flagged(self.result_flags or 0))
 
     @flag_warn.expression
     def flag_warn(cls):
@@ -156,24 +162,24 @@ class _ThePayneMixin:
     @hybrid_property
     def flag_bad(self):
         """A bad bit (the fitting failure) is set: the labels are not usable."""
-        return bool((self.result_flags or 0) & _BAD_BITS)
+        return bool(is_bad(self.result_flags or 0))
 
     @flag_bad.expression
     def flag_bad(cls):
-        return cls.result_flags.bin_and(_BAD_BITS) != 0
+        return cls.result_flags.bin_and(BAD_RESULT_FLAGS) != 0  # is_bad, in SQL
 
     @property
     def flag_names(self):
-        """Names of the bits set in ``result_flags`` (see :data:`astra_thepayne.labels.RESULT_FLAGS`)."""
-        from ..labels import flag_names
+        """Names of the bits set in ``result_flags`` (see :data:`astra_thepayne.core.labels.RESULT_FLAGS`)."""
+        from ..core.labels import flag_names
 
         return flag_names(self.result_flags)
 
     # -- intermediate arrays ------------------------------------------------------------------------------------
     @property
     def intermediate_path(self):
-        """Path of this result's intermediate pickle (see :mod:`astra_thepayne.intermediate`)."""
-        from ..intermediate import intermediate_path
+        """Path of this result's intermediate pickle (see :mod:`astra_thepayne.io.intermediate`)."""
+        from ..io.intermediate import intermediate_path
 
         stored = getattr(self, "intermediate_file", None)
         if stored:
@@ -195,8 +201,8 @@ class _ThePayneMixin:
     def _arrays(self):
         cached = self.__dict__.get("_intermediate")
         if cached is None:
-            from ..grid import APSTAR_NPIX
-            from ..intermediate import read_intermediate
+            from ..core.wavelength import APSTAR_NPIX
+            from ..io.intermediate import read_intermediate
 
             if self.flag_bad:
                 nan = np.full(APSTAR_NPIX, np.nan)
@@ -218,7 +224,7 @@ class _ThePayneMixin:
     @property
     def wavelength(self):
         """Vacuum wavelength (Angstrom) of the apStar grid, shape (8575,)."""
-        from ..grid import apstar_wavelength
+        from ..core.wavelength import apstar_wavelength
 
         return apstar_wavelength()
 
@@ -324,7 +330,7 @@ ALL_MODELS = (Source, SpectrumRecord, ThePayne)
 
 class Claim(BaseModel):
     """A spectrum being fitted by one ``thepayne run`` process on SQLite (migration m0005; see
-    :func:`astra_thepayne.runner.run_pending`). ``owner`` is ``<host>-<pid>``."""
+    :func:`astra_thepayne.pipeline.work_queue.run_pending`). ``owner`` is ``<host>-<pid>``."""
 
     spectrum_pk = IntegerField()
     model_sha256 = TextField()

@@ -6,7 +6,7 @@
 ['apstar_coadd', 'apstar_visit', 'apstar_visit', 'apstar_visit']
 
 The format is detected from the file's content (headers and HDU layout), never from its name, so renamed or
-gzipped files read the same. Every reader returns :class:`~astra_thepayne.spectrum.Spectrum` objects whose
+gzipped files read the same. Every reader returns :class:`~astra_thepayne.core.spectrum.Spectrum` objects whose
 ``ivar`` is finite and >= 0 and whose ``flux`` is finite: a pixel without information (NaN flux, error <= 0 or
 not finite, chip gaps) has ivar 0. ``pixel_flags`` are the file's raw APOGEE_PIXMASK bits; the fitter decides
 which bits to mask. Rest-frame spectra (apStar, mwmStar, mwmVisit, aspcapStar) come on the 8575-pixel apStar
@@ -29,7 +29,8 @@ from . import apstar, apvisit, aspcap, mwm  # noqa: F401
 from .base import SpectrumFileError, SpectrumReader, open_fits, register, registered_readers
 
 __all__ = [
-    "read_spectra", "detect_format", "iter_spectrum_files", "SpectrumFileError", "SpectrumReader", "register",
+    "read_spectra", "spectra_by_position", "spectrum_at", "detect_format", "iter_spectrum_files", "SpectrumFileError",
+    "SpectrumReader", "register",
     "registered_readers", "FITS_SUFFIXES",
 ]
 
@@ -107,6 +108,20 @@ def read_spectra(path, coadd_only: bool = False) -> list:
             raise SpectrumFileError(
                 path_str, f"could not read {reader.format_name} data ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+def spectra_by_position(path) -> dict:
+    """``{(hdu, row): Spectrum}`` of every spectrum in the file (what a registered spectrum row points at)."""
+    return {(spectrum.hdu, spectrum.row): spectrum for spectrum in read_spectra(path)}
+
+
+def spectrum_at(spectra: dict, path, hdu: int, row: int):
+    """The spectrum at ``(hdu, row)`` of :func:`spectra_by_position`'s ``spectra`` of ``path``; a LookupError that
+    names the file and the position when the file holds none there (any more)."""
+    try:
+        return spectra[(hdu, row)]
+    except KeyError:
+        raise LookupError(f"{os.fspath(path)}: no spectrum at HDU {hdu}, row {row}") from None
 
 
 def iter_spectrum_files(paths):

@@ -21,7 +21,7 @@ only with the APO 1-m telescope would be labelled ``apo25m`` by this rule; the h
 Visit S/N: the ``snr`` column of the HDU9 visit table, which is the apVisit file's own S/N (so a visit read from
 the apStar and from its apVisit file carries the same value); NaN when the table is missing. The header's
 ``SNRVIS<n>`` (median S/N per apStar pixel) is kept in ``meta["snr_apstar_pixel"]``; the fit computes its own S/N
-(:func:`astra_thepayne.preprocess.spectrum_snr`), the same for every spectrum type.
+(:func:`astra_thepayne.core.preprocess.spectrum_snr`), the same for every spectrum type.
 
 Quality: ``meta["starflag"]`` is the header's STARFLAG (the OR over visits) for the coadd and ``FLAG<n>`` ("STARFLAG
 for visit n") for visit n; ``meta["vscatter"]`` the header's VSCATTER (km/s) for every row.
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..grid import APSTAR_NPIX
-from ..spectrum import Spectrum
+from ..core.spectrum import Spectrum
+from ..core.wavelength import APSTAR_NPIX
 from .base import (
     SpectrumFileError,
     SpectrumReader,

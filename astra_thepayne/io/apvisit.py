@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..spectrum import Spectrum
+from ..core.spectrum import Spectrum
 from .base import (
     SpectrumFileError,
     SpectrumReader,

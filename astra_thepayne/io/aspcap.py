@@ -5,10 +5,11 @@ binary table (HDU4 in DR16/DR17) holds the ASPCAP results (``APOGEE_ID``, ``TELE
 ``ASPCAPFLAG``, ...).
 
 Grids: the 7214-pixel ASPCAP grid (the apStar grid without its ends and chip gaps, identical to the Payne model
-grid, :data:`astra_thepayne.grid.MODEL_TO_APSTAR`) or, as files of later releases hold, the full 8575-pixel apStar
-grid. Either way the spectrum is returned on the 8575-pixel apStar grid, so every rest-frame reader gives the same
-grid; pixels outside the ASPCAP grid (ends and chip gaps) have flux 0 and ivar 0. aspcapStar files carry no pixel
-bitmask, so ``pixel_flags`` is 0; unusable pixels are those with ivar 0. The best fit (HDU3) is not returned.
+grid, :data:`~astra_thepayne.core.wavelength.MODEL_TO_APSTAR`) or, as files of later releases hold, the full
+8575-pixel apStar grid. Either way the spectrum is returned on the 8575-pixel apStar grid, so every rest-frame
+reader gives the same grid; pixels outside the ASPCAP grid (ends and chip gaps) have flux 0 and ivar 0.
+aspcapStar files carry no pixel bitmask, so ``pixel_flags`` is 0; unusable pixels are those with ivar 0. The best
+fit (HDU3) is not returned.
 
 Identification: HDU1-HDU3 are one-dimensional float images of one length (apStar files have an integer HDU3).
 """
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..grid import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength
-from ..spectrum import Spectrum
+from ..core.spectrum import Spectrum
+from ..core.wavelength import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength
 from .base import (
     SpectrumFileError,
     SpectrumReader,

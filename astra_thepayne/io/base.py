@@ -74,7 +74,7 @@ class SpectrumReader:
 
     @classmethod
     def read(cls, hdul, path: str, coadd_only: bool = False) -> list:
-        """The spectra in the open ``HDUList``, as a list of :class:`~astra_thepayne.spectrum.Spectrum`."""
+        """The spectra in the open ``HDUList``, as a list of :class:`~astra_thepayne.core.spectrum.Spectrum`."""
         raise NotImplementedError
 
 

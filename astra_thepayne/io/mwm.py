@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..grid import APSTAR_NPIX
-from ..spectrum import Spectrum
+from ..core.spectrum import Spectrum
+from ..core.wavelength import APSTAR_NPIX
 from .base import (
     SpectrumFileError,
     SpectrumReader,
@@ -131,7 +131,7 @@ class _MWMReader(SpectrumReader):
 
 def _wavelength(header, npix, path, index):
     """Log-lambda grid from the table's CRVAL/CDELT/CRPIX cards (also accepted with a trailing 1)."""
-    from ..grid import APSTAR_CDELT1, APSTAR_CRVAL1
+    from ..core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1
 
     crval = header_float(header, "CRVAL", header_float(header, "CRVAL1", APSTAR_CRVAL1))
     cdelt = header_float(header, "CDELT", header_float(header, "CDELT1", APSTAR_CDELT1))

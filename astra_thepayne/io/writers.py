@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from ..grid import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
+from ..core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1, APSTAR_NPIX
 
 __all__ = ["write_apstar"]
 

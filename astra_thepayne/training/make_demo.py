@@ -1,9 +1,9 @@
 """Regenerate the bundled demonstration network: ``python -m astra_thepayne.training.make_demo``.
 
-Recipe (constants in :mod:`astra_thepayne.demo_model`):
+Recipe (constants in :mod:`astra_thepayne.core.demo_network`):
 
-1. Draw ``DEMO_N_SPECTRA`` label vectors uniformly inside the 25 training ranges of :data:`astra_thepayne.labels.LABELS`
-   (seed ``DEMO_GRID_SEED``).
+1. Draw ``DEMO_N_SPECTRA`` label vectors uniformly inside the 25 training ranges of
+   :data:`astra_thepayne.core.labels.LABELS` (seed ``DEMO_GRID_SEED``).
 2. Compute their spectra with the toy line model (:mod:`astra_thepayne.training.toy_lines`) on the 7214-pixel grid.
 3. Train with the numpy backend of :func:`astra_thepayne.training.trainer.train_network` (seed ``DEMO_SEED``, one
    BLAS thread), keep the epoch with the lowest validation loss.
@@ -13,7 +13,7 @@ Recipe (constants in :mod:`astra_thepayne.demo_model`):
 Same machine, numpy build and ``OPENBLAS_NUM_THREADS=1`` (set by this script before numpy loads when run as a
 module): the file is bit-for-bit identical (verified: sha256 a6e33d10... twice). Elsewhere the float32 summation
 order differs between BLAS builds, training takes another path, and the stated tolerance is the network's own
-emulation error: flux agrees with the bundled file to a median |difference| of ~1e-3 (99th percentile ~3e-2),
+emulation error: flux agrees with the bundled file to a median absolute difference of ~1e-3 (99th percentile ~3e-2),
 which ``--check`` reports. (Measured by retraining the recipe with the torch backend, a different summation
 order: median 8.8e-4, 99th percentile 3.3e-2.) That is far above the label precision at S/N 100: labels fitted
 to one spectrum with the two networks differ by 3-7 formal sigma, so demonstration results are reproducible only
@@ -26,11 +26,12 @@ import sys
 
 # One thread: the order of float32 sums inside BLAS depends on the thread count, and so would the bytes.
 # This only works if numpy is not loaded yet (the package __init__ files import nothing heavy for that reason).
-_BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from ..threads import blas_thread_environment  # imports nothing  # noqa: E402
+
 _THREADS_PINNED = "numpy" not in sys.modules or os.environ.get("OPENBLAS_NUM_THREADS") == "1"
 if __name__ == "__main__":
-    for _var in _BLAS_VARS:
-        os.environ.setdefault(_var, "1")
+    for _var, _value in blas_thread_environment(1).items():
+        os.environ.setdefault(_var, _value)
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
@@ -39,11 +40,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .. import demo_model as demo  # noqa: E402
-from ..emulator import PayneEmulator  # noqa: E402
+from ..core import demo_network as demo  # noqa: E402
+from ..core.emulator import PayneEmulator  # noqa: E402
+from ..core.labels import LABEL_NAMES, LABELS  # noqa: E402
+from ..core.wavelength import model_wavelength  # noqa: E402
 from ..files import atomic_write  # noqa: E402
-from ..grid import model_wavelength  # noqa: E402
-from ..labels import LABEL_NAMES, LABELS  # noqa: E402
 from .grid import TrainingGrid  # noqa: E402
 from .toy_lines import LINE_LIST_SEED, ToyLineModel  # noqa: E402
 from .trainer import TrainingResult, train_network  # noqa: E402

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..grid import APSTAR_CDELT1, APSTAR_CRVAL1, MODEL_SEGMENTS, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS
-from ..labels import LABEL_NAMES
+from ..core.labels import LABEL_NAMES
+from ..core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1, MODEL_SEGMENTS, MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS
 
 __all__ = ["ToyLineModel", "LINE_LIST_SEED", "SOLAR", "ELEMENTS"]
 
@@ -290,7 +290,7 @@ class ToyLineModel:
 
     def continuum_mask(self) -> np.ndarray:
         """Model pixels ``(7214,)`` inside the line-free continuum windows."""
-        from ..grid import model_wavelength
+        from ..core.wavelength import model_wavelength
 
         wl = model_wavelength()
         return np.any((wl[:, None] >= self.continuum_windows[:, 0]) & (wl[:, None] <= self.continuum_windows[:, 1]),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..emulator import LEAKY_SLOPE, PayneEmulator
+from ..core.emulator import LEAKY_SLOPE, PayneEmulator
 from .grid import TrainingGrid, validate_grid
 
 __all__ = ["train_network", "TrainingResult", "TrainingError", "error_percentiles", "available_backends"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from _spectra_files import write_apstar
 
-from astra_thepayne.synthetic import synthetic_spectrum
+from astra_thepayne.core.synthetic import synthetic_spectrum
 
 __all__ = ["write_synthetic_corpus", "spectra_per_file", "thepayne", "cli_environment", "results",
            "registered_keys", "FAST_FIT"]
@@ -61,7 +61,7 @@ def thepayne(database_url, *args, env, timeout=600, check=True, **popen):
 
     With ``check`` a non-zero exit fails with the command's stderr (the test then shows why).
     """
-    from astra_thepayne.slurm import thepayne_command
+    from astra_thepayne.pipeline.slurm import thepayne_command
 
     argv = [*thepayne_command(), "--database", database_url, *map(str, args)]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from astra_thepayne.grid import APSTAR_CDELT1, APSTAR_CRVAL1
+from astra_thepayne.core.wavelength import APSTAR_CDELT1, APSTAR_CRVAL1
 
 __all__ = ["write_apstar", "corrupt_file_d", "run_cli"]
 

@@ -10,7 +10,7 @@ import pytest
 from _spectra_files import run_cli as _cli
 from _spectra_files import write_apstar
 
-from astra_thepayne.synthetic import synthetic_spectrum
+from astra_thepayne.core.synthetic import synthetic_spectrum
 
 N_GOOD_SPECTRA = 4  # star A: coadd + 2 visits, star B: one coadd
 

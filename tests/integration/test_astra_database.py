@@ -23,13 +23,13 @@ from peewee import (
 )
 
 import astra_thepayne
-from astra_thepayne import task
-from astra_thepayne.astra_setup import prepare_astra_database
 from astra_thepayne.cli import main
 from astra_thepayne.db.database import connect, database_proxy, is_postgres, schema_of
 from astra_thepayne.db.migrate import applied_migrations, available_migrations, upgrade
 from astra_thepayne.db.models import ALL_MODELS, SpectrumRecord, ThePayne, make_result_model
 from astra_thepayne.errors import ConfigurationError
+from astra_thepayne.pipeline import astra_binding
+from astra_thepayne.pipeline.astra_setup import prepare_astra_database
 
 ASTRA_TABLES = ("source", "spectrum", "apogee_coadded_spectrum_in_ap_star", "the_payne")
 
@@ -228,7 +228,7 @@ def test_astra_init_refuses_a_the_payne_table_that_is_not_the_plugins(tmp_path):
 @pytest.mark.parametrize("arguments", [["astra-init"], ["--database", "sqlite:///x.db", "astra-init"]])
 def test_astra_init_without_astra_says_why_in_one_line(arguments, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert not task.ASTRA_AVAILABLE  # the project's environment has no sdss-astra
+    assert not astra_binding.integration().available  # the project's environment has no sdss-astra
     assert main(arguments) == 2
     err = capsys.readouterr().err
     assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
@@ -244,7 +244,7 @@ def test_astra_results_keep_their_arrays_when_thepayne_init_shares_the_database(
     from types import SimpleNamespace
 
     from astra_thepayne.io import read_spectra
-    from astra_thepayne.task import fit_rows
+    from astra_thepayne.pipeline.task import fit_rows
 
     monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.delenv("MWM_ASTRA", raising=False)
@@ -315,8 +315,8 @@ def test_the_obvious_query_reads_the_table_the_astra_task_fills(tmp_path, monkey
     source = result.source_pk.rel_model.create(sdss4_apogee_id="2M1")
     spectrum = result.spectrum_pk.rel_model.create()
     result.create(source_pk=source.pk, spectrum_pk=spectrum.pk, model_sha256="abc", teff=4800.0)
-    monkeypatch.setattr(task, "ASTRA_AVAILABLE", True)
-    monkeypatch.setattr(task, "AstraThePayne", result, raising=False)
+    active = astra_binding.AstraIntegration(True, result_model=result)
+    monkeypatch.setattr(astra_binding, "integration", lambda: active)
     database_proxy.initialize(None)
 
     assert astra_thepayne.ThePayne is result

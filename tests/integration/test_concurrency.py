@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
-from astra_thepayne.slurm import thepayne_command
+from astra_thepayne.pipeline.slurm import thepayne_command
 
 pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 

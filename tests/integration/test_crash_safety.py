@@ -15,8 +15,8 @@ import time
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
-from astra_thepayne.intermediate import read_intermediate
-from astra_thepayne.slurm import thepayne_command
+from astra_thepayne.io.intermediate import read_intermediate
+from astra_thepayne.pipeline.slurm import thepayne_command
 
 pytestmark = pytest.mark.slow  # real processes and whole runs: minutes, not seconds
 

@@ -12,7 +12,7 @@ import pytest
 from _spectra_files import run_cli
 
 from astra_thepayne import ThePayne
-from astra_thepayne.labels import RESULT_FLAGS
+from astra_thepayne.core.labels import RESULT_FLAGS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "catalogue.md"
 
@@ -148,7 +148,7 @@ def test_training_page_constant_label_claim():
 @pytest.mark.parametrize("form", ["apstar-bool", "model-bool", "apstar-indices", "float"])
 def test_models_page_pixel_file_forms(fresh_folder, spectra_dir, form):
     """docs/models.md states three .npy forms for --mask / --continuum-pixels; anything else exits 2."""
-    from astra_thepayne.grid import APSTAR_NPIX
+    from astra_thepayne.core.wavelength import APSTAR_NPIX
 
     text = (ROOT / "docs" / "models.md").read_text()
     assert "a boolean array of shape `(8575,)`" in text and "`(7214,)`" in text and "integer array" in text

@@ -14,8 +14,8 @@ from _scale import FAST_FIT, cli_environment, thepayne
 from _spectra_files import write_apstar
 from astropy.table import Table
 
-from astra_thepayne.slurm import thepayne_command
-from astra_thepayne.synthetic import synthetic_spectrum
+from astra_thepayne.core.synthetic import synthetic_spectrum
+from astra_thepayne.pipeline.slurm import thepayne_command
 
 UNICODE_NAME = "apStar-ünï—cødé★.fits"
 
@@ -139,8 +139,8 @@ def _flux_of_spectrum_1(url):
 
 @pytest.mark.slow
 def test_two_sqlite_databases_in_one_folder_keep_their_own_arrays(tmp_path, toy_emulator, model, monkeypatch):
-    from astra_thepayne.intermediate import NotThisRowsFileError, read_intermediate
-    from astra_thepayne.synthetic import synthetic_spectrum
+    from astra_thepayne.core.synthetic import synthetic_spectrum
+    from astra_thepayne.io.intermediate import NotThisRowsFileError, read_intermediate
 
     lower, upper = toy_emulator.x_min, toy_emulator.x_max
     for name, fraction in (("a", 0.3), ("b", 0.7)):  # two different stars, both spectrum pk 1 in their database
@@ -200,9 +200,9 @@ def _start_writer(target):
 @pytest.mark.slow
 def test_a_later_run_removes_temporaries_of_killed_writers_but_not_of_live_ones(tmp_path, toy_emulator, model):
     from astra_thepayne import connect
+    from astra_thepayne.core.emulator import PayneEmulator
     from astra_thepayne.db.database import database_identity
-    from astra_thepayne.emulator import PayneEmulator
-    from astra_thepayne.intermediate import intermediate_path
+    from astra_thepayne.io.intermediate import intermediate_path
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -553,7 +553,7 @@ def test_run_progress_bar_stays_out_of_a_log_file(tmp_path, toy_emulator, model)
 
 
 def test_toy_spectra_progress_stays_out_of_a_log_file(capsys):
-    from astra_thepayne.labels import LABELS
+    from astra_thepayne.core.labels import LABELS
     from astra_thepayne.training.toy_lines import ToyLineModel
 
     labels = np.array([[(label.lower + label.upper) / 2 for label in LABELS]] * 3)

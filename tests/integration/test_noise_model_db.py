@@ -8,7 +8,13 @@ from _spectra_files import run_cli
 from astra_thepayne import ThePayne, connect
 from astra_thepayne.db.migrate import upgrade
 from astra_thepayne.db.models import Source, SpectrumRecord
-from astra_thepayne.noise_model import apply_correction, load_corrections, pair_snr, pair_z_scores, repeat_pairs
+from astra_thepayne.pipeline.noise_model import (
+    apply_correction,
+    load_corrections,
+    pair_snr,
+    pair_z_scores,
+    repeat_pairs,
+)
 
 N_STARS, SCALE, OFFSET = 300, 1.7, 15.0
 
@@ -82,7 +88,7 @@ def test_pairs_never_share_an_exposure(database_url):
 
 
 def test_quadrature_correction_applied_in_sql(database_url, tmp_path):
-    from astra_thepayne.noise_model import apply_corrections_to_database
+    from astra_thepayne.pipeline.noise_model import apply_corrections_to_database
 
     database = connect(database_url)
     upgrade(database)

@@ -11,9 +11,9 @@ from _spectra_files import run_cli as _cli
 from astropy.io import fits
 
 from astra_thepayne import ThePayne
+from astra_thepayne.core.labels import LABEL_NAMES
+from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, apstar_wavelength
 from astra_thepayne.db.models import Source, SpectrumRecord
-from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
-from astra_thepayne.labels import LABEL_NAMES
 
 
 def test_run_fits_what_is_missing_and_a_rerun_adds_nothing(populated, db):
@@ -81,7 +81,7 @@ def test_lazy_arrays_load_the_pickle_once_and_are_nan_for_failures(populated, db
     path.rename(hidden)  # cached on first access: no second read; a fresh row must find the file
     try:
         assert good.continuum is good.continuum and np.isfinite(good.continuum[MODEL_TO_APSTAR]).all()
-        from astra_thepayne.intermediate import IntermediateFileError
+        from astra_thepayne.io.intermediate import IntermediateFileError
 
         with pytest.raises(IntermediateFileError, match="does not exist"):
             _ = ThePayne.get_by_id(good.task_pk).model_flux
@@ -130,7 +130,7 @@ def test_export_all_star_and_all_visit_catalogues(populated, db, tmp_path):
 
 
 def test_noise_model_apply_sets_errors_in_sql(populated, db, tmp_path):
-    from astra_thepayne.noise_model import save_corrections
+    from astra_thepayne.pipeline.noise_model import save_corrections
 
     corrections = {"teff": {"offset": 10.0, "scale": 2.0}, "fe_h": {"offset": 0.01, "scale": 1.5},
                    "not_a_label": {"offset": 1.0, "scale": 1.0}}
@@ -149,7 +149,7 @@ def test_noise_model_apply_sets_errors_in_sql(populated, db, tmp_path):
 
 
 def test_page_and_pk_range_select_stable_slices(populated, db):
-    from astra_thepayne.runner import page_range
+    from astra_thepayne.pipeline.work_queue import page_range
 
     pks = [s.pk for s in SpectrumRecord.select().order_by(SpectrumRecord.pk)]
     assert page_range(1, 4) == (pks[0], pks[3])

@@ -22,10 +22,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from astra_thepayne import ThePayne, __version__
-from astra_thepayne.catalogue import catalogue_columns
+from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, apstar_wavelength
 from astra_thepayne.db.models import Source, SpectrumRecord
-from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
-from astra_thepayne.products import HDU_NAMES, product_identifier, product_path
+from astra_thepayne.pipeline.catalogue import catalogue_columns
+from astra_thepayne.pipeline.products import HDU_NAMES, product_identifier, product_path
 
 ASTRA_EXTENSION_CARDS = ("EXTNAME", "OBSRVTRY", "INSTRMNT", "V_ASTRA", "CREATED", "CRVAL", "CDELT", "CTYPE", "CUNIT",
                          "CRPIX", "DC-FLAG", "NPIXELS")
@@ -230,7 +230,7 @@ def test_identifiers_are_integers_or_source_keys_only():
 
 @pytest.mark.slow
 def test_demo_writes_the_products_of_its_stars(tmp_path, monkeypatch):
-    from astra_thepayne.demo import format_report, run_demo
+    from astra_thepayne.pipeline.demo import format_report, run_demo
 
     monkeypatch.delenv("THEPAYNE_OUTPUT_DIR", raising=False)
     report = run_demo(tmp_path / "demo", n_synthetic=2, progress=False)
@@ -306,7 +306,7 @@ def _hdus(content):
 def test_the_fast_writer_writes_what_astropy_writes(populated, db, tmp_path):
     """Every byte but the times in the CHECKSUM/DATASUM comments (and so the CHECKSUM values) is the same as in the
     file astropy writes from the layout's definition, column by column; both files' checksums are right."""
-    from astra_thepayne.products import _astropy_hdul, _jobs_for, _product_bytes
+    from astra_thepayne.pipeline.products import _astropy_hdul, _jobs_for, _product_bytes
 
     keys = sorted(s.pk for s in Source.select())
     jobs = _variants(_jobs_for(keys, tmp_path, "", None, frozenset(), __version__))

@@ -7,7 +7,7 @@ from _spectra_files import run_cli
 from astropy.io import fits
 from astropy.table import Table
 
-from astra_thepayne.labels import RESULT_FLAGS, describe_flags, flag_names
+from astra_thepayne.core.labels import RESULT_FLAGS, describe_flags, flag_names
 
 
 def test_flag_names_follow_the_flag_table():

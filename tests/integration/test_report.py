@@ -16,7 +16,7 @@ import pytest
 from _spectra_files import run_cli
 
 from astra_thepayne import ThePayne
-from astra_thepayne.labels import RESULT_FLAGS
+from astra_thepayne.core.labels import RESULT_FLAGS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +49,7 @@ def report_html(populated, db, tmp_path):
 
 @pytest.mark.slow
 def test_report_is_one_self_contained_page_with_the_counts(report_html, populated, db):
-    from astra_thepayne.emulator import PayneEmulator
+    from astra_thepayne.core.emulator import PayneEmulator
 
     text = report_html.read_text(encoding="utf-8")
     mine = (ThePayne.tag == "") & (ThePayne.model_sha256 == PayneEmulator.load(populated.model).sha256)
@@ -79,7 +79,7 @@ def test_dense_panels_are_histograms_not_points(monkeypatch):
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    from astra_thepayne import report
+    from astra_thepayne.pipeline import report
 
     rng = np.random.default_rng(1)
     x, y, c = rng.normal(size=(3, report.DENSITY_THRESHOLD + 1))

@@ -6,11 +6,16 @@ from peewee import IntegrityError
 
 from astra_thepayne import connect
 from astra_thepayne.cli import main
-from astra_thepayne.db import require_schema
-from astra_thepayne.db.migrate import applied_migrations, available_migrations, pending_migrations, upgrade
+from astra_thepayne.db.migrate import (
+    applied_migrations,
+    available_migrations,
+    pending_migrations,
+    require_schema,
+    upgrade,
+)
 from astra_thepayne.db.models import ALL_MODELS, Source, SpectrumRecord, ThePayne
 from astra_thepayne.errors import ConfigurationError
-from astra_thepayne.ingest import ingest
+from astra_thepayne.pipeline.ingest import ingest
 
 
 def _columns(database, table):
@@ -69,7 +74,7 @@ def test_unique_result_per_spectrum_model_and_tag(database_url):
     ThePayne.create(spectrum_pk=spectrum.pk, model_sha256="m2", tag="")
     with pytest.raises(IntegrityError), database.atomic():
         ThePayne.create(spectrum_pk=spectrum.pk, model_sha256="m1", tag="")
-    from astra_thepayne.runner import insert_rows
+    from astra_thepayne.pipeline.runner import insert_rows
 
     insert_rows([ThePayne(spectrum_pk=spectrum.pk, model_sha256="m1", tag="")])  # ignored, not an error
     assert ThePayne.select().count() == 3

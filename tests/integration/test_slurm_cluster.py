@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from _scale import FAST_FIT, cli_environment, registered_keys, results, thepayne, write_synthetic_corpus
 
-from astra_thepayne.intermediate import read_intermediate
+from astra_thepayne.io.intermediate import read_intermediate
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.slow]  # jobs on a real cluster: minutes
 
@@ -121,7 +121,7 @@ def test_wait_reports_a_failed_job_and_a_rerun_resumes(tmp_path, survey):
     log_dir = tmp_path / "logs"
     argv = ["slurm", "--nodes", 2, "--procs-per-node", 2, "--time", "00:10:00", "--model", model, *FAST_FIT,
             "--log-dir", log_dir, "--wait", "--poll-interval", 0.5]
-    from astra_thepayne.slurm import thepayne_command
+    from astra_thepayne.pipeline.slurm import thepayne_command
 
     follower = subprocess.Popen([*thepayne_command(), "--database", url, *map(str, argv)], env=env, cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)

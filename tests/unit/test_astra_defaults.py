@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 
-from astra_thepayne.demo_model import demo_model_path
-from astra_thepayne.grid import APSTAR_NPIX, MODEL_TO_APSTAR
-from astra_thepayne.task import load_fitter
+from astra_thepayne.core.demo_network import demo_model_path
+from astra_thepayne.core.wavelength import APSTAR_NPIX, MODEL_TO_APSTAR
+from astra_thepayne.pipeline.task import load_fitter
 
 
 def _network_folder(tmp_path, mask=True, continuum=True):
@@ -27,7 +27,7 @@ def _network_folder(tmp_path, mask=True, continuum=True):
 
 def test_files_beside_the_network_are_used_and_said(tmp_path, caplog):
     network, ignore, pixels = _network_folder(tmp_path)
-    with caplog.at_level(logging.INFO, logger="astra_thepayne.task"):
+    with caplog.at_level(logging.INFO, logger="astra_thepayne.pipeline.task"):
         fitter = load_fitter(str(network))
     np.testing.assert_array_equal(fitter.ignore[MODEL_TO_APSTAR], ignore)
     expected = np.zeros(APSTAR_NPIX, dtype=bool)

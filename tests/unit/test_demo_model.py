@@ -6,10 +6,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from astra_thepayne import demo_model
-from astra_thepayne.emulator import PayneEmulator
-from astra_thepayne.grid import model_wavelength
-from astra_thepayne.labels import LABEL_NAMES, LABELS
+from astra_thepayne.core import demo_network as demo_model
+from astra_thepayne.core.emulator import PayneEmulator
+from astra_thepayne.core.labels import LABEL_NAMES, LABELS
+from astra_thepayne.core.wavelength import model_wavelength
 from astra_thepayne.training.toy_lines import ToyLineModel
 
 LOWER = np.array([label.lower for label in LABELS])
@@ -179,8 +179,8 @@ def test_fits_of_demo_spectra_recover_labels_with_unit_pulls(demo):
     # 0.21 / 1.03, 0.14 / 0.91, so most of the excess comes from continuum normalisation, not the network.
     # Not asserted: c12_c13 (13C bands vanish at high ratios, so its errors are far from Gaussian) and a few weak
     # labels whose pull widths reach 1.5-2 even with the true continuum.
-    fitting = pytest.importorskip("astra_thepayne.fitting")
-    from astra_thepayne.synthetic import synthetic_spectrum
+    fitting = pytest.importorskip("astra_thepayne.core.fitting")
+    from astra_thepayne.core.synthetic import synthetic_spectrum
 
     rng = np.random.default_rng(2024)
     fitter = fitting.PayneFitter(demo)

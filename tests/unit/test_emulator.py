@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 
-from astra_thepayne.emulator import ModelFileError, PayneEmulator
-from astra_thepayne.labels import LABEL_NAMES
+from astra_thepayne.core.emulator import ModelFileError, PayneEmulator
+from astra_thepayne.core.labels import LABEL_NAMES
 
 
 def test_jacobian_matches_central_finite_differences(toy_emulator):

@@ -1,4 +1,4 @@
-"""astra_thepayne.fits_bytes: HDUs as bytes with the checksums astropy checks, and the whole-file test the products'
+"""astra_thepayne.io.fits_bytes: HDUs as bytes with the checksums astropy checks, and the whole-file test the products'
 resume logic relies on."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from astra_thepayne.fits_bytes import BLOCK, card, encode_checksum, hdu_bytes, header_keywords, ones_complement_sum
+from astra_thepayne.io.fits_bytes import BLOCK, card, encode_checksum, hdu_bytes, header_keywords, ones_complement_sum
 
 
 def _astropy_file(rows=3):

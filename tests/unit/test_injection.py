@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from astra_thepayne import slurm
 from astra_thepayne.db.database import connect
 from astra_thepayne.errors import ConfigurationError
-from astra_thepayne.slurm import KeyRange, SlurmOptions, thepayne_command
+from astra_thepayne.pipeline import slurm
+from astra_thepayne.pipeline.slurm import KeyRange, SlurmOptions, thepayne_command
 
 FIELDS = ("account", "partition", "mem", "gres")
 INJECTIONS = ("sdss\ntouch pwned", "sdss\rtouch pwned", "sdss\n#SBATCH --wrap=id", "sdss\x00", "sdss\u2028x",

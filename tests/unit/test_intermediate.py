@@ -6,9 +6,14 @@ import pickle
 import numpy as np
 import pytest
 
-from astra_thepayne import intermediate
 from astra_thepayne.db.models import version_to_int
-from astra_thepayne.intermediate import IntermediateFileError, intermediate_path, read_intermediate, write_intermediate
+from astra_thepayne.io import intermediate
+from astra_thepayne.io.intermediate import (
+    IntermediateFileError,
+    intermediate_path,
+    read_intermediate,
+    write_intermediate,
+)
 
 
 @pytest.mark.parametrize("pk, tail", [(7, "00/07/7.pkl"), (123, "01/23/123.pkl"), (4567, "45/67/4567.pkl"),

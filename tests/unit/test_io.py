@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 from broken_corpus import NO_INFORMATION, UNREADABLE, gzip_copy, make_broken_corpus
 
-from astra_thepayne.grid import APSTAR_NPIX, apstar_wavelength
+from astra_thepayne.core.wavelength import APSTAR_NPIX, apstar_wavelength
 from astra_thepayne.io import (
     SpectrumFileError,
     detect_format,
@@ -277,8 +277,8 @@ def test_iter_spectrum_files_missing_path(tmp_path):
 # --- extension point ----------------------------------------------------------------------------------------------
 
 def test_a_new_format_is_one_registered_subclass(monkeypatch, tmp_path):
+    from astra_thepayne.core.spectrum import Spectrum
     from astra_thepayne.io import base
-    from astra_thepayne.spectrum import Spectrum
 
     monkeypatch.setattr(base, "_REGISTRY", list(base._REGISTRY))  # keep the real registry untouched
 
@@ -336,7 +336,7 @@ def test_spectrum_file_error_survives_pickling(corpus):
 
 
 def test_resampling_gives_bad_pixels_no_weight_and_leaves_far_pixels_alone():
-    from astra_thepayne.preprocess import resample
+    from astra_thepayne.core.preprocess import resample
 
     wavelength = np.linspace(15000.0, 15100.0, 201)
     flux = np.ones(201)

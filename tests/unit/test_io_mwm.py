@@ -6,7 +6,7 @@ import pytest
 from astropy.io import fits
 from broken_corpus import write_aspcapstar_file, write_mwm_file
 
-from astra_thepayne.grid import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength
+from astra_thepayne.core.wavelength import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength
 from astra_thepayne.io import SpectrumFileError, detect_format, read_spectra, registered_readers
 
 pytestmark = pytest.mark.filterwarnings("error")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from astra_thepayne.labels import LABEL_NAMES, RESULT_FLAGS, flag_result, label_pairs
+from astra_thepayne.core.labels import LABEL_NAMES, RESULT_FLAGS, flag_result, label_pairs
 
 
 def test_labels_in_the_payne_network_order():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from astra_thepayne.errors import ConfigurationError
-from astra_thepayne.noise_model import (
+from astra_thepayne.pipeline.noise_model import (
     apply_correction,
     calibrate_pair_errors,
     calibrate_pair_errors_by_snr,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.pixel_weights import PIXMASK, PixelWeights
+from astra_thepayne.core.preprocess import resample
+from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from astra_thepayne.errors import ConfigurationError
-from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.grid import MODEL_TO_APSTAR, SPEED_OF_LIGHT_KMS, apstar_wavelength
 from astra_thepayne.io import read_spectra
-from astra_thepayne.pixel_weights import PIXMASK, PixelWeights
-from astra_thepayne.preprocess import resample
 
 _EDGES = 10 ** (4.179 + 6e-6 * (np.arange(len(apstar_wavelength()) + 1) - 0.5))
 _RULES_OFF = {"sky_lines": "none", "persistence": False, "littrow_ghost": False, "error_floor": 0.0}

@@ -1,15 +1,15 @@
-"""Fit plots (astra_thepayne.plotting): wavelength increasing, unused pixels shaded not drawn, line cores inside
-the axes, flags by name, residuals readable on a bad fit."""
+"""Fit plots (astra_thepayne.pipeline.plotting): wavelength increasing, unused pixels shaded not drawn, line cores
+inside the axes, flags by name, residuals readable on a bad fit."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.grid import MODEL_SEGMENTS, apstar_wavelength
-from astra_thepayne.labels import RESULT_FLAGS
-from astra_thepayne.plotting import RESIDUAL_LINEAR_SIGMA, fit_figure, plot_fit
-from astra_thepayne.synthetic import synthetic_spectrum
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.labels import RESULT_FLAGS
+from astra_thepayne.core.synthetic import synthetic_spectrum
+from astra_thepayne.core.wavelength import MODEL_SEGMENTS, apstar_wavelength
+from astra_thepayne.pipeline.plotting import RESIDUAL_LINEAR_SIGMA, fit_figure, plot_fit
 
 MASKED = slice(1000, 1040)  # inside the blue chip
 

@@ -71,10 +71,10 @@ def test_migrations_import_nothing_live(path):
 
 
 def test_the_import_check_sees_imports_anywhere():
-    tree = ast.parse("def upgrade(database, migrator):\n    from astra_thepayne.labels import LABEL_NAMES\n"
+    tree = ast.parse("def upgrade(database, migrator):\n    from astra_thepayne.core.labels import LABEL_NAMES\n"
                      "    import importlib\n    importlib.import_module('astra_thepayne.db')\n"
                      "from . import sibling\n")
-    assert sorted(_imports(tree)) == [(".", 5), ("astra_thepayne.db", 4), ("astra_thepayne.labels", 2),
+    assert sorted(_imports(tree)) == [(".", 5), ("astra_thepayne.core.labels", 2), ("astra_thepayne.db", 4),
                                       ("importlib", 3)]
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS, flag_result
+from astra_thepayne.core.synthetic import synthetic_spectrum
+from astra_thepayne.core.wavelength import MODEL_SEGMENTS
 from astra_thepayne.db.models import ThePayne, row_to_fields
-from astra_thepayne.fitting import PayneFitter
-from astra_thepayne.grid import MODEL_SEGMENTS
 from astra_thepayne.io import read_spectra
-from astra_thepayne.labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS, flag_result
-from astra_thepayne.synthetic import synthetic_spectrum
 
 FLAG = {flag.name: flag.value for flag in RESULT_FLAGS}
 

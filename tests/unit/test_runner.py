@@ -3,7 +3,7 @@ on a clock the tests move themselves: exact, and without sleeping."""
 from __future__ import annotations
 
 from astra_thepayne.db.models import ThePayne
-from astra_thepayne.runner import Timer, save_in_batches
+from astra_thepayne.pipeline.runner import Timer, save_in_batches
 
 # binary fractions, so that sums and differences of clock readings are exact
 WORK, OVERHEAD = 1 / 32, 1 / 16

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from astra_thepayne import slurm
 from astra_thepayne.errors import ConfigurationError
-from astra_thepayne.slurm import KeyRange, SlurmOptions
+from astra_thepayne.pipeline import slurm
+from astra_thepayne.pipeline.slurm import KeyRange, SlurmOptions
 
 # -- slicing ------------------------------------------------------------------------------------------------------
 

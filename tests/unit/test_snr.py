@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from astra_thepayne.fitting import PayneFitter
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.labels import RESULT_FLAGS
 from astra_thepayne.io import read_spectra
-from astra_thepayne.labels import RESULT_FLAGS
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from astra_thepayne.solver import SolverFailure, minimise
+from astra_thepayne.core.solver import SolverFailure, minimise
 
 
 class Exponential:

@@ -5,10 +5,10 @@ import peewee
 import pytest
 
 from astra_thepayne import connect
+from astra_thepayne.core.spectrum import Spectrum
 from astra_thepayne.db.migrate import upgrade
 from astra_thepayne.db.models import SpectrumRecord, ThePayne
-from astra_thepayne.spectrum import Spectrum
-from astra_thepayne.task import paginate, skip_fitted
+from astra_thepayne.pipeline.astra_binding import paginate, skip_fitted
 
 
 @pytest.fixture()
@@ -80,7 +80,7 @@ def test_an_astra_apvisit_row_becomes_the_spectrum_the_apvisit_reader_makes(apog
     from astropy.io import fits
 
     from astra_thepayne import read_spectra
-    from astra_thepayne.task import _astra_row_spectrum
+    from astra_thepayne.pipeline.task import _astra_row_spectrum
 
     path = apogee_data_dir / "apVisit-r13-5095-55844-128.fits"
     (expected,) = read_spectra(path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from astra_thepayne.cli import main
-from astra_thepayne.emulator import PayneEmulator
+from astra_thepayne.core.emulator import PayneEmulator
 from astra_thepayne.training.grid import GridError, TrainingGrid, load_grid, save_grid, validate_grid
 from astra_thepayne.training.trainer import TrainingError, train_network
 

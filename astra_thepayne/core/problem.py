@@ -1,0 +1,543 @@
+"""The Payne fit of one spectrum as a least-squares problem for :func:`astra_thepayne.core.solver.minimise`.
+
+Weighted residuals ``r = w (c * S_v(f(x)) - y)`` over the model pixels, with ``f(x) = W2 a(x) + b2`` the network
+(``a`` its last hidden layer), ``S_v`` an optional Doppler shift (cubic spline within each chip, see :class:`Shift`) and
+``c = 1 + D g`` an optional multiplicative continuum correction (Chebyshev basis ``D``). Parameters are the scaled
+labels ``x`` and the scaled velocity; ``g`` is solved for at every evaluation (see :class:`PayneProblem`).
+
+What makes it fast: the output layer ``W2`` (P x H, 7214 x 300 in production) is nearly all of the network, and
+the exact Jacobian ``W2 (da/dx)`` costs P H K multiply-adds. Chi2 and the exact gradient need only two
+matrix-vector products with ``W2`` (``J^T r = (da/dx)^T W2^T S^T (w c r)``). The Gauss-Newton matrix of the labels,
+``(da/dx)^T W2^T diag(w^2) W2 (da/dx)``, is approximated while the fit is far from the minimum by replacing
+``w^2`` with its mean over each of a few wide pixel blocks: ``W2^T diag(w^2) W2 ~ sum_b mean_b(w^2) G_b`` with the
+block Gram matrices ``G_b = W2_b^T W2_b`` computed once per network. The exact product is formed only near the
+minimum, where it also gives the covariance; it is cached by the network's activation pattern, on which it alone
+depends.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .lockstep import run_in_lockstep
+from .wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
+
+__all__ = ["OutputLayer", "PayneProblem", "Shift", "pixel_shift"]
+
+_N_BLOCKS = 16  # pixel blocks of the approximate Gram matrix: ~450 pixels each, over which S/N changes little
+
+
+def pixel_shift(v_rel):
+    """Shift in apStar pixels of a source at ``v_rel`` km/s (positive = redshift)."""
+    return np.log10(1.0 + v_rel / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
+
+
+def _bspline_weights(frac):
+    """Cubic B-spline weights of the four coefficients at distances ``1 + f, f, 1 - f, 2 - f`` from the point, and
+    their derivatives with respect to ``f``."""
+    d = np.array([1.0 + frac, frac, 1.0 - frac, 2.0 - frac])
+    sign = np.array([1.0, 1.0, -1.0, -1.0])  # d distance / d f
+    near = d <= 1.0
+    weights = np.where(near, 2.0 / 3.0 - d**2 + 0.5 * d**3, (2.0 - d) ** 3 / 6.0)
+    slopes = np.where(near, -2.0 * d + 1.5 * d**2, -0.5 * (2.0 - d) ** 2) * sign
+    return weights, slopes
+
+
+def _spline_system(segments):
+    """Banded form of the (symmetric) matrix that turns cubic B-spline coefficients into values at the pixels,
+    each segment on its own, with the coefficient beyond an end equal to the end's (so constants stay constant)."""
+    n = max(stop for _, stop in segments)
+    bands = np.zeros((3, n))
+    bands[0, 1:] = bands[2, :-1] = 1.0 / 6.0
+    bands[1] = 4.0 / 6.0
+    for start, stop in segments:
+        bands[1, start] = bands[1, stop - 1] = 5.0 / 6.0
+        bands[0, start] = 0.0  # no coupling to the segment before
+        if stop < n:
+            bands[2, stop - 1] = 0.0
+    return bands
+
+
+class Shift:
+    """Resampling of model pixels to positions ``i - shift`` within each chip segment, its derivative with respect
+    to ``shift``, and its transpose.
+
+    Interpolation is by cubic spline (B-spline coefficients from one tridiagonal solve, then four taps): a star's
+    spectrum is smooth between pixels, and on APOGEE's sharp lines (about two pixels wide) the spline errs by a
+    few thousandths of the continuum at a half-pixel shift. Linear interpolation errs by ten times that, smooths
+    lines (biasing labels) and gives chi2 a kink at every whole-pixel shift: local minima one pixel (4.1 km/s) from
+    the truth. The operator is linear in the values, ``S = E A^-1`` with ``A`` symmetric, so ``S^T = A^-1 E^T``.
+    """
+
+    def __init__(self, segments, shift):
+        n = int(np.floor(shift))
+        self.shift, self.frac, self.whole = float(shift), float(shift - n), n
+        self.weights, self.slopes = _bspline_weights(self.frac)
+        segments = tuple(map(tuple, segments))
+        self.segments = segments
+        self.taps = _spline_taps(segments, n)
+        self.size = len(self.taps[0])
+        self._factor = _spline_factor(segments)
+
+    def _coefficients(self, values):
+        return _spline_solve(self._factor, values)
+
+    @staticmethod
+    def coefficients(values, segments):
+        """The B-spline coefficients of ``values``, to shift one vector many times (:meth:`apply_to_coefficients`)."""
+        return _spline_solve(_spline_factor(tuple(map(tuple, segments))), values)
+
+    def apply_to_coefficients(self, coefficients):
+        return self._taps(self.weights, coefficients)
+
+    def _taps(self, factors, c):
+        if c.ndim == 1:  # gathers: quickest for one vector
+            return (factors[0] * c[self.taps[0]] + factors[1] * c[self.taps[1]] + factors[2] * c[self.taps[2]]
+                    + factors[3] * c[self.taps[3]])
+        # a matrix (the Jacobian's columns): contiguous slices of each segment padded with its end values (the
+        # clamping of the taps), five times quicker than gathering rows
+        out = np.empty(c.shape, dtype=c.dtype)
+        pad = abs(self.whole) + 3
+        for start, stop in self.segments:
+            segment, length = c[start:stop], stop - start
+            padded = np.concatenate([np.repeat(segment[:1], pad, 0), segment, np.repeat(segment[-1:], pad, 0)])
+            base = pad - self.whole
+            acc = factors[0] * padded[base + 1:base + 1 + length]
+            acc += factors[1] * padded[base:base + length]
+            acc += factors[2] * padded[base - 1:base - 1 + length]
+            acc += factors[3] * padded[base - 2:base - 2 + length]
+            out[start:stop] = acc
+        return out
+
+    def apply(self, values):
+        """Shifted ``values`` (pixels along the first axis)."""
+        return self._taps(self.weights, self._coefficients(values))
+
+    def apply_with_derivative(self, values):
+        """``apply(values)`` and ``d apply(values) / d shift``, with one solve."""
+        c = self._coefficients(values)
+        return self._taps(self.weights, c), self._taps(self.slopes, c)
+
+    def derivative(self, values):
+        """``d apply(values) / d shift``."""
+        return self._taps(self.slopes, self._coefficients(values))
+
+    def transpose(self, values):
+        """``S^T values`` for a vector: what each model pixel contributes to, summed."""
+        spread = sum(np.bincount(tap, w * values, self.size) for tap, w in zip(self.taps, self.weights, strict=True))
+        return self._coefficients(spread)
+
+
+@functools.lru_cache(maxsize=8)
+def _spline_factor(segments):
+    """LDL^T factors of the (positive definite, tridiagonal) spline system, computed once per set of segments."""
+    from scipy.linalg import lapack
+
+    bands = _spline_system(segments)
+    d, e, info = lapack.dpttrf(bands[1].copy(), bands[0, 1:].copy())
+    if info != 0:
+        raise ValueError("spline system is not positive definite")
+    return d, e, d.astype(np.float32), e.astype(np.float32)
+
+
+def _spline_solve(factor, values):
+    """The spline coefficients of ``values``: in float32 for float32 values (the output layer's products, whose
+    own rounding is no finer), in float64 otherwise."""
+    from scipy.linalg import lapack
+
+    values = np.asarray(values)
+    if values.dtype == np.float32:
+        solution, info = lapack.spttrs(factor[2], factor[3], values)
+    else:
+        solution, info = lapack.dpttrs(factor[0], factor[1], np.asarray(values, dtype=np.float64))
+    if info != 0:
+        raise ValueError("spline solve failed")
+    return solution
+
+
+@functools.lru_cache(maxsize=256)
+def _spline_taps(segments, n):
+    """Index arrays of the four coefficients (j+1, j, j-1, j-2) behind each output pixel at a shift of ``n`` whole
+    pixels plus a fraction, clamped to each segment."""
+    taps = [[] for _ in range(4)]
+    for start, stop in segments:
+        index = np.arange(start, stop) - n
+        for tap, offset in enumerate((1, 0, -1, -2)):
+            taps[tap].append(np.clip(index + offset, start, stop - 1))
+    return tuple(np.concatenate(t) for t in taps)
+
+
+class OutputLayer:
+    """The network's output layer in float32, with the block sums behind the approximate Gauss-Newton matrix.
+
+    Single precision halves the memory traffic of the matrix products that dominate a fit; its rounding (about
+    1e-7 relative) is far below the noise of any spectrum. One instance serves all fits of a fitter; ``design`` is
+    the fitter's continuum basis on the model pixels.
+    """
+
+    def __init__(self, emulator, design, n_blocks=_N_BLOCKS):
+        self.emulator, self.design = emulator, design
+        self.w2 = np.ascontiguousarray(emulator.weights[2], dtype=np.float32)
+        self.b2 = np.asarray(emulator.biases[2], dtype=np.float64)
+        n_pixels = self.w2.shape[0]
+        self.block_starts = np.linspace(0, n_pixels, min(n_blocks, n_pixels) + 1).astype(int)[:-1]
+        self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
+        self._grams = self._cross = None
+        self.bank = self.segments = None  # set by a fitter that matches spectra to a model bank
+
+    def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
+        state = dict(self.__dict__)
+        state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
+        return state
+
+    # -- lockstep execution ------------------------------------------------------------------------------------
+    def run(self, steps):
+        """Drive several fit generators together (:func:`~astra_thepayne.core.lockstep.run_in_lockstep`) and
+        return their return values, in order.
+
+        Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
+        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m`` (and ``("bank", ...)`` for the model
+        bank's scores), and receives the product. Whatever the generators ask for at the same moment is computed as
+        one matrix-matrix product, so the output layer (8.7 MB of float32 in production) streams through memory
+        once for all of them instead of once each, and the products run at matrix-matrix speed.
+        """
+        return run_in_lockstep(steps, self._products)
+
+    def _products(self, kind, arrays):
+        # results are float32 (rows made contiguous where a caller reads them as vectors); float64 arithmetic
+        # downstream promotes them, which is cheaper than converting whole products here
+        if kind == "flux":
+            out = np.ascontiguousarray((self.w2 @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            return [row + self.b2 for row in out]  # float64 from the addition
+        if kind == "transpose":
+            out = np.ascontiguousarray((self.w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            return list(out)
+        if kind == "bank":
+            # a (2, P) request: w^2 y and w^2 of one spectrum, matched against every bank member at once
+            stacked = np.stack(arrays)
+            return list(self.bank.scores(stacked[:, 0], stacked[:, 1], self.segments))
+        if kind == "times":
+            # computed transposed, so that each caller's block is contiguous (a Fortran-ordered P x n matrix)
+            out = np.vstack([a.T for a in arrays]).astype(np.float32) @ self.w2.T
+            return [block.T for block in np.split(out, np.cumsum([a.shape[1] for a in arrays])[:-1], axis=0)]
+        raise ValueError(f"unknown request {kind!r}")
+
+    def run_one(self, step):
+        """:meth:`run` for a single generator."""
+        return self.run([step])[0]
+
+    def _block_means(self, values):
+        return (np.add.reduceat(values, self.block_starts) / self.block_sizes).astype(np.float32)
+
+    def _blocks(self):
+        w2 = self.emulator.weights[2]
+        ends = np.append(self.block_starts[1:], len(w2))
+        return [slice(a, b) for a, b in zip(self.block_starts, ends, strict=True)]
+
+    def approximate_gram(self, weights):
+        """``sum_b mean_b(weights) W2_b^T W2_b`` ~ ``W2^T diag(weights) W2`` ``(H, H)``, float32 like the products
+        it feeds."""
+        if self._grams is None:
+            w2 = self.emulator.weights[2]
+            self._grams = np.stack([(w2[b].T @ w2[b]).ravel() for b in self._blocks()]).astype(np.float32)
+        return (self._block_means(weights) @ self._grams).reshape(self.w2.shape[1], -1)
+
+    def design_regions(self):
+        """The continuum basis as blocks: ``(rows, columns, basis, products)`` per chip region, where ``basis`` is
+        ``design[rows, columns]`` (zero elsewhere) and ``products`` holds each pixel's outer product of it, so that
+        ``weights[rows] @ products`` is the region's weighted normal matrix."""
+        if getattr(self, "_regions", None) is None:
+            self._regions = []
+            for rows, columns in _column_groups(self.design):
+                basis = self.design[rows, columns]
+                products = (basis[:, :, None] * basis[:, None, :]).reshape(len(basis), -1)
+                self._regions.append((rows, columns, basis, products))
+        return self._regions
+
+    def approximate_cross(self, weights, columns):
+        """``sum_b mean_b(weights) W2_b^T D_b`` ~ ``W2^T diag(weights) D`` ``(H, len(columns))``."""
+        key = tuple(columns)
+        if self._cross is None:
+            self._cross = {}
+        if key not in self._cross:
+            w2 = self.emulator.weights[2]
+            self._cross[key] = np.stack([(w2[b].T @ self.design[b][:, columns]).ravel()
+                                         for b in self._blocks()]).astype(np.float32)
+        return (self._block_means(weights) @ self._cross[key]).reshape(self.w2.shape[1], -1)
+
+
+def _column_groups(design):
+    """``(rows, columns)`` of the design's blocks: columns grouped by the range of rows where they are non-zero (the
+    columns of one chip region). The ranges must not overlap: the continuum solve treats the blocks separately."""
+    groups = {}
+    for column in range(design.shape[1]):
+        rows = np.flatnonzero(design[:, column])
+        key = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        groups.setdefault(key, []).append(column)
+    ranges = sorted(groups)
+    if any(a[1] > b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True)):
+        raise ValueError("continuum basis: the regions' rows overlap")
+    return [(slice(*key), np.array(columns)) for key, columns in groups.items()]
+
+
+@dataclass(slots=True)
+class _Evaluation:
+    """What :class:`PayneProblem` computed at one point ``x``; filled as the evaluation and the requests after it
+    need."""
+
+    x: np.ndarray
+    a1: np.ndarray | None = None  #: last hidden layer
+    slopes: tuple | None = None  #: the activation pattern (leaky-ReLU slopes of each hidden layer)
+    shift: Shift | None = None  #: the Doppler shift operator (velocity fitted)
+    flux: np.ndarray | None = None  #: network flux, shifted
+    d_flux_d_v: np.ndarray | None = None  #: its derivative with respect to the scaled velocity
+    g: np.ndarray | None = None  #: continuum coefficients at their best
+    c: np.ndarray | None = None  #: continuum correction ``1 + D g`` (None without a design)
+    continuum_matrix: np.ndarray | None = None  #: ``(w f D)^T (w f D)``, block diagonal by region
+    continuum_columns: np.ndarray | None = None  #: ``w f D``, made when an exact Jacobian asks for it
+    r: np.ndarray | None = None  #: weighted residuals
+    exact_matrix: np.ndarray | None = None  #: exact profiled ``J^T J``, once computed
+
+
+class PayneProblem:
+    """Chi2, gradient and Gauss-Newton matrix of the network against one spectrum (see the module docstring).
+
+    The parameters are the scaled labels and, with ``v_scale``, the scaled velocity. The continuum coefficients
+    ``g`` are not among them: they enter the residuals linearly, so at every evaluation they are solved for exactly
+    (a 15-parameter linear least-squares problem) and chi2 is minimised over the labels with ``g`` always at its
+    best (variable projection). By the envelope theorem the gradient is then the partial one; the Gauss-Newton
+    matrix of the labels is the Schur complement over ``g`` of the full one, whose inverse is the label covariance
+    marginalised over the continuum. The optimiser thus works in 25 dimensions instead of 40 and never wanders in
+    the continuum's.
+
+    Parameters
+    ----------
+    layer : OutputLayer
+    y, weight : ndarray (P,)
+        Continuum-normalised flux and ``sqrt(ivar)`` on the model pixels (weight 0 = pixel not used).
+    segments : list of (start, stop)
+        Chip segments of the model pixels (needed with ``v_scale``).
+    v_scale : float, optional
+        Fit the radial velocity as the parameter after the labels, in units of ``v_scale`` km/s.
+    design_columns : ndarray of int, optional
+        Fit a continuum correction ``1 + D g`` with these columns ``D`` of ``layer.design``.
+    """
+
+    def __init__(self, layer, y, weight, segments=None, v_scale=None, design_columns=None):
+        self.layer, self.emulator = layer, layer.emulator
+        self.y, self.weight = y, weight
+        self.segments, self.v_scale = segments, v_scale
+        self.design_columns = design_columns
+        self.design = None if design_columns is None else layer.design[:, design_columns]
+        self.n_labels = self.emulator.n_labels
+        self.n_design = 0 if design_columns is None else len(design_columns)
+        self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
+        self._p = self._previous = None  # evaluated states: the current point and the one before
+        self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
+        self._hidden_cross = self._approximate_blocks = None
+        # the continuum basis by region, with each region's columns placed among the problem's coefficients
+        position = {int(c): i for i, c in enumerate(design_columns)} if design_columns is not None else {}
+        self._regions = [(rows, np.array([position[int(c)] for c in columns]), basis, products)
+                         for rows, columns, basis, products in (layer.design_regions() if self.n_design else [])
+                         if all(int(c) in position for c in columns)]
+        self._weighted_y = weight * y
+        # where the regions' blocks go in the continuum normal matrix, and whether they can be solved as one stack
+        sizes = {len(positions) for _, positions, _, _ in self._regions}
+        self._stacked = len(sizes) == 1 and sizes != {0}
+        if self._regions:
+            self._block_index = (np.concatenate([np.repeat(positions, len(positions))
+                                                 for _, positions, _, _ in self._regions]),
+                                 np.concatenate([np.tile(positions, len(positions))
+                                                 for _, positions, _, _ in self._regions]))
+            self._region_positions = np.concatenate([positions for _, positions, _, _ in self._regions])
+
+    # -- parameters --------------------------------------------------------------------------------------------
+    def velocity(self, theta):
+        """km/s."""
+        return float(theta[self.n_labels] * self.v_scale) if self.v_scale else 0.0
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    # These are generators: they yield requests for products with the output layer (see OutputLayer.run) and
+    # return their value; call them with ``yield from`` inside another such generator, or through OutputLayer.run.
+    def _evaluate(self, theta):
+        """Make ``self._p`` the state at ``theta``. The state before is kept too: after a rejected trial step the
+        solver returns to it, and it costs nothing to restore."""
+        if self._p is not None and np.array_equal(theta, self._p.x):
+            return
+        if self._previous is not None and np.array_equal(theta, self._previous.x):
+            self._p, self._previous = self._previous, self._p
+            return
+        p = _Evaluation(x=np.array(theta, copy=True))
+        p.a1, p.slopes = self.emulator.hidden_forward(theta[:self.n_labels])
+        rest = yield ("flux", p.a1)
+        if self.v_scale:
+            v = theta[self.n_labels] * self.v_scale
+            p.shift = Shift(self.segments, pixel_shift(v))
+            p.flux, d_flux_d_shift = p.shift.apply_with_derivative(rest)
+            d_shift = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
+            p.d_flux_d_v = d_flux_d_shift * d_shift
+        else:
+            p.flux = rest
+        weighted = self.weight * p.flux
+        if self.n_design:
+            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly, region by region (each
+            # region's basis is zero outside it, so the normal matrix is block diagonal)
+            p.g, p.c = np.zeros(self.n_design), np.ones_like(weighted)
+            p.continuum_matrix = np.zeros((self.n_design, self.n_design))
+            blocks, sides = [], []
+            for rows, positions, basis, products in self._regions:
+                w_f = weighted[rows]
+                blocks.append(((w_f * w_f) @ products).reshape(len(positions), -1))
+                sides.append(basis.T @ (w_f * (self._weighted_y[rows] - w_f)))
+            if blocks:
+                if self._stacked:  # one call for all regions: the per-call overhead is most of a 5 x 5 solve
+                    stack = np.stack(blocks)
+                    q = stack.shape[1]
+                    scale = np.trace(stack, axis1=1, axis2=2) / q
+                    stack[:, np.arange(q), np.arange(q)] += 1e-12 * np.where(scale != 0, scale, 1.0)[:, None]
+                    g = np.linalg.solve(stack, np.stack(sides)[..., None])[..., 0]
+                    blocks = list(stack)
+                else:
+                    g = []
+                    for block, side in zip(blocks, sides, strict=True):
+                        block += 1e-12 * (np.mean(np.diag(block)) or 1.0) * np.eye(len(block))
+                        g.append(np.linalg.solve(block, side))
+                p.g[self._region_positions] = np.concatenate([np.ravel(x) for x in g])
+                p.continuum_matrix[self._block_index] = np.concatenate([b.ravel() for b in blocks])
+                for rows, positions, basis, _ in self._regions:
+                    p.c[rows] = 1.0 + basis @ p.g[positions]
+            p.continuum_columns = None  # made when an exact Jacobian asks for it
+            p.r = weighted * p.c - self._weighted_y
+        else:
+            p.c = None
+            p.r = weighted - self._weighted_y
+        self._p, self._previous = p, self._p
+
+    def chi2(self, theta):
+        yield from self._evaluate(theta)
+        value = float(self._p.r @ self._p.r)
+        return value if np.isfinite(value) else np.inf
+
+    def residuals(self, theta):
+        yield from self._evaluate(theta)
+        return self._p.r.copy()
+
+    def rectified_model(self, theta):
+        """Network flux (shifted, without the continuum correction) on the model pixels."""
+        yield from self._evaluate(theta)
+        return self._p.flux.copy()
+
+    def correction(self, theta):
+        """Continuum correction ``1 + D g`` on the model pixels at its best for ``theta`` (1 without a design)."""
+        yield from self._evaluate(theta)
+        return self._p.c.copy() if self._p.c is not None else np.ones_like(self.y)
+
+    def gradient(self, theta):
+        """``J^T r`` with respect to the labels (and velocity); that of ``g`` is zero, ``g`` being at its best."""
+        yield from self._evaluate(theta)
+        u = self._label_weight() * self._p.r
+        if self.v_scale:
+            u = self._p.shift.transpose(u)
+        g_labels = self.emulator.hidden_vjp(self._p.slopes, (yield ("transpose", u)).astype(np.float64))
+        if self.v_scale:
+            return np.append(g_labels, self._velocity_column() @ self._p.r)
+        return g_labels
+
+    def jacobian(self, theta):
+        """The exact Jacobian of the residuals ``(P, n)``: labels, velocity, then continuum coefficients."""
+        yield from self._evaluate(theta)
+        m = self._jacobian_of_hidden()
+        if self._product is None:
+            self._product = yield ("times", m)
+        product = self._p.shift.apply(self._product) if self.v_scale else self._product
+        columns = [self._label_weight()[:, None] * product]  # float64
+        if self.v_scale:
+            columns.append(self._velocity_column()[:, None])
+        if self.n_design:
+            columns.append(self._continuum_columns())
+        return np.hstack(columns) if len(columns) > 1 else columns[0]
+
+    def normal_matrix(self, theta, exact):
+        """``J^T J`` of the labels (and velocity), with the continuum coefficients profiled out."""
+        yield from self._evaluate(theta)
+        p = self._p
+        if exact:
+            if p.exact_matrix is None:
+                constant_weights = not self.v_scale and not self.n_design
+                self._jacobian_of_hidden()  # forgets what belonged to another activation pattern
+                if constant_weights and self._pattern_matrix is not None:
+                    # same activation pattern, same weights: the same Jacobian
+                    p.exact_matrix = self._pattern_matrix
+                else:
+                    jac = yield from self.jacobian(theta)
+                    p.exact_matrix = self._profiled(jac.T @ jac)
+                    self._pattern_matrix = p.exact_matrix if constant_weights else None
+            return p.exact_matrix
+        m = self._jacobian_of_hidden()
+        if self._approximate_blocks is None:
+            # the label blocks depend on the activation pattern alone (the block weights and the kept cross
+            # products are fixed for the problem), so they are made once per pattern
+            if self.n_design and self._hidden_cross is None:
+                # what the label-continuum block takes from the model changes little over a fit, and only the
+                # speed of convergence depends on it here: it is computed at the first point and kept
+                weights = self.weight**2 * p.flux * p.c
+                self._hidden_cross = self.layer.approximate_cross(weights, self.design_columns)
+            # in float32 like the products: an approximation needs no more
+            self._approximate_blocks = ((m.T @ (self._gram @ m)).astype(np.float64),
+                                        (m.T @ self._hidden_cross).astype(np.float64) if self.n_design else None)
+        labels_block, cross = self._approximate_blocks
+        if not self.v_scale and not self.n_design:
+            return labels_block
+        k, n_v = self.n_labels, int(bool(self.v_scale))
+        n = k + n_v + self.n_design
+        matrix = np.empty((n, n))
+        matrix[:k, :k] = labels_block
+        if self.n_design:
+            matrix[:k, k + n_v:], matrix[k + n_v:, :k] = cross, cross.T
+            matrix[k + n_v:, k + n_v:] = p.continuum_matrix
+        if self.v_scale:  # one column: exact, two matrix-vector products
+            column = self._velocity_column()
+            u = p.shift.transpose(self._label_weight() * column)
+            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(p.slopes,
+                                                                     (yield ("transpose", u)).astype(np.float64))
+            matrix[k, k] = column @ column
+            if self.n_design:
+                # (w f D)^T column without forming w f D
+                matrix[k, k + 1:] = matrix[k + 1:, k] = (column * self.weight * p.flux) @ self.design
+        return self._profiled(matrix)
+
+    def _profiled(self, matrix):
+        """The Schur complement over the continuum coefficients (the last ``n_design`` rows and columns)."""
+        if not self.n_design:
+            return matrix
+        k = len(matrix) - self.n_design
+        a, b, c = matrix[:k, :k], matrix[:k, k:], matrix[k:, k:]
+        ridge = 1e-12 * (np.mean(np.diag(c)) or 1.0)
+        return a - b @ np.linalg.solve(c + ridge * np.eye(len(c)), b.T)
+
+    def _continuum_columns(self):
+        """``d r / d g`` ``(P, n_design)`` at the current point."""
+        p = self._p
+        if p.continuum_columns is None:
+            p.continuum_columns = (self.weight * p.flux)[:, None] * self.design
+        return p.continuum_columns
+
+    def _label_weight(self):
+        """``d r / d flux``: the factor between residuals and (shifted) network flux."""
+        return self.weight * self._p.c if self._p.c is not None else self.weight
+
+    def _velocity_column(self):
+        """``d r / d v`` (scaled velocity), exact and cheap."""
+        return self._label_weight() * self._p.d_flux_d_v
+
+    def _jacobian_of_hidden(self):
+        """``da/dx`` at the last evaluated point. The network is piecewise linear: it, and the expensive product
+        ``W2 da/dx``, change only when the activation pattern does, so both are kept until it changes."""
+        if self._pattern is None or not all(np.array_equal(a, b) for a, b in zip(self._pattern, self._p.slopes,
+                                                                                 strict=True)):
+            self._pattern = tuple(s.copy() for s in self._p.slopes)
+            self._hidden_jacobian = self.emulator.hidden_jacobian(self._p.slopes, np.float32)
+            self._product = self._pattern_matrix = self._approximate_blocks = None
+        return self._hidden_jacobian

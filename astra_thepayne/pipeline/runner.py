@@ -1,0 +1,106 @@
+"""Running a task generator and saving its results in batches, timed the way Astra times them.
+
+A task is a generator that yields result rows, and ``...`` (Ellipsis) whenever it has spent time on work shared by
+all results (loading the network, building masks). :class:`Timer` gives every result the time since the previous
+yield (``t_elapsed``) and spreads the shared overhead evenly (``t_overhead``, also added to ``t_elapsed``), exactly
+as Astra's task decorator does; :func:`save_in_batches` inserts the rows every ``batch_size`` results or
+``seconds`` seconds, whichever comes first, with on-conflict-ignore so that a duplicate (a re-run, or a concurrent
+process) never fails the batch. This module is the project's own stand-in for Astra's runner when sdss-astra is not
+installed.
+"""
+from __future__ import annotations
+
+import time
+
+from peewee import chunked
+
+__all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
+
+
+class Timer:
+    """Iterate over a task generator, timing each result.
+
+    The interval between two yields is measured inside the generator's own execution (the consumer's time spent
+    saving is not counted, because a generator does not run between a ``yield`` and the next ``next()``).
+    ``clock`` (seconds, monotonic; default :func:`time.perf_counter`) is what it reads: tests give it a clock they
+    move themselves.
+    """
+
+    def __init__(self, iterable, clock=time.perf_counter):
+        self._iterable = iterable
+        self._clock = clock
+        self.overheads = 0.0
+        self.n_results = 0
+
+    def __iter__(self):
+        iterator = iter(self._iterable)
+        clock = self._clock
+        last = clock()
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                self.overheads += clock() - last  # time after the last result is shared overhead
+                return
+            interval = clock() - last
+            if item is Ellipsis:
+                self.overheads += interval
+            else:
+                self.n_results += 1
+                if getattr(item, "t_elapsed", None) is None:  # a task may time its results itself
+                    item.t_elapsed = interval
+                yield item
+            last = clock()
+
+    @property
+    def mean_overhead(self) -> float:
+        return self.overheads / self.n_results if self.n_results else 0.0
+
+    def add_overheads(self, items) -> None:
+        """Give each item the mean overhead so far (``t_overhead``) and add it to its ``t_elapsed``."""
+        overhead = self.mean_overhead
+        for item in items:
+            item.t_overhead = overhead
+            item.t_elapsed = (item.t_elapsed or 0.0) + overhead
+
+
+def insert_rows(rows, database=None) -> None:
+    """Insert model instances of one class with on-conflict-ignore, in statements small enough for SQLite."""
+    rows = list(rows)
+    if not rows:
+        return
+    model = type(rows[0])
+    pk = model._meta.primary_key.name
+    names = [f.name for f in model._meta.sorted_fields if f.name != pk]
+    data = [{name: row.__data__.get(name) for name in names} for row in rows]
+    per_statement = max(1, 30_000 // len(names))  # SQLite allows 32766 bound variables per statement
+    database = database or model._meta.database
+    with database.atomic():
+        for chunk in chunked(data, per_statement):
+            model.insert_many(chunk).on_conflict_ignore().execute()
+
+
+def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows,
+                    clock=time.perf_counter):
+    """Consume a task generator, saving its results every ``batch_size`` results or ``seconds`` seconds.
+
+    Yields the results once they are saved (in order), with ``t_elapsed`` and ``t_overhead`` filled. ``clock``
+    (seconds, monotonic) times both the results (:class:`Timer`) and the interval between saves.
+    """
+    timer = Timer(results, clock=clock)
+    batch, last_save = [], clock()
+    for item in timer:
+        batch.append(item)
+        if len(batch) >= batch_size or clock() - last_save >= seconds:
+            timer.add_overheads(batch)
+            save(batch)
+            yield from batch
+            batch, last_save = [], clock()
+    timer.add_overheads(batch)  # only now is the total overhead known
+    save(batch)
+    yield from batch
+
+
+def execute(results, batch_size: int = 1000, seconds: float = 300.0) -> list:
+    """Run a task generator to the end, saving everything; returns the saved results."""
+    return list(save_in_batches(results, batch_size=batch_size, seconds=seconds))

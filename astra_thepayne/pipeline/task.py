@@ -1,0 +1,341 @@
+"""The Payne as a task: a generator yielding one :class:`~astra_thepayne.db.models.ThePayne` row per spectrum.
+
+``the_payne(spectra, ...)`` accepts database rows of this package (:class:`~astra_thepayne.db.models.SpectrumRecord`),
+Astra spectrum rows (anything with ``flux``, ``ivar`` and ``wavelength`` arrays and a ``spectrum_pk``) or
+:class:`~astra_thepayne.core.spectrum.Spectrum` objects read from files, and yields, in input order, one unsaved result
+row for each. It yields ``...`` after loading the network, which marks that time as overhead shared by all results
+(Astra's convention). For a spectrum with a primary key, the intermediate pickle is written atomically before its
+row is yielded, so a row can never be committed before its arrays are on disk.
+
+Running it:
+
+* without Astra, :func:`astra_thepayne.pipeline.runner.execute` (or ``thepayne run``) saves the rows in batches
+  and fills ``t_elapsed`` / ``t_overhead``;
+* under Astra, ``astra_thepayne.the_payne`` is this task wrapped by Astra's ``@task`` decorator with an output
+  model bound to Astra's database (:mod:`astra_thepayne.pipeline.astra_binding`, built on first use); this module's
+  :func:`the_payne` is always the plain generator.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+from ..db.models import SpectrumRecord, ThePayne, row_to_fields
+from ..errors import ConfigurationError
+
+__all__ = ["the_payne", "fit_rows", "load_fitter", "ASTRA_MASK_FILE", "ASTRA_CONTINUUM_FILE"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_float(value, name):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
+
+
+def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
+                v_rad_tolerance=0.0, pixel_weights=None):
+    """Load the network and build a :class:`~astra_thepayne.core.fitting.PayneFitter` (shared by task and CLI).
+
+    ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
+    :class:`~astra_thepayne.core.emulator.PayneEmulator`. ``pixel_weights`` is a
+    :class:`~astra_thepayne.core.pixel_weights.PixelWeights` (default: every rule on).
+
+    As Astra does, the model mask and the continuum pixels default to :data:`ASTRA_MASK_FILE` and
+    :data:`ASTRA_CONTINUUM_FILE` beside the network file when they are there (None = look there; ``"none"`` = use
+    none). Without them: no mask, continuum pixels derived from the network. One log line says what was used
+    (``fitter.setup``).
+    """
+    from ..config import resolve_model_path
+    from ..core.emulator import PayneEmulator
+    from ..core.fitting import PayneFitter, load_pixel_array
+
+    if isinstance(model_path, PayneEmulator):
+        emulator = model_path
+    else:
+        emulator = PayneEmulator.load(resolve_model_path(model_path))
+    if not emulator.sha256:  # built in memory: hash its arrays so that results still name their network
+        digest = hashlib.sha256()
+        for array in (*emulator.weights, *emulator.biases, emulator.x_min, emulator.x_max):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        emulator.sha256 = digest.hexdigest()
+    def pixels(path):
+        return None if path is None or str(path).lower() == "none" else load_pixel_array(path, emulator.n_pixels)
+
+    mask_path, mask_said = _beside_network(emulator, mask_path, ASTRA_MASK_FILE, "no model mask")
+    continuum_pixels_path, continuum_said = _beside_network(emulator, continuum_pixels_path, ASTRA_CONTINUUM_FILE,
+                                                            "continuum pixels derived from the network")
+    fitter = PayneFitter(emulator, mask=pixels(mask_path), continuum_pixels=pixels(continuum_pixels_path),
+                         opt_tolerance=_as_float(opt_tolerance, "opt_tolerance"),
+                         v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
+                         pixel_weights=pixel_weights)
+    fitter.setup = f"model mask: {mask_said}; continuum pixels: {continuum_said}; {fitter.pixel_weights.describe()}"
+    log.info("%s", fitter.setup)
+    return fitter
+
+
+#: Astra's model mask (bool per model pixel, True = ignore) and continuum pixel list, looked for beside the network.
+ASTRA_MASK_FILE = "payne_apogee_mask.npy"
+ASTRA_CONTINUUM_FILE = "cannon_apogee_pixels.npy"
+
+
+def _beside_network(emulator, path, filename, otherwise):
+    """``(path to use, what to say)``: the given path; for None, ``filename`` beside the network when it is there."""
+    if path is not None:
+        return (None, f"none ({otherwise})") if str(path).lower() == "none" else (path, str(path))
+    if emulator.path:
+        candidate = os.path.join(os.path.dirname(os.path.abspath(emulator.path)), filename)
+        if os.path.isfile(candidate):
+            return candidate, f"{candidate} (found beside the network)"
+    return None, f"{otherwise} (no {filename} beside the network)"
+
+
+def _number_or_nan(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # None (a NULL column) or not a number
+        return np.nan
+
+
+def _astra_row_spectrum(item, spectrum_class):
+    """A Spectrum from an Astra spectrum row (arrays as attributes).
+
+    Rows on the apStar grid (``ApogeeCoaddedSpectrumInApStar``, ``ApogeeVisitSpectrumInApStar``) are rest-frame
+    1-D arrays. ``ApogeeVisitSpectrum`` rows are apVisit data, ``(3 chips, 4096)`` arrays in descending wavelength
+    in the observed frame: they become one spectrum in ascending wavelength, as this package's apVisit reader makes,
+    shifted by the row's ``v_rel`` (the velocity relative to the observer, APOGEE's VREL), else ``v_rad - bc``.
+    """
+    wavelength, flux, ivar = (np.asarray(a, dtype=float) for a in (item.wavelength, item.flux, item.ivar))
+    flags = getattr(item, "pixel_flags", None)
+    frame = {}
+    if wavelength.ndim == 2:
+        order = np.argsort(wavelength.ravel(), kind="stable")
+        wavelength, flux, ivar = (a.ravel()[order] for a in (wavelength, flux, ivar))
+        if flags is not None:
+            flags = np.asarray(flags).ravel()[order]
+        v_rel = _number_or_nan(getattr(item, "v_rel", None))
+        if not np.isfinite(v_rel):
+            v_rel = _number_or_nan(getattr(item, "v_rad", None)) - _number_or_nan(getattr(item, "bc", None))
+        frame = {"rest_frame": False, "v_rel_known": v_rel, "spectrum_type": "apvisit"}
+    return spectrum_class(wavelength, flux, ivar, flags, snr=float(getattr(item, "snr", None) or np.nan),
+                          path=str(getattr(item, "path", "") or ""), obj=str(getattr(item, "obj", "") or ""),
+                          **frame)
+
+
+class _SpectrumSource:
+    """Turns task inputs into Spectrum objects, reading each file once for consecutive rows of the same file."""
+
+    def __init__(self):
+        self._path = None
+        self._spectra = {}
+        self._error = None
+
+    def __call__(self, item):
+        """Return ``(spectrum, spectrum_pk, source_pk, error message)``."""
+        from ..core.spectrum import Spectrum
+
+        if isinstance(item, Spectrum):
+            return item, None, None, ""
+        if isinstance(item, SpectrumRecord):
+            try:
+                return self._read_record(item), item.pk, item.source_pk_id, ""
+            except Exception as exc:  # unreadable file: the row becomes a flagged failure
+                return None, item.pk, item.source_pk_id, f"{type(exc).__name__}: {exc}"
+        spectrum_pk = getattr(item, "spectrum_pk", None)
+        spectrum_pk = getattr(spectrum_pk, "pk", spectrum_pk)
+        source_pk = getattr(item, "source_pk", None)
+        source_pk = getattr(source_pk, "pk", source_pk)
+        try:  # an Astra spectrum row: arrays as attributes
+            spectrum = _astra_row_spectrum(item, Spectrum)
+            return spectrum, spectrum_pk, source_pk, ""
+        except Exception as exc:
+            return None, spectrum_pk, source_pk, f"{type(exc).__name__}: {exc}"
+
+    def _read_record(self, record):
+        if record.path != self._path:
+            from ..io import spectra_by_position
+
+            self._path, self._spectra, self._error = record.path, {}, None
+            try:
+                self._spectra = spectra_by_position(record.path)
+            except Exception as exc:  # every row of this file fails for the same reason
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        from ..io import spectrum_at
+
+        return spectrum_at(self._spectra, record.path, record.hdu, record.row)
+
+
+def _paired(fitter, inputs, processes, initial_labels):
+    """Yield ``(input, spectrum_pk, source_pk, spectrum, FitResult)`` in input order."""
+    from ..core.result import FitResult
+
+    names = fitter.emulator.label_names
+    to_spectrum = _SpectrumSource()
+
+    def failure(spectrum, item, message):
+        log.warning("%s: cannot fit: %s", getattr(spectrum, "label", None) or _describe(item), message)
+        return FitResult.failure(names, message)
+
+    if processes > 1:
+        from peewee import BaseQuery
+
+        if isinstance(inputs, BaseQuery):
+            # the pool iterates its input in a feeder thread, and peewee connections are per thread: run the query
+            # here
+            inputs = list(inputs)
+    # (item, spectrum, spectrum_pk, source_pk, error, seconds reading it) in input order, appended as fit_many reads
+    # its input (in this thread, or in the pool's feeder thread)
+    pending = deque()
+
+    def feed():
+        for item in inputs:
+            start = time.perf_counter()
+            spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
+            pending.append((item, spectrum, spectrum_pk, source_pk, error, time.perf_counter() - start))
+            if spectrum is not None:
+                yield spectrum
+
+    def failed():
+        item, _, spectrum_pk, source_pk, error, reading = pending.popleft()
+        result = failure(None, item, error)
+        result.seconds = reading
+        return item, spectrum_pk, source_pk, None, result
+
+    # fit_many fits in lockstep batches (PayneFitter.fit_batch), each result timed by its share of its batch; the
+    # time spent reading its file is added here
+    for result in fitter.fit_many(feed(), processes=processes, initial_labels=initial_labels):
+        while pending[0][1] is None:  # unreadable inputs before this fit keep their place in the order
+            yield failed()
+        item, spectrum, spectrum_pk, source_pk, _, reading = pending.popleft()
+        result.seconds = (result.seconds or 0.0) + reading
+        yield item, spectrum_pk, source_pk, spectrum, result
+    while pending:
+        yield failed()
+
+
+def _describe(item):
+    if isinstance(item, SpectrumRecord):
+        return f"{os.path.basename(item.path)}[{item.hdu},{item.row}] (spectrum {item.pk})"
+    return repr(item)
+
+
+def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum_pixels_path=None,
+             opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None,
+             pixel_weights=None):
+    """The task body: yield ``...`` once set up, then one unsaved ``model`` row per input spectrum, in order.
+
+    Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
+    :class:`~astra_thepayne.db.models.ThePayne`, or Astra's variant from :func:`astra_model`), ``fitter`` an
+    already built fitter (the ``thepayne run`` command reuses one across batches), ``pixel_weights`` a
+    :class:`~astra_thepayne.core.pixel_weights.PixelWeights` for a fitter built here.
+    """
+    from .. import __version__
+    from ..db.database import database_identity
+    from ..io.intermediate import intermediate_path, write_intermediate
+
+    if fitter is None:
+        fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
+                             pixel_weights)
+    emulator = fitter.emulator
+    missing = [name for name in emulator.label_names if name not in model._meta.fields]
+    if missing:
+        raise ConfigurationError(f"model {emulator.path}: labels {', '.join(missing)} have no column in "
+                                 f"{model._meta.table_name}; only the standard APOGEE labels can be stored")
+    tag = str(tag or "")
+    try:
+        intermediate_path(1, tag=tag)  # the tag names a folder: check it before any work is done
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    processes = int(processes or 1)
+    if initial_labels is not None:
+        initial_labels = np.asarray(initial_labels, dtype=float)
+    provenance = {"model_sha256": emulator.sha256, "model_path": str(emulator.path) if emulator.path else None,
+                  "demonstration": bool(emulator.is_demo), "tag": tag, "v_thepayne": __version__}
+    database_id = None  # looked up when the first pickle is written
+    yield ...  # loading the network and building masks is overhead shared by every result
+
+    for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
+        started = time.perf_counter()
+        fields = row_to_fields(result.as_row(), model)
+        if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
+            fields["snr"] = float(spectrum.snr)
+        row = model(spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance, **fields)
+        if result.message:
+            row.message = result.message
+        if spectrum_pk is not None and not row.flag_bad:
+            # the pickle is complete on disk before the row exists anywhere but in memory
+            if database_id is None:
+                database_id = database_identity(model._meta.database, own_schema=getattr(model, "own_schema", True))
+            path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
+                                     database_id=database_id)
+            write_intermediate(path, result.continuum, result.rectified_model_flux,
+                               owner={"database": database_id, "spectrum_pk": spectrum_pk,
+                                      "model_sha256": emulator.sha256, "tag": tag})
+            if "intermediate_file" in model._meta.fields:
+                row.intermediate_file = str(path.resolve())
+        row.set_arrays(result.continuum, result.rectified_model_flux)
+        if result.seconds is not None:
+            # spectra are fitted in batches: time each row by its share, not by when the batch happened to finish
+            row.t_elapsed = result.seconds + (time.perf_counter() - started)
+        yield row
+
+
+def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
+              v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, sky_lines="inflate", persistence=True,
+              littrow_ghost=True, error_floor=0.005) -> Iterable[ThePayne]:
+    """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
+
+    Parameters
+    ----------
+    spectra : iterable
+        :class:`~astra_thepayne.db.models.SpectrumRecord` rows, Astra spectrum rows, or
+        :class:`~astra_thepayne.core.spectrum.Spectrum` objects.
+    model_path : str or PayneEmulator, optional
+        Network file (Astra pickle or The_Payne .npz), ``"demo"``, or None for ``$THEPAYNE_MODEL`` /
+        ``$MWM_ASTRA/pipelines/ThePayne/payne_apogee_nn.pkl``.
+    mask_path : str, optional
+        ``.npy`` of booleans per model pixel (True = ignore); ``"none"`` for no mask; None (default) for
+        ``payne_apogee_mask.npy`` beside the network when it is there (as Astra), else no mask.
+    continuum_pixels_path : str, optional
+        ``.npy`` list of continuum pixels; ``"none"`` for pixels chosen from the network; None (default) for
+        ``cannon_apogee_pixels.npy`` beside the network when it is there (as Astra), else pixels chosen from it.
+    opt_tolerance : float
+        Optimiser tolerance (default 5e-4): on the chi2 decrease, and relative on the step (see docs/science.md).
+    v_rad_tolerance : float
+        Largest ``|v_rel|`` fitted in km/s; 0 (default) does not fit the radial velocity.
+    initial_labels : array_like, shape (K,), optional
+        Starting labels (physical units); default mid-grid.
+    tag : str
+        Stored with each row and part of its uniqueness key.
+    processes : int
+        Worker processes for the fits.
+    sky_lines, persistence, littrow_ghost, error_floor
+        The pipelines' pixel-weight rules (:mod:`astra_thepayne.core.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
+        (errors x100, as ASPCAP; default), ``"mask"`` (as The_Payne) or ``"none"``; apVisit persistence inflation
+        (default on); LITTROW_GHOST masked in visits (default on); fractional error floor (default 0.005, 0 = none).
+
+    Yields
+    ------
+    ``...`` once after setup (overhead marker), then one unsaved ThePayne row per spectrum. Rows of spectra with a
+    primary key have their intermediate pickle written. Failed fits are rows with ``flag_bad`` set.
+    """
+    from ..core.pixel_weights import PixelWeights
+
+    weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
+    return fit_rows(spectra, ThePayne, model_path, mask_path, continuum_pixels_path, opt_tolerance,
+                    v_rad_tolerance, initial_labels, tag, processes, pixel_weights=weights)
+
+
+# `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from
+# the return annotation object (``annotations["return"].__args__[0]``), so give it the real one.
+the_payne.__annotations__["return"] = Iterable[ThePayne]
