@@ -52,6 +52,32 @@ def redact(url: str) -> str:
     return url
 
 
+class _SchemaCatalogue:
+    """Catalogue queries (``get_tables``, ``table_exists``, ``get_columns``, ...) that default to the URL's schema.
+
+    peewee before 4.1 looks in ``public`` when no schema is given, whatever the connection's ``search_path``: with
+    ``?schema=NAME`` (and Astra pins peewee < 4), ``thepayne init`` made the tables in NAME and every later command
+    then found no migration history in ``public`` and refused to run.
+    """
+
+    thepayne_schema: str | None = None
+
+    def get_tables(self, schema=None):
+        return super().get_tables(schema=schema or self.thepayne_schema)
+
+    def get_columns(self, table, schema=None):
+        return super().get_columns(table, schema=schema or self.thepayne_schema)
+
+    def get_indexes(self, table, schema=None):
+        return super().get_indexes(table, schema=schema or self.thepayne_schema)
+
+    def get_primary_keys(self, table, schema=None):
+        return super().get_primary_keys(table, schema=schema or self.thepayne_schema)
+
+    def get_foreign_keys(self, table, schema=None):
+        return super().get_foreign_keys(table, schema=schema or self.thepayne_schema)
+
+
 def _open(url: str):
     parsed = urlparse(url)
     scheme = parsed.scheme.lower()
@@ -84,6 +110,7 @@ def _open(url: str):
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(f"database URL {redact(url)!r}: schema name {schema!r} is not a plain identifier")
         kwargs["options"] = f"-c search_path={schema},public"
+        database_class = type(database_class.__name__, (_SchemaCatalogue, database_class), {})
     try:
         database = database_class(**kwargs)
     except (RuntimeError, ValueError, TypeError) as exc:

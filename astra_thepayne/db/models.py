@@ -314,8 +314,8 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         attrs[f"flag_{flag.name}"] = result_flags.flag(flag.value)
     attrs["at_bound_flags"] = at_bound = bit_field(default=0, help_text="One bit per label that ended on its bound "
                                                                         "(see flag_at_bound_* fields)")
-    for name, value in AT_BOUND_BITS.items():
-        attrs[f"flag_at_bound_{name}"] = at_bound.flag(value)
+    for label, value in AT_BOUND_BITS.items():  # not `name`: that is the class's
+        attrs[f"flag_at_bound_{label}"] = at_bound.flag(value)
     meta_attrs = {"table_name": table_name,
                   "indexes": ((("spectrum_pk", "model_sha256", "tag"), True),)}
     meta_attrs.update(meta or {})

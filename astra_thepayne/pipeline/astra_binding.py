@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..db.models import SpectrumRecord
 from ..db.queries import done_condition
+from ..errors import ConfigurationError
 from .task import fit_rows, load_fitter
 
 __all__ = ["AstraIntegration", "integration", "the_payne_task", "result_model", "connect_default", "astra_model",
@@ -48,6 +50,8 @@ def integration() -> AstraIntegration:
         return AstraIntegration(False, f"sdss-astra is not importable here ({exc})")
     try:
         result = astra_model()
+    except ConfigurationError as exc:  # the plugin's own setting, not Astra, is wrong: say that
+        return AstraIntegration(False, str(exc))
     except Exception as exc:  # a broken Astra installation must not break the plugin's own runner
         log.warning("sdss-astra is installed but its models could not be used (%s); the_payne stays a plain "
                     "generator", exc)
@@ -204,7 +208,7 @@ def astra_model():
         except ImportError:
             from peewee import BitField as AstraBitField
     model = make_result_model("ThePayne", bases, AstraSource, AstraSpectrum,
-                              table_name=os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne"), meta=meta,
+                              table_name=astra_table_name(), meta=meta,
                               v_astra_field=v_astra, bit_field=AstraBitField, own_schema=False)
     # Astra's BaseModel finds the FITS category headers by reading the class's source code ("#> Header" comments),
     # which a class built by make_result_model does not have: without these, astraAllStar products fail (OSError).
@@ -212,6 +216,15 @@ def astra_model():
                               ("Fit quality", "chi2"), ("Flags", "result_flags"))
     model.category_comments = ()
     return model
+
+
+def astra_table_name() -> str:
+    """``$THEPAYNE_ASTRA_TABLE`` (default ``the_payne``), refused unless it is a plain SQL identifier."""
+    name = os.environ.get("THEPAYNE_ASTRA_TABLE", "the_payne")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
+        raise ConfigurationError(f"THEPAYNE_ASTRA_TABLE={name!r} is not a plain table name (letters, digits and "
+                                 "underscores, at most 63, not starting with a digit)")
+    return name
 
 
 def _spectrum_key(item):

@@ -55,7 +55,15 @@ def _qualified(model):
 
 
 def _columns(model):
+    """The table's column names, generated columns included (Astra 0.8's ``v_astra_major_minor`` is one)."""
+    from ..db.database import is_sqlite
+
     database = model._meta.database
+    if is_sqlite(database):
+        # PRAGMA table_info, behind peewee's get_columns, leaves generated columns out; table_xinfo lists them
+        schema = f'"{model._meta.schema}".' if model._meta.schema else ""
+        cursor = database.execute_sql(f'PRAGMA {schema}table_xinfo("{model._meta.table_name}")')
+        return {row[1] for row in cursor.fetchall()}
     return {column.name for column in database.get_columns(model._meta.table_name, schema=model._meta.schema)}
 
 

@@ -213,6 +213,34 @@ def test_astra_init_creates_what_astra_queries_before_the_task_runs(tmp_path):
     database.close()
 
 
+def test_astra_init_runs_again_on_a_table_with_a_generated_column(tmp_path):
+    """Astra 0.8's results carry ``v_astra_major_minor GENERATED ALWAYS AS (v_astra / 1000) STORED``; SQLite's
+    PRAGMA table_info leaves generated columns out, and a second `astra-init` took the table for a foreign one."""
+    from peewee import SQL
+
+    database = SqliteDatabase(str(tmp_path / "astra.db"))
+    result, inputs = _astra_like_models(database)
+    result._meta.add_field("v_astra_major_minor",
+                           IntegerField(null=True, constraints=[SQL("GENERATED ALWAYS AS (8000 / 1000) STORED")]))
+    first = prepare_astra_database(result, inputs)
+    assert "the_payne" in first.created
+    assert "v_astra_major_minor" not in {c.name for c in database.get_columns("the_payne")}  # what hid it
+    again = prepare_astra_database(result, inputs)
+    assert again.created == [] and "the_payne" in again.present
+    database.close()
+
+
+def test_the_result_models_are_named_as_their_classes_say():
+    """The per-label loop once reused the class-name argument: the model was called ``v_macro``, Astra named its
+    summary file astraAllStarv_macro, and rows could not be pickled."""
+    import pickle
+
+    assert ThePayne.__name__ == "ThePayne"
+    assert make_result_model("AstraThePayne", table_name="x").__name__ == "AstraThePayne"
+    row = ThePayne(teff=5000.0, model_sha256="abc")
+    assert pickle.loads(pickle.dumps(row)).teff == 5000.0
+
+
 def test_astra_init_refuses_a_the_payne_table_that_is_not_the_plugins(tmp_path):
     path = _astra_database(tmp_path / "astra.db")
     before = _catalogue(path)

@@ -94,6 +94,12 @@ def test_postgres_schema_option_keeps_tables_in_that_schema(postgres_url):
     assert "thepayne_result" not in public
     SpectrumRecord.create(path="/a.fits", hdu=1, row=0, spectrum_type="apstar_coadd")
     assert database.execute_sql("SELECT count(*) FROM payne_plugin.thepayne_spectrum").fetchone()[0] == 1
+    # what every later command asks first: peewee < 4.1 (which Astra pins) looked for the tables in `public`, so
+    # after `init` every command said the schema was missing
+    assert {"thepayne_migration", "thepayne_result"} <= set(database.get_tables())
+    assert database.table_exists("thepayne_migration")
+    assert "teff" in {column.name for column in database.get_columns("thepayne_result")}
+    require_schema(database)
     database.close()
 
 

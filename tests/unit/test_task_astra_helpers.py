@@ -103,3 +103,15 @@ def test_an_astra_apvisit_row_becomes_the_spectrum_the_apvisit_reader_makes(apog
     np.testing.assert_allclose(spectrum.flux[usable], expected.flux[usable], rtol=1e-6)
     np.testing.assert_allclose(spectrum.ivar[usable], expected.ivar[usable], rtol=1e-5)
     assert (spectrum.rest_frame, spectrum.v_rel_known) == (False, expected.v_rel_known) == (False, -44.4206)
+
+
+@pytest.mark.parametrize("name", ['the_payne"; DROP TABLE source; --', "9lives", "the-payne", "a" * 64, "x\n"])
+def test_the_astra_table_name_must_be_a_plain_identifier(monkeypatch, name):
+    from astra_thepayne.errors import ConfigurationError
+    from astra_thepayne.pipeline.astra_binding import astra_table_name
+
+    monkeypatch.setenv("THEPAYNE_ASTRA_TABLE", name)
+    with pytest.raises(ConfigurationError, match="THEPAYNE_ASTRA_TABLE"):
+        astra_table_name()
+    monkeypatch.setenv("THEPAYNE_ASTRA_TABLE", "the_payne_plugin")
+    assert astra_table_name() == "the_payne_plugin"
