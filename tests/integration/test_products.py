@@ -303,6 +303,7 @@ def _hdus(content):
     return hdus
 
 
+@pytest.mark.slow  # astropy builds every reference file column by column, about a second each
 def test_the_fast_writer_writes_what_astropy_writes(populated, db, tmp_path):
     """Every byte but the times in the CHECKSUM/DATASUM comments (and so the CHECKSUM values) is the same as in the
     file astropy writes from the layout's definition, column by column; both files' checksums are right."""
