@@ -75,7 +75,8 @@ def version_to_int(version: str) -> int:
     return parts[0] * 1_000_000 + parts[1] * 1_000 + parts[2]
 
 
-def _now():
+def utc_now():
+    """Now in UTC, naive, as the ``created`` columns store it."""
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
@@ -93,7 +94,7 @@ class Source(BaseModel):
     sdss_id = BigIntegerField(null=True, index=True, help_text="SDSS-V identifier, when the file gives one")
     ra = FloatField(null=True, help_text="Right ascension (deg)")
     dec = FloatField(null=True, help_text="Declination (deg)")
-    created = DateTimeField(default=_now)
+    created = DateTimeField(default=utc_now)
 
     class Meta:
         table_name = "thepayne_source"
@@ -113,7 +114,7 @@ class SpectrumRecord(BaseModel):
     telescope = TextField(default="", help_text="apo25m, lco25m, apo1m or empty")
     snr = FloatField(null=True, help_text="S/N reported by the file")
     mjd = IntegerField(null=True, help_text="MJD of a visit, when known")
-    created = DateTimeField(default=_now)
+    created = DateTimeField(default=utc_now)
 
     class Meta:
         table_name = "thepayne_spectrum"
@@ -286,7 +287,7 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "v_astra": v_astra_field or IntegerField(default=lambda: version_to_int(__version__),
                                                  help_text="Version as an integer, Astra 0.8 style (0.8.0 -> 8000)"),
         "v_thepayne": TextField(default=__version__, help_text="astra_thepayne version that produced the row"),
-        "created": DateTimeField(default=_now, help_text="When the row was created (UTC)"),
+        "created": DateTimeField(default=utc_now, help_text="When the row was created (UTC)"),
         "t_elapsed": FloatField(null=True, help_text="Seconds spent on this result, including its overhead share"),
         "t_overhead": FloatField(null=True, help_text="Seconds of shared overhead attributed to this result"),
         "tag": TextField(default="", help_text="Free-form tag separating runs (part of the uniqueness key)"),
@@ -336,7 +337,7 @@ class Claim(BaseModel):
     model_sha256 = TextField()
     tag = TextField()
     owner = TextField(index=True)
-    claimed = DateTimeField(default=_now)
+    claimed = DateTimeField(default=utc_now)
 
     class Meta:
         table_name = "thepayne_claim"

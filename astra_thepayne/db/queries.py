@@ -6,16 +6,11 @@ tag, unless it failed before a ``--retry-failed`` run began.
 """
 from __future__ import annotations
 
-import datetime
-
 from peewee import fn
 
+from .models import utc_now
+
 __all__ = ["done_condition", "pending_spectra", "pending_spectrum_keys", "utc_now"]
-
-
-def utc_now() -> datetime.datetime:
-    """Now in UTC, naive, as the ``created`` columns store it."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def done_condition(model, model_sha256: str, tag: str = "", retry_failed_before=None):
