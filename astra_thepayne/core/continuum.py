@@ -43,7 +43,10 @@ class ContinuumBasis:
         n_clip, clip_sigma : int, float
             Rounds of clipping: continuum pixels further than ``clip_sigma`` from the current fit (in units of their
             own noise) are dropped and the fit repeated. This keeps cosmic rays, unflagged bad pixels and weak lines
-            that fall on nominal continuum pixels from pulling the polynomial.
+            that fall on nominal continuum pixels from pulling the polynomial. A round that would leave too few
+            pixels for the polynomial is not applied (the previous round's fit stands): at very high S/N, nominal
+            continuum pixels that depart from 1 by a fraction of a percent all lie beyond a few sigma, and the
+            region would be lost.
 
         Returns
         -------
@@ -73,7 +76,7 @@ class ContinuumBasis:
                     break
                 model = self.basis[part] @ coefficients
                 keep = use & (np.abs((f[part] - model) * sigma_weight[part]) < clip_sigma)
-                if np.array_equal(keep, use):
+                if np.array_equal(keep, use) or np.count_nonzero(keep) < 3 * n:
                     break
                 use = keep
             if coefficients is not None:

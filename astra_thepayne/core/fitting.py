@@ -8,8 +8,8 @@ fits; or at given labels), solved by :func:`astra_thepayne.core.solver.minimise`
 matrix far from the minimum and the exact one near it, where it also gives the covariance. The tolerance is on
 chi2 in absolute terms, so fits end at the minimum rather than near it.
 With ``v_rad_tolerance > 0`` the radial velocity is a free parameter: the rectified model is Doppler shifted
-(cubic spline within each chip) and its derivative with respect to the shift enters the Jacobian; its start comes
-from a chi2 scan over the allowed velocities against the best bank match.
+(B-spline of degree 7 within each chip) and its derivative with respect to the shift enters the Jacobian; its start
+comes from a chi2 scan over the allowed velocities against the best bank match.
 """
 from __future__ import annotations
 

@@ -9,29 +9,45 @@ from .spectrum import Spectrum
 from .wavelength import APSTAR_NPIX, MODEL_SEGMENTS, SPEED_OF_LIGHT_KMS, apstar_wavelength
 
 __all__ = ["synthetic_spectrum", "doppler_shift", "smooth_continuum", "toy_network", "line_network", "LineModel",
-           "LINE_NETWORK_LABELS"]
+           "LINE_NETWORK_LABELS", "APOGEE_LSF_SIGMA_PX"]
 
 
-def doppler_shift(model_wavelength, model_flux, wavelength, v_rel, interpolation="quintic"):
+_SINC_HALF_WIDTH = 8  # taps each side of the windowed sinc in doppler_shift
+
+
+def doppler_shift(model_wavelength, model_flux, wavelength, v_rel, interpolation="sinc"):
     """Flux of a rest-frame model seen at ``wavelength`` from a source with radial velocity ``v_rel`` (km/s, > 0 =
     receding): ``f_obs(lambda) = f_model(lambda / (1 + v/c))``, NaN outside the model.
 
-    ``interpolation="quintic"`` (default) uses a quintic spline in log-lambda: a star's spectrum is smooth between
-    pixels, and this is not the interpolation the fitter uses (a cubic spline, :class:`.problem.Shift`),
-    as real data would not be. ``"cubic"`` is the fitter's own interpolation (data a fit can match exactly);
+    ``interpolation="sinc"`` (default) resamples in log-lambda with a Lanczos-windowed sinc (8 pixels each side):
+    band-limited interpolation, the kind the APOGEE DRP applies when it resamples visits onto the apStar grid, and
+    not the interpolation the fitter uses (a B-spline of degree 7, :class:`.problem.Shift`), as real data would not
+    be. ``model_wavelength`` must then be uniform in log-lambda (the model grid is, within each chip). ``"quintic"``
+    and ``"cubic"`` are splines closer to and further from the fitter's (with other end conditions), and
     ``"linear"`` makes lines 2 px wide shallower and broader at half-pixel shifts.
     """
     rest = np.asarray(wavelength) / (1.0 + v_rel / SPEED_OF_LIGHT_KMS)
     if interpolation == "linear":
         return np.interp(rest, model_wavelength, model_flux, left=np.nan, right=np.nan)
+    log_model, log_rest = np.log(model_wavelength), np.log(rest)
+    inside = (log_rest >= log_model[0]) & (log_rest <= log_model[-1])
+    if interpolation == "sinc":
+        step = (log_model[-1] - log_model[0]) / (len(log_model) - 1)
+        position = (np.clip(log_rest, log_model[0], log_model[-1]) - log_model[0]) / step
+        nearest = np.floor(position).astype(int)
+        taps = nearest[:, None] + np.arange(1 - _SINC_HALF_WIDTH, _SINC_HALF_WIDTH + 1)[None, :]
+        distance = position[:, None] - taps
+        kernel = np.sinc(distance) * np.sinc(distance / _SINC_HALF_WIDTH)
+        values = np.asarray(model_flux, dtype=float)[np.clip(taps, 0, len(log_model) - 1)]  # ends held constant
+        flux = (kernel * values).sum(axis=1) / kernel.sum(axis=1)
+        return np.where(inside, flux, np.nan)
     degree = {"cubic": 3, "quintic": 5}.get(interpolation)
     if degree is None:
-        raise ValueError(f"interpolation must be 'quintic', 'cubic' or 'linear', not {interpolation!r}")
+        raise ValueError(f"interpolation must be 'sinc', 'quintic', 'cubic' or 'linear', not {interpolation!r}")
     from scipy.interpolate import make_interp_spline
 
-    log_model, log_rest = np.log(model_wavelength), np.log(rest)
     flux = make_interp_spline(log_model, model_flux, k=degree)(np.clip(log_rest, log_model[0], log_model[-1]))
-    return np.where((log_rest >= log_model[0]) & (log_rest <= log_model[-1]), flux, np.nan)
+    return np.where(inside, flux, np.nan)
 
 
 def smooth_continuum(wavelength, rng, level=1000.0):
@@ -42,7 +58,7 @@ def smooth_continuum(wavelength, rng, level=1000.0):
 
 
 def synthetic_spectrum(emulator, labels, snr=100.0, v_rel=0.0, rng=None, masked_fraction=0.02, path="", obj="",
-                       continuum=True, interpolation="quintic") -> Spectrum:
+                       continuum=True, interpolation="sinc") -> Spectrum:
     """Draw an apStar-grid spectrum from ``emulator`` at physical ``labels`` (K,).
 
     The rectified model is Doppler shifted by ``v_rel`` (km/s), multiplied by a smooth continuum, and given
@@ -121,7 +137,10 @@ def toy_network(hidden: int = 48, seed: int = 0):
 #: line model below stays physical (cool enough for metal lines, lines narrow enough to stay sharp).
 LINE_NETWORK_LABELS = (("teff", 4000.0, 6500.0), ("logg", 1.0, 5.0), ("v_turb", 0.5, 2.5), ("mg_h", -1.0, 0.5),
                        ("ti_h", -1.0, 0.5), ("fe_h", -1.5, 0.5), ("v_macro", 0.5, 8.0))
-_LINE_SIGMA_PX = 0.75  # instrumental line spread (Gaussian sigma, apStar pixels): FWHM 1.8 px, APOGEE-like
+_LINE_SIGMA_PX = 0.75  # instrumental line spread of line_network (Gaussian sigma, apStar pixels): FWHM 1.8 px
+#: APOGEE's line spread on the apStar grid: R ~ 22,500 is c/R = 13.3 km/s FWHM, 3.2 pixels of 4.14 km/s (sigma 1.37).
+#: line_network's default lines are sharper than that, a harsher test of wrong minima and of the model shift.
+APOGEE_LSF_SIGMA_PX = SPEED_OF_LIGHT_KMS / 22500.0 / (SPEED_OF_LIGHT_KMS * np.log(10) * 6e-6) / np.sqrt(8 * np.log(2))
 _KMS_PER_PIXEL = SPEED_OF_LIGHT_KMS * (10**6e-6 - 1)
 
 
@@ -150,9 +169,11 @@ class LineModel:
 
     label_names = tuple(name for name, _, _ in LINE_NETWORK_LABELS)
 
-    def __init__(self, seed=0, n_lines=(("fe", 420), ("mg", 45), ("ti", 40)), n_molecular=300):
+    def __init__(self, seed=0, n_lines=(("fe", 420), ("mg", 45), ("ti", 40)), n_molecular=300,
+                 lsf_sigma=_LINE_SIGMA_PX):
         from .wavelength import MODEL_SEGMENTS
 
+        self.lsf_sigma = float(lsf_sigma)
         rng = np.random.default_rng(seed)
         sizes = [b - a for a, b in MODEL_SEGMENTS]
         edges = np.concatenate([[0], np.cumsum(sizes)])
@@ -203,16 +224,19 @@ class LineModel:
                          0.1 * (logg - 3.0) - 0.45 * (teff - 5000.0) / 1000.0)
         return self.log_tau0 + x[:, self._abundance_index] - self.chi * (theta - 5040.0 / 5000.0) + stage
 
-    def spectra(self, labels):
-        """Normalised flux ``(N, 7214)`` for labels ``(N, K)`` in :attr:`label_names` order."""
+    def spectra(self, labels, shift=0.0):
+        """Normalised flux ``(N, 7214)`` for labels ``(N, K)`` in :attr:`label_names` order, with every line moved
+        by ``shift`` pixels (exactly: the lines are drawn at their new centres; ``|shift| <= 2``)."""
+        if abs(shift) > 2:
+            raise ValueError(f"shift {shift} px: at most 2 (the lines are drawn on a window of fixed pixels)")
         x = np.atleast_2d(np.asarray(labels, dtype=float))
         v_turb, v_macro = x[:, 2:3], x[:, 6:7]
         doppler = np.sqrt(1.0**2 + v_turb**2) / _KMS_PER_PIXEL / np.sqrt(2)  # thermal ~1 km/s + v_turb, sigma in px
         log_tau = np.clip(self.log_tau(x), *self._cog[0][[0, -1]])
         width = np.interp(log_tau, *self._cog) * doppler  # equivalent width, pixels
-        sigma = np.sqrt(_LINE_SIGMA_PX**2 + doppler**2 + (v_macro / _KMS_PER_PIXEL) ** 2 / 2)  # (N, 1)
+        sigma = np.sqrt(self.lsf_sigma**2 + doppler**2 + (v_macro / _KMS_PER_PIXEL) ** 2 / 2)  # (N, 1)
         depth = width / (np.sqrt(2 * np.pi) * sigma)  # (N, L)
-        profile = np.exp(-0.5 * (self._offset[None] / sigma[:, :, None]) ** 2)  # (N, L, W)
+        profile = np.exp(-0.5 * ((self._offset[None] - shift) / sigma[:, :, None]) ** 2)  # (N, L, W)
         absorbed = np.minimum(depth[:, :, None] * profile, 0.95)
         log_flux = np.zeros((len(x), self.n_pixels + 40))
         pixels = np.clip(self._pixels, 0, self.n_pixels + 39).ravel()
@@ -222,7 +246,8 @@ class LineModel:
 
 
 @functools.lru_cache(maxsize=4)
-def line_network(hidden: int = 64, seed: int = 0, n_train: int = 3000, ridge: float = 1e-6):
+def line_network(hidden: int = 64, seed: int = 0, n_train: int = 3000, ridge: float = 1e-6,
+                 lsf_sigma: float = _LINE_SIGMA_PX):
     """A small Payne network with the chi2 surface of a physical one: sharp lines, ragged response, 7 labels.
 
     An extreme learning machine fitted to :class:`LineModel`: random first and second hidden layers (LeakyReLU 0.01,
@@ -230,14 +255,15 @@ def line_network(hidden: int = 64, seed: int = 0, n_train: int = 3000, ridge: fl
     linear least squares on ``n_train`` spectra drawn uniformly from the box. The result is the truth of the tests
     that use it (spectra are drawn from the network, not from the line model); the line model only gives it the
     shape of real spectra: hundreds of lines 1.8-3 px FWHM whose depths change with teff, logg, fe_h, mg_h (strong
-    lines) and ti_h (weak lines), and whose widths change with v_turb and v_macro. Deterministic in ``seed``; about a
-    second to build; cached (treat the returned network as read-only).
+    lines) and ti_h (weak lines), and whose widths change with v_turb and v_macro. ``lsf_sigma`` is the instrumental
+    line spread in pixels (default 0.75, sharper than APOGEE's :data:`APOGEE_LSF_SIGMA_PX`). Deterministic in
+    ``seed``; about a second to build; cached (treat the returned network as read-only).
     """
     from .emulator import PayneEmulator
     from .wavelength import model_wavelength
 
     rng = np.random.default_rng(seed)
-    model = LineModel(seed=seed)
+    model = LineModel(seed=seed, lsf_sigma=lsf_sigma)
     names = model.label_names
     x_min = np.array([lo for _, lo, _ in LINE_NETWORK_LABELS])
     x_max = np.array([hi for _, _, hi in LINE_NETWORK_LABELS])
@@ -259,7 +285,8 @@ def line_network(hidden: int = 64, seed: int = 0, n_train: int = 3000, ridge: fl
     solution = np.linalg.solve(gram, design.T @ (flux - 1.0))  # (H + 1, P)
     w2, b2 = solution[:-1].T, 1.0 + solution[-1]
     return PayneEmulator([w0, w1, w2], [b0, b1, b2], x_min, x_max, model_wavelength(), names,
-                         meta={"description": f"line_network(hidden={hidden}, seed={seed}): an extreme learning "
+                         meta={"description": f"line_network(hidden={hidden}, seed={seed}, lsf_sigma={lsf_sigma:g}): "
+                               "an extreme learning "
                                "machine fitted to a closed-form line model, for tests - not for science"})
 
 

@@ -290,3 +290,19 @@ def test_a_spectrum_cut_short_is_a_failure_not_a_clean_row(toy_emulator, fitter)
     shifted = Spectrum(full.wavelength * (1 + 30 / 299792.458), full.flux, full.ivar, None, rest_frame=False,
                        v_rel_known=30.0)
     assert fitter.fit(shifted).success
+
+
+def test_continuum_survives_clipping_at_very_high_snr():
+    """At S/N 10^6 nominal continuum pixels that depart from 1 by a fraction of a percent all lie beyond 3 sigma:
+    clipping them all used to leave no continuum and a failed fit of a perfect spectrum."""
+    from astra_thepayne.core.continuum import ContinuumBasis
+    from astra_thepayne.core.wavelength import apstar_wavelength
+
+    wavelength = apstar_wavelength()
+    rng = np.random.default_rng(0)
+    flux = 1000.0 * (1.0 + 0.003 * rng.standard_normal(len(wavelength)))  # "continuum" pixels 0.3% off
+    ivar = np.full(len(wavelength), (1e6 / 1000.0) ** 2)
+    continuum = ContinuumBasis(wavelength).fit(flux, ivar, np.ones(len(wavelength), dtype=bool))
+    inside = np.isfinite(continuum)
+    assert inside.sum() > 7000
+    np.testing.assert_allclose(continuum[inside], 1000.0, rtol=0.002)
