@@ -59,8 +59,8 @@ def _bspline(x, degree, derivative=False):
 
 
 def _tap_offsets(degree):
-    """Offsets ``t`` of the coefficients ``j + t`` behind a point at ``j - f`` (0 <= f < 1), nearest first in the
-    order of the cubic code: ``(p+1)/2 - 1`` down to ``-(p+1)/2``."""
+    """Offsets ``t`` of the coefficients ``j + t`` behind a point at ``j - f`` (0 <= f < 1), from
+    ``(p+1)/2 - 1`` down to ``-(p+1)/2``."""
     half = (degree + 1) // 2
     return tuple(range(half - 1, -half - 1, -1))
 
