@@ -121,8 +121,8 @@ def main():
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=10.0, help="km/s")
     parser.add_argument("--shrink", type=float, default=0.02, help="fraction of each label range left out per end")
-    parser.add_argument("--interpolation", default="quintic", choices=("quintic", "cubic", "linear"),
-                        help="Doppler shift of the synthetic spectra (the fitter shifts by cubic spline)")
+    parser.add_argument("--interpolation", default="sinc", choices=("sinc", "quintic", "cubic", "linear"),
+                        help="Doppler shift of the synthetic spectra (the fitter shifts by B-spline of degree 7)")
     parser.add_argument("--kurucz5", default=None, help="path of payne_kurucz5_nn.pkl")
     args = parser.parse_args()
 

@@ -65,7 +65,7 @@ def _tap_offsets(degree):
     return tuple(range(half - 1, -half - 1, -1))
 
 
-def _bspline_weights(frac, degree=SHIFT_DEGREE):
+def _bspline_weights(frac, degree):
     """B-spline weights of the coefficients at offsets :func:`_tap_offsets` from a point ``frac`` of a pixel before
     them, and their derivatives with respect to ``frac``."""
     x = -frac - np.array(_tap_offsets(degree), dtype=float)  # point minus coefficient position
@@ -73,7 +73,7 @@ def _bspline_weights(frac, degree=SHIFT_DEGREE):
 
 
 @functools.lru_cache(maxsize=8)
-def _spline_factor(segments, degree=SHIFT_DEGREE):
+def _spline_factor(segments, degree):
     """LU factors (LAPACK band storage) of the matrix that turns B-spline coefficients into values at the pixels,
     each segment on its own, with the coefficients beyond an end equal to the end's (so constants stay constant).
     Clamping makes the quintic matrix unsymmetric near the ends, hence LU rather than Cholesky; computed once per
@@ -117,7 +117,7 @@ def _spline_solve(factor, values, transpose=False):
 
 
 @functools.lru_cache(maxsize=256)
-def _spline_taps(segments, n, degree=SHIFT_DEGREE):
+def _spline_taps(segments, n, degree):
     """Index arrays of the coefficients ``j + t`` (t in :func:`_tap_offsets`) behind each output pixel at a shift of
     ``n`` whole pixels plus a fraction, clamped to each segment."""
     offsets = _tap_offsets(degree)

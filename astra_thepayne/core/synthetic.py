@@ -138,10 +138,10 @@ def toy_network(hidden: int = 48, seed: int = 0):
 LINE_NETWORK_LABELS = (("teff", 4000.0, 6500.0), ("logg", 1.0, 5.0), ("v_turb", 0.5, 2.5), ("mg_h", -1.0, 0.5),
                        ("ti_h", -1.0, 0.5), ("fe_h", -1.5, 0.5), ("v_macro", 0.5, 8.0))
 _LINE_SIGMA_PX = 0.75  # instrumental line spread of line_network (Gaussian sigma, apStar pixels): FWHM 1.8 px
+_KMS_PER_PIXEL = SPEED_OF_LIGHT_KMS * (10**6e-6 - 1)
 #: APOGEE's line spread on the apStar grid: R ~ 22,500 is c/R = 13.3 km/s FWHM, 3.2 pixels of 4.14 km/s (sigma 1.37).
 #: line_network's default lines are sharper than that, a harsher test of wrong minima and of the model shift.
-APOGEE_LSF_SIGMA_PX = SPEED_OF_LIGHT_KMS / 22500.0 / (SPEED_OF_LIGHT_KMS * np.log(10) * 6e-6) / np.sqrt(8 * np.log(2))
-_KMS_PER_PIXEL = SPEED_OF_LIGHT_KMS * (10**6e-6 - 1)
+APOGEE_LSF_SIGMA_PX = SPEED_OF_LIGHT_KMS / 22500.0 / _KMS_PER_PIXEL / np.sqrt(8 * np.log(2))
 
 
 def _curve_of_growth():

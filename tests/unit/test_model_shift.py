@@ -9,10 +9,19 @@ from astra_thepayne.core.pixel_weights import PixelWeights
 from astra_thepayne.core.problem import Shift, pixel_shift
 from astra_thepayne.core.spectrum import Spectrum
 from astra_thepayne.core.synthetic import APOGEE_LSF_SIGMA_PX, LineModel, doppler_shift, line_network
-from astra_thepayne.core.wavelength import APSTAR_NPIX, MODEL_TO_APSTAR, apstar_wavelength, model_wavelength
+from astra_thepayne.core.wavelength import (
+    APSTAR_CDELT1,
+    APSTAR_NPIX,
+    MODEL_SEGMENTS,
+    MODEL_TO_APSTAR,
+    SPEED_OF_LIGHT_KMS,
+    apstar_wavelength,
+    model_wavelength,
+)
 
-SEGMENTS = ((0, 2920), (2920, 5320), (5320, 7214))  # the model grid's three chips
-KMS_PER_PIXEL = 4.1418
+_ENDS = np.cumsum([stop - start for start, stop in MODEL_SEGMENTS])
+SEGMENTS = tuple(zip(np.concatenate([[0], _ENDS[:-1]]).tolist(), _ENDS.tolist(), strict=True))  # the model chips
+KMS_PER_PIXEL = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)
 
 
 @pytest.mark.parametrize("degree", [3, 5, 7])
