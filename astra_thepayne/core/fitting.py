@@ -41,8 +41,8 @@ from .wavelength import (
     apstar_wavelength,
 )
 
-__all__ = ["BATCH_SIZE", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches", "load_pixel_array",
-           "misfit"]
+__all__ = ["BATCH_SIZE", "Candidate", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches",
+           "load_pixel_array", "misfit"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,19 @@ STAR_NOT_FOUND_MISFIT = 0.05
 #: Spectra fitted together in lockstep by default: enough for the output layer's products to run at matrix speed,
 #: few enough that results keep flowing (and a killed run loses little).
 BATCH_SIZE = 32
+
+
+@dataclass
+class Candidate:
+    """One start of the local fit of one spectrum: the spectrum prepared for it (its continuum pixels moved with
+    the start's velocity), the normalised flux and weights on the model pixels, the continuum-correction columns
+    fitted (None: no joint continuum) and the scaled starting parameters (labels, then velocity)."""
+
+    prepared: PreparedSpectrum
+    y: np.ndarray
+    weight: np.ndarray
+    design_columns: np.ndarray | None
+    start: np.ndarray
 
 
 @dataclass
@@ -243,6 +256,30 @@ class PayneFitter:
 
     def _fit_steps(self, spectrum, initial_labels):
         """The fit of one spectrum as a generator of output-layer requests (see :meth:`fit`)."""
+        candidates = yield from self.candidates(spectrum, initial_labels)
+        if isinstance(candidates, FitResult):
+            return candidates
+        try:
+            best = None
+            for candidate in candidates:
+                problem = self.problem(candidate)
+                # with several starts, each goes only as far as the basin's floor; the best is then finished
+                solution = yield from self._solve(problem, candidate.start, coarse=self.n_starts > 1)
+                if best is None or solution.chi2 < best[1].chi2:
+                    best = (problem, solution, candidate.prepared)
+            problem, solution, prepared = best
+            if solution.normal_matrix is None:
+                solution = yield from self._solve(problem, solution.x)
+            return (yield from self._result(problem, solution, prepared))
+        except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
+            snr = candidates[0].prepared.snr if candidates else float("nan")
+            return self._failure(spectrum, f"{type(exc).__name__}: {exc}", snr)
+
+    def candidates(self, spectrum, initial_labels=None):
+        """Everything a local solver needs to fit one spectrum, before any fitting: a generator of output-layer
+        requests (the model bank's scores) returning a list of :class:`Candidate` (one per start, the spectrum
+        prepared for it), or a failure :class:`FitResult` when the spectrum cannot be fitted. Shared by this engine
+        and the batched one (:mod:`astra_thepayne.accel`)."""
         try:
             coverage = model_grid_coverage(spectrum, self.model_to_apstar)
             prepared = self.prepare(spectrum)
@@ -254,22 +291,15 @@ class PayneFitter:
                                  f"{MIN_MODEL_COVERAGE:.0%} needed): cut short or on another wavelength grid",
                                  prepared.snr, prepared)
         try:
-            best = None
             by_shift = {0: prepared}  # the spectrum normalised with its continuum pixels moved by whole pixels
+            candidates = []
             for start, v_guess in (yield from self._global_start(spectrum, by_shift, initial_labels)):
                 candidate = prepared
                 if self.v_rad_tolerance > 0:
                     candidate = self._moved(spectrum, by_shift, v_guess)
                     start = np.append(start, v_guess / (2.0 * self.v_rad_tolerance))
-                problem = self._problem(candidate, joint=self.joint_continuum)
-                # with several starts, each goes only as far as the basin's floor; the best is then finished
-                solution = yield from self._solve(problem, start, coarse=self.n_starts > 1)
-                if best is None or solution.chi2 < best[1].chi2:
-                    best = (problem, solution, candidate)
-            problem, solution, prepared = best
-            if solution.normal_matrix is None:
-                solution = yield from self._solve(problem, solution.x)
-            return (yield from self._result(problem, solution, prepared))
+                candidates.append(self._candidate(candidate, start))
+            return candidates
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
 
@@ -384,21 +414,30 @@ class PayneFitter:
             weight = weight * self._edge_weight()
         return y, weight
 
-    def _problem(self, prepared, joint):
+    def _candidate(self, prepared, start):
+        """A :class:`Candidate`; raises when the spectrum has too few usable pixels for the parameters."""
         y, weight = self._data(prepared)
         used = weight > 0
         columns = None
-        if joint:
+        if self.joint_continuum:
             # a region's correction needs as many usable pixels as its continuum fit does; with fewer it stays at 1
             needed = 3 * (self.continuum_degree + 1)
             columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
                                       if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
-        v_scale = 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None  # v / v_scale in [-0.5, 0.5]
-        problem = PayneProblem(self._layer, y, weight, self._segments, v_scale, columns)
-        n_params = self.emulator.n_labels + int(v_scale is not None) + problem.n_design
+        n_params = len(start) + (0 if columns is None else len(columns))
         if used.sum() < _MIN_PIXELS_PER_PARAMETER * n_params:
             raise _NotEnoughPixels(f"only {int(used.sum())} usable pixels for {n_params} parameters")
-        return problem
+        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float))
+
+    @property
+    def v_scale(self):
+        """The scaled velocity is ``v / v_scale`` km/s, in [-0.5, 0.5] (None: velocity not fitted)."""
+        return 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None
+
+    def problem(self, candidate):
+        """The :class:`~astra_thepayne.core.problem.PayneProblem` of a :class:`Candidate`."""
+        return PayneProblem(self._layer, candidate.y, candidate.weight, self._segments, self.v_scale,
+                            candidate.design_columns)
 
     def _solve(self, problem, start, coarse=False):
         """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`.solver.minimise`)."""
@@ -415,19 +454,31 @@ class PayneFitter:
     def _result(self, problem, solution, prepared):
         """A FitResult from a solution of scaled labels (then v_rel); the solution's matrix has the continuum
         coefficients profiled out, so its inverse is the covariance marginalised over them."""
+        correction = yield from problem.correction(solution.x)
+        rectified = yield from problem.rectified_model(solution.x)
+        return self.result(solution.x, solution.chi2, solution.normal_matrix, problem.weight, problem.n_design,
+                           correction, rectified, prepared, solution.n_evaluations)
+
+    def result(self, x, chi2, normal_matrix, weight, n_design, correction, rectified, prepared, n_evaluations):
+        """The :class:`FitResult` of a fit ended at scaled parameters ``x`` (labels, then the scaled velocity when
+        it is fitted) with ``chi2``, the normal matrix of those parameters with the ``n_design`` continuum
+        coefficients profiled out (its inverse is the covariance marginalised over them), the pixel weights, and
+        the continuum correction and rectified model flux on the model pixels. Both engines end here, so their
+        rows are made alike."""
         emulator = self.emulator
         k = emulator.n_labels
-        fit_v = bool(problem.v_scale)
+        v_scale = self.v_scale
+        fit_v = v_scale is not None
         n = k + int(fit_v)
-        x = solution.x
-        scale = np.concatenate([emulator.x_max - emulator.x_min, [problem.v_scale] if fit_v else []])
-        covariance = _covariance(solution.normal_matrix)[:n, :n] * np.outer(scale, scale)
+        x = np.asarray(x, dtype=float)
+        scale = np.concatenate([emulator.x_max - emulator.x_min, [v_scale] if fit_v else []])
+        covariance = _covariance(np.asarray(normal_matrix, dtype=float))[:n, :n] * np.outer(scale, scale)
         sigma = np.sqrt(np.diag(covariance))
         labels = emulator.unscale(x[:k])
-        n_used = int(np.count_nonzero(problem.weight))
-        dof = n_used - len(x) - problem.n_design
+        n_used = int(np.count_nonzero(weight))
+        dof = n_used - len(x) - n_design
         at_bound = [name for name, value in zip(emulator.label_names, x[:k], strict=True) if abs(value) >= _AT_BOUND]
-        reduced_chi2 = solution.chi2 / dof if dof > 0 else float("nan")
+        reduced_chi2 = chi2 / dof if dof > 0 else float("nan")
         bounds = {name: (lo, hi) for name, lo, hi in zip(emulator.label_names, emulator.x_min, emulator.x_max,
                                                             strict=True)}
         flags = flag_result(dict(zip(emulator.label_names, labels, strict=True)), prepared.snr, at_bound=at_bound,
@@ -435,15 +486,15 @@ class PayneFitter:
                             v_rel_at_bound=fit_v and abs(x[k]) >= _AT_BOUND, bounds=bounds,
                             bad_pixel_fractions=prepared.bad_pixel_fractions)
         continuum = prepared.continuum.copy()
-        continuum[self.model_to_apstar] *= yield from problem.correction(x)
-        rectified = np.full(APSTAR_NPIX, np.nan)
-        rectified[self.model_to_apstar] = yield from problem.rectified_model(x)
+        continuum[self.model_to_apstar] *= correction
+        rectified_flux = np.full(APSTAR_NPIX, np.nan)
+        rectified_flux[self.model_to_apstar] = rectified
         return FitResult(
             label_names=emulator.label_names, labels=labels, raw_e=sigma[:k], covariance=covariance[:k, :k],
-            v_rel=problem.velocity(x) if fit_v else float("nan"), e_v_rel=float(sigma[k]) if fit_v else float("nan"),
-            chi2=solution.chi2, dof=dof, reduced_chi2=reduced_chi2,
-            snr=prepared.snr, result_flags=flags, continuum=continuum, rectified_model_flux=rectified,
-            n_iterations=solution.n_evaluations, at_bound_flags=at_bound_flags(at_bound),
+            v_rel=float(x[k] * v_scale) if fit_v else float("nan"), e_v_rel=float(sigma[k]) if fit_v else float("nan"),
+            chi2=float(chi2), dof=dof, reduced_chi2=reduced_chi2,
+            snr=prepared.snr, result_flags=flags, continuum=continuum, rectified_model_flux=rectified_flux,
+            n_iterations=int(n_evaluations), at_bound_flags=at_bound_flags(at_bound),
             starflag=prepared.starflag, vscatter=prepared.vscatter,
         )
 

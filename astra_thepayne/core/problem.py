@@ -24,7 +24,7 @@ import numpy as np
 from .lockstep import run_in_lockstep
 from .wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
 
-__all__ = ["OutputLayer", "PayneProblem", "Shift", "pixel_shift"]
+__all__ = ["OutputLayer", "PayneProblem", "SHIFT_DEGREE", "Shift", "bspline_kernel", "pixel_shift"]
 
 _N_BLOCKS = 16  # pixel blocks of the approximate Gram matrix: ~450 pixels each, over which S/N changes little
 
@@ -56,6 +56,13 @@ def _bspline(x, degree, derivative=False):
     power = degree - 1 if derivative else degree
     shifted = np.maximum(np.asarray(x, dtype=float)[..., None] + knots, 0.0)
     return (signs * shifted**power).sum(axis=-1) / factorial(power)
+
+
+def bspline_kernel(degree):
+    """What another implementation of :class:`Shift` needs: the binomial signs and knots of the centred B-spline
+    (``B(x) = sum_j s_j (x + knot_j)_+^p / p!``) and the tap offsets of :class:`Shift`'s coefficients."""
+    signs, knots = _bspline_terms(degree)
+    return signs.copy(), knots.copy(), _tap_offsets(degree)
 
 
 def _tap_offsets(degree):
