@@ -116,7 +116,7 @@ def ingest(ctx, paths):
 @fit_options
 @click.pass_context
 def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_failed, model, mask, continuum_pixels,
-        v_rad_tolerance, opt_tolerance, sky_lines, persistence, littrow_ghost, error_floor):
+        v_rad_tolerance, opt_tolerance, sky_lines, persistence, littrow_ghost, error_floor, device):
     """Fit the registered spectra that have no result yet for this model and tag.
 
     Stores one row per spectrum and its intermediate pickle; safe to run from several processes at once.
@@ -130,7 +130,7 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
     _database(ctx)
     started = time.perf_counter()
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
-                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor))
+                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor), device)
     setup_seconds = time.perf_counter() - started
     if fitter.emulator.is_demo:
         click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "

@@ -103,7 +103,7 @@ def _safe_name(text):
               help="Write one PNG per spectrum here: data, model, residuals, masked pixels.")
 @click.option("--coadd-only", is_flag=True, help="apStar: fit the coadd (row 0) only, not the visits.")
 def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sky_lines, persistence,
-        littrow_ghost, error_floor, processes, output, plot_dir, coadd_only):
+        littrow_ghost, error_floor, device, processes, output, plot_dir, coadd_only):
     """Fit spectra straight from FILES (apStar, apVisit, mwmStar, mwmVisit, aspcapStar; files or folders)."""
     from tqdm import tqdm
 
@@ -121,7 +121,7 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
     if not paths:
         raise ConfigurationError("no .fits spectrum files found in " + ", ".join(map(str, files)))
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
-                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor))
+                         PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor), device)
     emulator = fitter.emulator
     notice = str(emulator.meta.get("description", "")) if emulator.is_demo else ""
     if notice:

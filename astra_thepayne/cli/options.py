@@ -8,9 +8,21 @@ from ..core.pixel_weights import SKY_LINE_MODES
 __all__ = ["fit_options"]
 
 
+def _check_device(ctx, param, value):
+    if value is None or str(value).strip().lower() == "numpy":
+        return value
+    from ..accel.torch_fit import parse_device
+    from ..errors import ConfigurationError
+
+    try:
+        return parse_device(value)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def fit_options(function=None, *, forwarded=False):
-    """Add ``--model --mask --continuum-pixels --v-rad-tolerance --opt-tolerance`` and the pixel-weight options
-    ``--sky-lines --persistence --littrow-ghost --error-floor`` to a click command.
+    """Add ``--model --mask --continuum-pixels --v-rad-tolerance --opt-tolerance``, the pixel-weight options
+    ``--sky-lines --persistence --littrow-ghost --error-floor`` and ``--device`` to a click command.
 
     ``forwarded=True`` (for ``thepayne slurm``, which passes them on to ``thepayne run``) leaves the numeric options
     at None when not given, so that only what the user chose is forwarded.
@@ -42,6 +54,9 @@ def fit_options(function=None, *, forwarded=False):
                      help="Visits: LITTROW_GHOST pixels get weight 0, as in the DRP's RV code."),
         click.option("--error-floor", type=click.FloatRange(min=0), **({"default": 0.005} | numeric),
                      help="Smallest error of a normalised pixel, in units of the continuum (S/N <= 200); 0 = none."),
+        click.option("--device", callback=_check_device, **({"default": "numpy"} | numeric),
+                     help="Where the fits run: numpy (the CPU engine), or a PyTorch device, cpu, cuda or cuda:N "
+                          "(batched fits; needs torch; see docs/scaling.md)."),
     ]):
         function = decorator(function)
     return function

@@ -31,12 +31,12 @@ def _pending_keys(database_url: str, model_path: str, tag: str, retry_failed: bo
 
 
 def _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size, sky_lines=None,
-                 persistence=None, littrow_ghost=None, error_floor=None) -> list[str]:
+                 persistence=None, littrow_ghost=None, error_floor=None, device=None) -> list[str]:
     options = ["--model", model]
     for flag, value in (("--tag", tag), ("--mask", _absolute(mask)),
                         ("--continuum-pixels", _absolute(continuum_pixels)), ("--v-rad-tolerance", v_rad_tolerance),
                         ("--opt-tolerance", opt_tolerance), ("--batch-size", batch_size), ("--sky-lines", sky_lines),
-                        ("--error-floor", error_floor)):
+                        ("--error-floor", error_floor), ("--device", device)):
         if value is not None:
             options += [flag, str(value)]
     for name, value in (("persistence", persistence), ("littrow-ghost", littrow_ghost)):
@@ -84,7 +84,7 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
 @click.pass_context
 def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
           dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sky_lines,
-          persistence, littrow_ghost, error_floor, tag, batch_size, retry_failed, products_dir):
+          persistence, littrow_ghost, error_floor, device, tag, batch_size, retry_failed, products_dir):
     """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
 
     The pending spectra (registered, without a result for this model and tag) are cut into nodes x
@@ -129,7 +129,7 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
 
     prefix = _slurm.thepayne_command(sys.executable)
     run_options = _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size,
-                               sky_lines, persistence, littrow_ghost, error_floor)
+                               sky_lines, persistence, littrow_ghost, error_floor, device)
     if retry_failed:
         run_options.append("--retry-failed")
     scripts = []

@@ -239,9 +239,10 @@ class OutputLayer:
         return state
 
     # -- lockstep execution ------------------------------------------------------------------------------------
-    def run(self, steps):
+    def run(self, steps, serve=None):
         """Drive several fit generators together (:func:`~astra_thepayne.core.lockstep.run_in_lockstep`) and
-        return their return values, in order.
+        return their return values, in order. ``serve(kind, arrays)``, when given, answers requests first
+        (returning None for those it leaves to this layer): another engine's products.
 
         Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
         ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m`` (and ``("bank", ...)`` for the model
@@ -249,7 +250,14 @@ class OutputLayer:
         one matrix-matrix product, so the output layer (8.7 MB of float32 in production) streams through memory
         once for all of them instead of once each, and the products run at matrix-matrix speed.
         """
-        return run_in_lockstep(steps, self._products)
+        if serve is None:
+            return run_in_lockstep(steps, self._products)
+
+        def products(kind, arrays):
+            answer = serve(kind, arrays)
+            return self._products(kind, arrays) if answer is None else answer
+
+        return run_in_lockstep(steps, products)
 
     def _products(self, kind, arrays):
         # results are float32 (rows made contiguous where a caller reads them as vectors); float64 arithmetic

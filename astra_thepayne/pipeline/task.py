@@ -42,8 +42,11 @@ def _as_float(value, name):
 
 
 def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
-                v_rad_tolerance=0.0, pixel_weights=None):
+                v_rad_tolerance=0.0, pixel_weights=None, device="numpy"):
     """Load the network and build a :class:`~astra_thepayne.core.fitting.PayneFitter` (shared by task and CLI).
+
+    ``device`` other than ``"numpy"`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``) wraps it in an
+    :class:`~astra_thepayne.accel.DeviceFitter`: the local fits run in batches on that PyTorch device.
 
     ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
     :class:`~astra_thepayne.core.emulator.PayneEmulator`. ``pixel_weights`` is a
@@ -78,6 +81,11 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
                          v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
                          pixel_weights=pixel_weights)
     fitter.setup = f"model mask: {mask_said}; continuum pixels: {continuum_said}; {fitter.pixel_weights.describe()}"
+    device = str(device or "numpy").strip().lower()
+    if device != "numpy":
+        from ..accel import device_fitter
+
+        fitter = device_fitter(fitter, device)
     log.info("%s", fitter.setup)
     return fitter
 
@@ -231,7 +239,7 @@ def _describe(item):
 
 def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum_pixels_path=None,
              opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None,
-             pixel_weights=None):
+             pixel_weights=None, device="numpy"):
     """The task body: yield ``...`` once set up, then one unsaved ``model`` row per input spectrum, in order.
 
     Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
@@ -245,7 +253,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
 
     if fitter is None:
         fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
-                             pixel_weights)
+                             pixel_weights, device)
     emulator = fitter.emulator
     missing = [name for name in emulator.label_names if name not in model._meta.fields]
     if missing:
@@ -292,7 +300,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
 
 def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
               v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, sky_lines="inflate", persistence=True,
-              littrow_ghost=True, error_floor=0.005) -> Iterable[ThePayne]:
+              littrow_ghost=True, error_floor=0.005, device="numpy") -> Iterable[ThePayne]:
     """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
 
     Parameters
@@ -318,11 +326,14 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
     tag : str
         Stored with each row and part of its uniqueness key.
     processes : int
-        Worker processes for the fits.
+        Worker processes for the fits (with a ``device``: for preparing the spectra while the device fits).
     sky_lines, persistence, littrow_ghost, error_floor
         The pipelines' pixel-weight rules (:mod:`astra_thepayne.core.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
         (errors x100, as ASPCAP; default), ``"mask"`` (as The_Payne) or ``"none"``; apVisit persistence inflation
         (default on); LITTROW_GHOST masked in visits (default on); fractional error floor (default 0.005, 0 = none).
+    device : str
+        ``"numpy"`` (default: the numpy engine), or a PyTorch device (``"cpu"``, ``"cuda"``, ``"cuda:N"``) on which
+        the local fits run in batches (:mod:`astra_thepayne.accel`; needs ``torch``).
 
     Yields
     ------
@@ -333,7 +344,7 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
 
     weights = PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor)
     return fit_rows(spectra, ThePayne, model_path, mask_path, continuum_pixels_path, opt_tolerance,
-                    v_rad_tolerance, initial_labels, tag, processes, pixel_weights=weights)
+                    v_rad_tolerance, initial_labels, tag, processes, pixel_weights=weights, device=device)
 
 
 # `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from

@@ -13,8 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "astra_thepayne"
 
 #: layer of each top-level module or subpackage: a module may import its own subpackage and the layers below
-LAYERS = {"errors": 0, "files": 0, "config": 0, "threads": 0, "_moved": 0, "core": 1, "io": 2, "training": 2, "db": 3,
-          "pipeline": 4, "cli": 5, "__main__": 6}
+LAYERS = {"errors": 0, "files": 0, "config": 0, "threads": 0, "_moved": 0, "core": 1, "io": 2, "training": 2,
+          "accel": 2, "db": 3, "pipeline": 4, "cli": 5, "__main__": 6}
 #: what the core may import besides itself and the shared base modules (the standard library aside); astropy only
 #: for its physical constants
 CORE_THIRD_PARTY = {"numpy", "scipy", "astropy.constants"}

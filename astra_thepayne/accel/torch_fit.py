@@ -1,0 +1,490 @@
+"""The local fits of a batch of spectra as tensor operations on one PyTorch device, every spectrum in lockstep.
+
+The numpy engine (:mod:`astra_thepayne.core.fitting`) prepares each spectrum, finds its starts (the model bank and
+the velocity scan) and makes its result row; this engine shares all three (:meth:`PayneFitter.candidates`,
+:meth:`PayneFitter.result`) and replaces only the local solver, which is where nearly all the arithmetic is. Every
+start of every spectrum of a batch is one member of a stack; one iteration is a few batched matrix products for
+the whole stack, and no Python runs per spectrum per iteration.
+
+The problem is the numpy engine's: residuals ``w (c S_v(f(x)) - y)`` with ``f`` the network, ``S_v`` the Doppler
+shift (a B-spline of degree :data:`~astra_thepayne.core.problem.SHIFT_DEGREE` in each chip) and ``c = 1 + D g`` the
+continuum correction, within the same bounds. It differs in how it is solved:
+
+- The continuum coefficients ``g`` are parameters like the labels (the same minimum as the numpy engine's variable
+  projection; the covariance of the labels is the inverse of the same Schur complement).
+- Levenberg-Marquardt with the exact Jacobian at every iteration: on a device the exact Jacobian
+  ``W2 (da/dx)`` of a thousand spectra is one batched product, so the numpy engine's approximations buy nothing.
+  Parameters on a bound that the gradient pushes outward are held there (an active set); steps are clipped into the
+  box. A member ends when a full Gauss-Newton step would lower chi2 by less than a tenth of the numpy engine's
+  tolerance (so that the two engines agree well within that tolerance's 0.022 sigma), or when its damping says it
+  sits on a kink of the network.
+- The shift has no banded solves at run time: the spline coefficients of the output layer, ``A^-1 W2`` and
+  ``A^-1 b2`` per chip, are computed once, and the shifted flux and Jacobian are ``degree + 1`` gathers of them.
+- Each start is fitted to the end and the lowest chi2 wins (the numpy engine stops the starts early and finishes
+  the best: the same winner, but for near-ties).
+
+float32 for the network's products as in the numpy engine; residuals, chi2, the normal matrices and the covariance
+in float64.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import time
+from collections import deque
+
+import numpy as np
+
+from ..core.emulator import LEAKY_SLOPE
+from ..core.fitting import BATCH_SIZE, Candidate, PayneFitter, batches
+from ..core.problem import SHIFT_DEGREE, Shift, bspline_kernel
+from ..core.result import FitResult
+from ..core.wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
+from ..errors import ConfigurationError
+
+__all__ = ["DEFAULT_DEVICE_BATCH", "DeviceFitter", "device_fitter", "parse_device"]
+
+log = logging.getLogger(__name__)
+
+#: Spectra fitted together on the device by default, per device type: on a GPU the stack must be large for the
+#: products to run at matrix speed; on a CPU a large stack only costs memory (about 3 MB per start on the
+#: production network).
+DEFAULT_DEVICE_BATCH = {"cpu": 64, "cuda": 2048}
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
+_MAX_ITERATIONS = 200
+_MAX_DAMPING = 1e12  # relative damping at which a member is taken to sit on a kink: steps no longer lower chi2
+_AT_BOUND_MARGIN = 1e-9
+
+
+def parse_device(device: str) -> str:
+    """The device name, validated (``cpu``, ``cuda``, ``cuda:N``); raises :class:`ConfigurationError`."""
+    name = str(device).strip().lower()
+    if not _DEVICE.match(name):
+        raise ConfigurationError(f"device {device!r}: expected 'numpy' (the default engine), 'cpu', 'cuda' or "
+                                 f"'cuda:N'")
+    return name
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConfigurationError("a --device other than numpy needs PyTorch: pip install torch") from None
+    return torch
+
+
+def device_fitter(fitter: PayneFitter, device: str, batch_size: int | None = None) -> DeviceFitter:
+    """A :class:`DeviceFitter` on ``device`` for ``fitter`` (raises :class:`ConfigurationError` when the device
+    is not there)."""
+    return DeviceFitter(fitter, device, batch_size)
+
+
+class DeviceFitter:
+    """A :class:`~astra_thepayne.core.fitting.PayneFitter` whose local fits run in batches on a PyTorch device.
+
+    It answers what the pipeline asks of a fitter (:meth:`fit`, :meth:`fit_batch`, :meth:`fit_many`,
+    :meth:`workers`; anything else is the wrapped fitter's), with the same rows. ``processes > 1`` in
+    :meth:`fit_many` prepares spectra and finds their starts in worker processes while the device fits.
+    """
+
+    def __init__(self, fitter: PayneFitter, device: str = "cpu", batch_size: int | None = None):
+        torch = _torch()
+        self.fitter = fitter
+        self.device_name = parse_device(device)
+        if self.device_name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigurationError(f"device {self.device_name}: PyTorch sees no CUDA device here")
+            index = int(self.device_name.split(":")[1]) if ":" in self.device_name else 0
+            if index >= torch.cuda.device_count():
+                raise ConfigurationError(f"device {self.device_name}: only {torch.cuda.device_count()} CUDA "
+                                         f"device(s) here")
+        self.device = torch.device(self.device_name)
+        kind = self.device.type
+        self.batch_size = int(batch_size or DEFAULT_DEVICE_BATCH.get(kind, 64))
+        if self.batch_size < 1:
+            raise ConfigurationError(f"device batch size must be at least 1, not {batch_size}")
+        self._network = None
+        self.setup = getattr(fitter, "setup", "") + f"; engine: torch on {self.device_name}"
+
+    def __getattr__(self, name):  # the wrapped fitter's settings and helpers (emulator, prepare, ...)
+        if name == "fitter":
+            raise AttributeError(name)
+        return getattr(self.fitter, name)
+
+    def __getstate__(self):
+        raise TypeError("a DeviceFitter stays in its process; worker processes get the numpy fitter")
+
+    # -- the interface of PayneFitter ---------------------------------------------------------------------------
+    def fit(self, spectrum, initial_labels=None) -> FitResult:
+        return self.fit_batch([spectrum], initial_labels)[0]
+
+    def fit_batch(self, spectra, initial_labels=None) -> list[FitResult]:
+        """Fit spectra together: starts found here (the model bank's scores on the device), local fits on the
+        device. Each result's ``seconds`` is its share of the batch's time."""
+        start = time.perf_counter()
+        setups = self.fitter._layer.run([self.fitter.candidates(s, initial_labels) for s in spectra],
+                                        serve=self._serve_bank)
+        results = self._fit_setups(spectra, setups)
+        share = (time.perf_counter() - start) / max(len(results), 1)
+        for result in results:
+            result.seconds = share
+        return results
+
+    @contextlib.contextmanager
+    def workers(self, processes):
+        """Worker processes that prepare spectra for every :meth:`fit_many` inside the block."""
+        with self.fitter.workers(processes):
+            yield self
+
+    def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=None):
+        """Fit spectra in order, ``batch_size`` (default :attr:`batch_size`) at a time on the device. With
+        ``processes > 1``, worker processes prepare the spectra and find their starts (in chunks of
+        :data:`~astra_thepayne.core.fitting.BATCH_SIZE`, at most two per worker waiting, so memory stays flat
+        however many spectra there are) while the device fits the batch before."""
+        batch_size = int(batch_size or self.batch_size)
+        if processes <= 1:
+            for batch in batches(spectra, batch_size):
+                yield from self.fit_batch(batch, initial_labels)
+            return
+        with self.fitter.workers(processes):
+            pool = self.fitter._pool
+            waiting = deque()
+            ready_spectra, ready_setups = [], []
+            chunks = batches(spectra, min(BATCH_SIZE, batch_size))
+            exhausted = False
+            while True:
+                while not exhausted and len(waiting) < 2 * processes:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        exhausted = True
+                        break
+                    waiting.append((chunk, pool.apply_async(_candidates_in_worker, ((chunk, initial_labels),))))
+                if not waiting:
+                    break
+                chunk, pending = waiting.popleft()
+                ready_spectra += chunk
+                ready_setups += pending.get()
+                if len(ready_spectra) >= batch_size or (exhausted and not waiting):
+                    start = time.perf_counter()
+                    results = self._fit_setups(ready_spectra, ready_setups)
+                    share = (time.perf_counter() - start) / max(len(results), 1)
+                    for result in results:
+                        result.seconds = share
+                    ready_spectra, ready_setups = [], []
+                    yield from results
+
+    # -- the batch on the device --------------------------------------------------------------------------------
+    def _serve_bank(self, kind, arrays):
+        """Products for the starts' requests: the model bank's scores on the device, the rest as numpy does."""
+        if kind != "bank":
+            return None
+        return list(self._device_network().bank_scores(np.stack(arrays)))
+
+    def _device_network(self):
+        if self._network is None:
+            self._network = _DeviceNetwork(self.fitter, self.device)
+        return self._network
+
+    def _fit_setups(self, spectra, setups):
+        """Results for spectra whose setups (a list of :class:`Candidate`, or a failure result) are known."""
+        fitter = self.fitter
+        results = [setup if isinstance(setup, FitResult) else None for setup in setups]
+        members = [(i, candidate) for i, setup in enumerate(setups) if not isinstance(setup, FitResult)
+                   for candidate in setup]
+        if not members:
+            return results
+        try:
+            outcome = self._device_network().solve([candidate for _, candidate in members])
+        except Exception as exc:  # the device itself failed (out of memory, say): every spectrum of the batch
+            log.exception("device fit of %d spectra failed", len(spectra))
+            for i, _ in members:
+                if results[i] is None:
+                    results[i] = fitter._failure(spectra[i], f"device fit failed: {type(exc).__name__}: {exc}",
+                                                 setups[i][0].prepared.snr)
+            return results
+        best = {}
+        for m, (i, _) in enumerate(members):
+            if np.isfinite(outcome.chi2[m]) and (i not in best or outcome.chi2[m] < outcome.chi2[best[i]]):
+                best[i] = m
+        for i, setup in enumerate(setups):
+            if results[i] is not None:
+                continue
+            m = best.get(i)
+            try:
+                if m is None:
+                    raise FloatingPointError("chi2 is not finite at any start")
+                candidate = members[m][1]
+                results[i] = fitter.result(outcome.x[m], outcome.chi2[m], outcome.normal_matrix[m], candidate.weight,
+                                           outcome.n_design[m], outcome.correction[m], outcome.rectified[m],
+                                           candidate.prepared, outcome.n_iterations[m])
+            except Exception as exc:  # one spectrum's surprise never stops the batch
+                results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", setup[0].prepared.snr)
+        return results
+
+
+class _Outcome:
+    """Per member: scaled parameters (labels, velocity), chi2, profiled normal matrix, continuum coefficients fitted,
+    correction and rectified flux on the model pixels, iterations (numpy arrays)."""
+
+    def __init__(self, **arrays):
+        self.__dict__.update(arrays)
+
+
+class _DeviceNetwork:
+    """The network, the continuum basis and the shift's tables as tensors on one device, and the batched solver."""
+
+    def __init__(self, fitter: PayneFitter, device):
+        torch = _torch()
+        self.torch, self.device = torch, device
+        emulator = fitter.emulator
+        self.k = emulator.n_labels
+        self.fit_v = fitter.v_scale is not None
+        self.v_scale = fitter.v_scale or 0.0
+        self.tolerance = 0.1 * fitter.opt_tolerance
+        self.segments = tuple(map(tuple, fitter._segments))
+
+        def f32(a):
+            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
+
+        def f64(a):
+            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64), device=device)
+
+        w0, w1, w2 = emulator.weights
+        b0, b1, b2 = emulator.biases
+        self.w0, self.b0, self.w1, self.b1 = f32(w0), f32(b0), f32(w1), f32(b1)
+        if self.fit_v:
+            # the output layer's spline coefficients: a shifted flux is then a few gathers of W2' a + b2'
+            w2 = Shift.coefficients(np.asarray(w2, dtype=np.float64), self.segments)
+            b2 = Shift.coefficients(np.asarray(b2, dtype=np.float64), self.segments)
+            signs, knots, offsets = bspline_kernel(SHIFT_DEGREE)
+            self.signs, self.knots = f64(signs), f64(knots)
+            self.offsets = f64(offsets)
+            n_pixels = len(b2)
+            lower, upper = np.zeros(n_pixels, dtype=np.int64), np.zeros(n_pixels, dtype=np.int64)
+            for start, stop in self.segments:
+                lower[start:stop], upper[start:stop] = start, stop - 1
+            self.pixel = torch.arange(n_pixels, device=device)
+            self.lower = torch.as_tensor(lower, device=device)
+            self.upper = torch.as_tensor(upper, device=device)
+            self.tap_offsets = torch.as_tensor(np.array(offsets, dtype=np.int64), device=device)
+        self.w2, self.b2 = f32(w2), f64(b2)
+        self.design = f64(fitter._layer.design)
+        self.regions = [(rows, torch.as_tensor(np.asarray(columns), device=device), f64(basis), f64(outer))
+                        for rows, columns, basis, outer in fitter._layer.design_regions()]
+        self.leaky = LEAKY_SLOPE
+        self.bank = None
+        self._fitter = fitter
+
+    # -- the model bank -----------------------------------------------------------------------------------------
+    def bank_scores(self, stacked):
+        """The bank's scores of ``stacked`` ``(B, 2, P)`` requests (``w^2 y`` and ``w^2``), as
+        :meth:`ModelBank.scores`."""
+        torch = self.torch
+        if self.bank is None:
+            bank = self._fitter._bank()
+            self.bank = (torch.as_tensor(np.array(bank.flux), device=self.device),
+                         torch.as_tensor(np.asarray(bank.flux_squared), device=self.device))
+        flux, squared = self.bank
+        data = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.float32), device=self.device)
+        total = torch.zeros((len(stacked), flux.shape[0]), dtype=torch.float64, device=self.device)
+        for start, stop in self.segments:
+            cross = (data[:, 0, start:stop] @ flux[:, start:stop].T).double()
+            norm = (data[:, 1, start:stop] @ squared[:, start:stop].T).double()
+            total += torch.where(norm > 0, cross**2 / torch.where(norm > 0, norm, 1.0), 0.0)
+        return total.cpu().numpy()
+
+    # -- the model ----------------------------------------------------------------------------------------------
+    def _bspline(self, x, derivative=False):
+        power = SHIFT_DEGREE - 1 if derivative else SHIFT_DEGREE
+        shifted = (x[..., None] + self.knots).clamp(min=0.0)
+        return (self.signs * shifted**power).sum(-1) / math.factorial(power)
+
+    def _state(self, theta, weight, y, regions, double=False):
+        """chi2 ``(N,)``, gradient ``J^T r`` ``(N, n)``, normal matrix ``J^T J`` ``(N, n, n)`` (float64), rectified
+        flux and continuum correction ``(N, P)`` at ``theta``; ``regions`` ``(N, R)`` says which chip regions'
+        continuum coefficients each member fits. The label columns of ``J`` are float32, as the numpy engine's
+        products, unless ``double`` (for the covariance at the end); the normal matrix is assembled by blocks, the
+        continuum's region by region, without forming the mostly-zero continuum columns."""
+        torch = self.torch
+        k = self.k
+        x = theta[:, :k].float()
+        z0 = x @ self.w0.T + self.b0
+        s0 = torch.where(z0 > 0, 1.0, self.leaky)
+        z1 = (s0 * z0) @ self.w1.T + self.b1
+        s1 = torch.where(z1 > 0, 1.0, self.leaky)
+        hidden_jacobian = s1[:, :, None] * torch.matmul(self.w1, s0[:, :, None] * self.w0)  # (N, H, K)
+        values = ((s1 * z1) @ self.w2.T).double() + self.b2  # (N, P): flux, or its spline coefficients
+        products = torch.matmul(self.w2, hidden_jacobian)  # (N, P, K) float32
+        if self.fit_v:
+            v = theta[:, k] * self.v_scale
+            shift = torch.log10(1.0 + v / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
+            whole = torch.floor(shift)
+            at = -(shift - whole)[:, None] - self.offsets  # (N, taps): point minus coefficient position
+            weights, slopes = self._bspline(at), -self._bspline(at, derivative=True)
+            weights32 = weights.float()
+            base = self.pixel[None, :] - whole.long()[:, None]
+            flux, d_flux = torch.zeros_like(values), torch.zeros_like(values)
+            shifted = torch.zeros_like(products)
+            # rows of all members as one table: a row gather copies K contiguous values (torch.gather along the
+            # pixels of a (N, P, K) stack is several times slower on a CPU)
+            n_members, n_pixels = values.shape
+            first_row = (torch.arange(n_members, device=self.device) * n_pixels)[:, None]
+            value_rows, product_rows = values.reshape(-1), products.reshape(-1, k)
+            for t in range(len(self.tap_offsets)):
+                index = torch.maximum(torch.minimum(base + self.tap_offsets[t], self.upper), self.lower) + first_row
+                gathered = value_rows[index]
+                flux += weights[:, t, None] * gathered
+                d_flux += slopes[:, t, None] * gathered
+                shifted += weights32[:, t, None, None] * product_rows[index]
+            products = shifted
+            d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
+        else:
+            flux = values
+        n_members = len(theta)
+        g = theta[:, k + int(self.fit_v):]
+        correction = 1.0 + g @ self.design.T
+        residuals = weight * (correction * flux - y)
+        chi2 = (residuals * residuals).sum(1)
+        dtype = torch.float64 if double else torch.float32
+        label_weight = weight * correction
+        labels = label_weight.to(dtype)[:, :, None] * products.to(dtype)  # (N, P, K)
+        n = theta.shape[1]
+        matrix = torch.zeros((n_members, n, n), dtype=torch.float64, device=self.device)
+        gradient = torch.zeros((n_members, n), dtype=torch.float64, device=self.device)
+        labels_t = labels.transpose(1, 2)
+        matrix[:, :k, :k] = (labels_t @ labels).double()
+        gradient[:, :k] = (labels_t @ residuals.to(dtype)[:, :, None])[..., 0].double()
+        if self.fit_v:
+            velocity = label_weight * d_flux * d_shift[:, None]  # (N, P): d r / d (scaled velocity)
+            cross = (labels_t @ velocity.to(dtype)[:, :, None])[..., 0].double()
+            matrix[:, :k, k], matrix[:, k, :k] = cross, cross
+            matrix[:, k, k] = (velocity * velocity).sum(1)
+            gradient[:, k] = (velocity * residuals).sum(1)
+        weighted_flux = weight * flux
+        for r, (rows, design_columns, basis, outer) in enumerate(self.regions):
+            columns = design_columns + (k + int(self.fit_v))  # the region's coefficients among the parameters
+            on = regions[:, r].double()
+            wf = weighted_flux[:, rows]
+            block = ((wf * wf) @ outer).reshape(n_members, len(columns), len(columns))
+            matrix[:, columns[:, None], columns[None, :]] = block * on[:, None, None]
+            continuum = wf[:, :, None] * basis * on[:, None, None]  # (N, rows, q): d r / d g of the region
+            cross = (labels_t[:, :, rows] @ continuum.to(dtype)).double()
+            matrix[:, :k, columns], matrix[:, columns, :k] = cross, cross.transpose(1, 2)
+            if self.fit_v:
+                cross = (velocity[:, rows, None] * continuum).sum(1)
+                matrix[:, k, columns], matrix[:, columns, k] = cross, cross
+            gradient[:, columns] = (continuum * residuals[:, rows, None]).sum(1)
+        return chi2, gradient, matrix, flux, correction
+
+    # -- the solver ---------------------------------------------------------------------------------------------
+    def solve(self, candidates: list[Candidate]) -> _Outcome:
+        """Fit every candidate from its start; see the module docstring."""
+        torch = self.torch
+        device = self.device
+        n_members = len(candidates)
+        q = self.design.shape[1]
+        weight = torch.as_tensor(np.stack([c.weight for c in candidates]), dtype=torch.float64, device=device)
+        y = torch.as_tensor(np.stack([c.y for c in candidates]), dtype=torch.float64, device=device)
+        fitted = np.zeros((n_members, q), dtype=bool)
+        for m, c in enumerate(candidates):
+            if c.design_columns is not None:
+                fitted[m, c.design_columns] = True
+        regions = torch.as_tensor(np.stack([fitted[:, columns.cpu().numpy()].all(1) for _, columns, _, _
+                                            in self.regions], 1) if self.regions else np.zeros((n_members, 0), bool),
+                                  device=device)
+        columns = torch.as_tensor(fitted, device=device)
+        n_bounded = self.k + int(self.fit_v)
+        theta = torch.zeros((n_members, n_bounded + q), dtype=torch.float64, device=device)
+        theta[:, :n_bounded] = torch.as_tensor(np.stack([c.start for c in candidates]), device=device)
+        theta[:, :n_bounded] = theta[:, :n_bounded].clamp(-0.5 + 1e-10, 0.5 - 1e-10)
+        n = theta.shape[1]
+        bounded = torch.zeros(n, dtype=torch.bool, device=device)
+        bounded[:n_bounded] = True
+        lower = torch.where(bounded, -0.5, -math.inf).to(torch.float64)
+        upper = -lower
+        # held fixed: continuum coefficients not fitted (identity in their rows of the matrices)
+        fixed = torch.cat([torch.zeros((n_members, n_bounded), dtype=torch.bool, device=device), ~columns], 1)
+
+        def state(t, index, double=False):
+            return self._state(t, weight[index], y[index], regions[index], double)
+
+        everyone = torch.arange(n_members, device=device)
+        chi2, gradient, matrix, flux, correction = state(theta, everyone)
+        damping = torch.full((n_members,), 1e-3, dtype=torch.float64, device=device)
+        growth = torch.full((n_members,), 2.0, dtype=torch.float64, device=device)
+        iterations = torch.ones(n_members, dtype=torch.long, device=device)
+        active = torch.isfinite(chi2)
+        eye = torch.eye(n, dtype=torch.float64, device=device)
+        for _ in range(_MAX_ITERATIONS):
+            index = torch.nonzero(active)[:, 0]
+            if len(index) == 0:
+                break
+            t, g, a = theta[index], gradient[index], matrix[index]
+            # held: a bound the descent direction points through, or a coefficient not fitted
+            held = fixed[index] | ((t <= lower + _AT_BOUND_MARGIN) & (g > 0)) | ((t >= upper - _AT_BOUND_MARGIN)
+                                                                                & (g < 0))
+            free = (~held).double()
+            g = g * free
+            a = a * free[:, :, None] * free[:, None, :] + torch.diag_embed(held.double())
+            diagonal = torch.diagonal(a, dim1=1, dim2=2)
+            scale = diagonal.mean(1, keepdim=True).clamp(min=1e-300)
+            # the Gauss-Newton decrement: what a full undamped step would lower chi2 by
+            newton, info = _cholesky_solve(torch, a + 1e-12 * scale[:, :, None] * eye, g)
+            decrement = torch.where(info == 0, (g * newton).sum(1), math.inf)
+            converged = decrement < self.tolerance
+            if converged.any():
+                active[index[converged]] = False
+                going = ~converged
+                index, t, g, a, free, diagonal, scale = (v[going] for v in (index, t, g, a, free, diagonal, scale))
+                if len(index) == 0:
+                    break
+            step_matrix = a + damping[index, None, None] * torch.diag_embed(diagonal.clamp(min=1e-12 * scale))
+            step, info = _cholesky_solve(torch, step_matrix, -g)
+            step = torch.where((info == 0)[:, None], step * free, 0.0)
+            trial = torch.minimum(torch.maximum(t + step, lower + _AT_BOUND_MARGIN / 2), upper - _AT_BOUND_MARGIN / 2)
+            trial = torch.where(bounded, trial, t + step)
+            moved = trial - t
+            predicted = -((g * moved).sum(1) + 0.5 * (moved * (a @ moved[:, :, None])[..., 0]).sum(1))
+            t_chi2, t_gradient, t_matrix, t_flux, t_correction = state(trial, index)
+            iterations[index] += 1
+            decrease = 0.5 * (chi2[index] - t_chi2)
+            accept = torch.isfinite(t_chi2) & (decrease > 0)
+            ratio = decrease / predicted.clamp(min=1e-300)
+            update = index[accept]
+            theta[update], chi2[update] = trial[accept], t_chi2[accept]
+            gradient[update], matrix[update] = t_gradient[accept], t_matrix[accept]
+            flux[update], correction[update] = t_flux[accept], t_correction[accept]
+            # Nielsen's damping rule: shrink by up to 3 after a good step, grow geometrically after failures
+            shrink = torch.clamp(1 - (2 * ratio - 1) ** 3, min=1 / 3)
+            damping[index] = torch.where(accept, damping[index] * shrink, damping[index] * growth[index])
+            growth[index] = torch.where(accept, 2.0, growth[index] * 2.0)
+            active[index[damping[index] > _MAX_DAMPING]] = False
+        # the covariance, in float64 throughout: the Schur complement of the labels (and velocity) over the
+        # continuum coefficients
+        _, _, matrix, flux, correction = state(theta, everyone, double=True)
+        a = matrix + torch.diag_embed(fixed.double())
+        labels, rest = a[:, :n_bounded, :n_bounded], a[:, :n_bounded, n_bounded:]
+        block = a[:, n_bounded:, n_bounded:]
+        ridge = 1e-12 * torch.diagonal(block, dim1=1, dim2=2).mean(1).clamp(min=1e-300)
+        block = block + ridge[:, None, None] * torch.eye(q, dtype=torch.float64, device=device)
+        profiled = labels - rest @ torch.linalg.solve(block, rest.transpose(1, 2))
+        return _Outcome(x=theta[:, :n_bounded].cpu().numpy(), chi2=chi2.cpu().numpy(),
+                        normal_matrix=profiled.cpu().numpy(), n_design=columns.sum(1).cpu().numpy(),
+                        correction=correction.cpu().numpy(), rectified=flux.cpu().numpy(),
+                        n_iterations=iterations.cpu().numpy())
+
+
+def _cholesky_solve(torch, matrix, rhs):
+    """``matrix^-1 rhs`` for a stack of symmetric positive matrices, and per member 0 or the failure's info."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return torch.cholesky_solve(rhs[:, :, None], factor)[..., 0], info
+
+
+def _candidates_in_worker(args):
+    from ..core import fitting
+
+    batch, initial_labels = args
+    fitter = fitting._WORKER_FITTER
+    return fitter._layer.run([fitter.candidates(spectrum, initial_labels) for spectrum in batch])

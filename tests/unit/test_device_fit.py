@@ -1,0 +1,133 @@
+"""The batched fit on PyTorch (``astra_thepayne.accel``) against the numpy engine, on the CPU always and on a GPU
+when there is one: the same labels (within 0.02 sigma where both reach the same minimum), errors, flags and
+failures, on the line network, whose chi2 surface is ragged like a physical network's."""
+import numpy as np
+import pytest
+
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.spectrum import Spectrum
+from astra_thepayne.core.synthetic import line_network, synthetic_spectrum
+from astra_thepayne.errors import ConfigurationError
+
+torch = pytest.importorskip("torch", reason="the device engine needs PyTorch (pip install torch)")
+
+from astra_thepayne.accel import DeviceFitter, device_fitter, parse_device  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def network():
+    return line_network()
+
+
+def _draw(network, n, v_tolerance, seed):
+    rng = np.random.default_rng(seed)
+    truths = network.unscale(rng.uniform(-0.48, 0.48, (n, network.n_labels)))
+    velocities = rng.uniform(-v_tolerance, v_tolerance, n) if v_tolerance else np.zeros(n)
+    return [synthetic_spectrum(network, t, snr=rng.uniform(30, 200), v_rel=v, rng=rng)
+            for t, v in zip(truths, velocities, strict=True)]
+
+
+def _compare(reference, results):
+    """Per spectrum: chi2 difference (device - numpy), and the largest label difference in sigma."""
+    chi2 = np.array([r.chi2 - q.chi2 for r, q in zip(results, reference, strict=True)])
+    labels = np.array([np.max(np.abs(r.labels - q.labels) / q.raw_e) for r, q in zip(results, reference, strict=True)])
+    return chi2, labels
+
+
+@pytest.fixture(scope="module")
+def without_velocity(network):
+    spectra = _draw(network, 12, 0.0, seed=21)
+    fitter = PayneFitter(network)
+    return fitter, spectra, list(fitter.fit_many(spectra))
+
+
+@pytest.fixture(scope="module")
+def with_velocity(network):
+    spectra = _draw(network, 24, 10.0, seed=22)
+    fitter = PayneFitter(network, v_rad_tolerance=10.0)
+    return fitter, spectra, list(fitter.fit_many(spectra))
+
+
+def _check_agreement(reference, results, share):
+    """At least ``share`` of the spectra get the numpy engine's labels within 0.02 sigma; each of the others ends
+    lower in chi2 than the numpy engine's fit (which stopped on a kink short of the minimum), or in an adjacent
+    local minimum of the ragged surface (chi2 within 2, labels within a few sigma)."""
+    chi2, labels = _compare(reference, results)
+    same = labels < 0.02
+    assert same.mean() >= share, (labels, chi2)
+    assert np.all(chi2[~same] < 2.0), chi2[~same]  # lower, or at most an adjacent minimum's excess
+    assert np.all(labels[~same] < 3.0), labels[~same]
+    for r, q in zip(results, reference, strict=True):
+        assert r.success and r.result_flags == q.result_flags and r.at_bound_flags == q.at_bound_flags
+        assert r.dof == q.dof
+    return same
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_results_without_velocity(without_velocity, device):
+    fitter, spectra, reference = without_velocity
+    results = list(device_fitter(fitter, device).fit_many(spectra))
+    same = _check_agreement(reference, results, share=0.9)
+    for r, q in (pair for pair, agree in zip(zip(results, reference, strict=True), same, strict=True) if agree):
+        np.testing.assert_allclose(r.raw_e, q.raw_e, rtol=0.02)
+        np.testing.assert_allclose(r.covariance, q.covariance, rtol=0.05, atol=1e-3 * np.max(np.abs(q.covariance)))
+        np.testing.assert_allclose(r.continuum, q.continuum, rtol=1e-3, equal_nan=True)
+        np.testing.assert_allclose(r.rectified_model_flux, q.rectified_model_flux, atol=2e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_results_with_velocity(with_velocity, device):
+    fitter, spectra, reference = with_velocity
+    results = list(device_fitter(fitter, device).fit_many(spectra))
+    same = _check_agreement(reference, results, share=0.85)
+    v_sigma = np.array([abs(r.v_rel - q.v_rel) / q.e_v_rel for r, q in zip(results, reference, strict=True)])
+    assert np.all(v_sigma[same] < 0.02), v_sigma[same]
+    np.testing.assert_allclose([r.e_v_rel for r in results], [q.e_v_rel for q in reference], rtol=0.05)
+
+
+def test_worker_processes_prepare_the_same_fits(with_velocity):
+    fitter, spectra, _ = with_velocity
+    device = device_fitter(fitter, "cpu", batch_size=8)
+    alone = list(device.fit_many(spectra[:10]))
+    with device.workers(2):
+        pooled = list(device.fit_many(spectra[:10], processes=2))
+    assert [r.chi2 for r in pooled] == pytest.approx([r.chi2 for r in alone], abs=1e-6)
+
+
+def test_a_bad_spectrum_does_not_stop_the_batch(network, without_velocity):
+    fitter, spectra, reference = without_velocity
+    good = spectra[0]
+    nan_flux = Spectrum(good.wavelength, np.full_like(good.flux, np.nan), good.ivar, obj="all NaN")
+    masked = Spectrum(good.wavelength, good.flux, np.zeros_like(good.ivar), obj="no weight")
+    short = Spectrum(good.wavelength[:1000], good.flux[:1000], good.ivar[:1000], obj="cut short")
+    batch = [nan_flux, good, masked, short, spectra[1]]
+    results = device_fitter(fitter, "cpu").fit_batch(batch)
+    expected = fitter.fit_batch(batch)
+    assert [r.success for r in results] == [False, True, False, False, True]
+    for r, q in zip(results, expected, strict=True):
+        assert r.result_flags == q.result_flags
+        assert r.message == q.message
+    assert results[1].chi2 == pytest.approx(reference[0].chi2, abs=0.05)
+
+
+def test_device_names_are_validated():
+    assert parse_device("CUDA:1") == "cuda:1"
+    for bad in ("gpu", "cuda:x", "cpu; rm -rf /", "cuda:123", ""):
+        with pytest.raises(ConfigurationError):
+            parse_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_a_missing_gpu_is_a_clear_error(network):
+    with pytest.raises(ConfigurationError, match="no CUDA device"):
+        DeviceFitter(PayneFitter(network), "cuda")
+
+
+def test_load_fitter_with_a_device_keeps_the_setup():
+    from astra_thepayne.pipeline.task import load_fitter
+
+    fitter = load_fitter("demo", device="cpu")
+    assert isinstance(fitter, DeviceFitter)
+    assert fitter.emulator.is_demo and "engine: torch on cpu" in fitter.setup
