@@ -86,8 +86,13 @@ class DeviceFitter:
 
     It answers what the pipeline asks of a fitter (:meth:`fit`, :meth:`fit_batch`, :meth:`fit_many`,
     :meth:`workers`; anything else is the wrapped fitter's), with the same rows. ``processes > 1`` in
-    :meth:`fit_many` prepares spectra and finds their starts in worker processes while the device fits.
+    :meth:`fit_many` prepares spectra and finds their starts in worker processes while the device fits; those
+    workers also read files, given instead of a spectrum anything with a ``read()`` method that returns one (the
+    pipeline's :class:`~astra_thepayne.pipeline.task.SpectrumAddress`).
     """
+
+    #: the pipeline may hand :meth:`fit_many` file addresses (``read()``) for its workers to read
+    reads_in_workers = True
 
     def __init__(self, fitter: PayneFitter, device: str = "cpu", batch_size: int | None = None):
         torch = _torch()
@@ -124,7 +129,7 @@ class DeviceFitter:
         """Fit spectra together: starts found here (the model bank's scores on the device), local fits on the
         device. Each result's ``seconds`` is its share of the batch's time."""
         start = time.perf_counter()
-        setups = self.fitter._layer.run([self.fitter.candidates(s, initial_labels) for s in spectra],
+        setups = self.fitter._layer.run([_setup(self.fitter, s, initial_labels) for s in spectra],
                                         serve=self._serve_bank)
         results = self._fit_setups(spectra, setups)
         share = (time.perf_counter() - start) / max(len(results), 1)
@@ -342,19 +347,36 @@ class _DeviceNetwork:
             d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
         else:
             flux = values
-        n_members = len(theta)
-        g = theta[:, k + int(self.fit_v):]
+        n_members, n = theta.shape
+        float64 = torch.float64
+        weighted_flux, weighted_y = weight * flux, weight * y
+        # the continuum coefficients at their best for these labels, region by region (variable projection: the
+        # numpy engine's PayneProblem), a (N, 5, 5) solve per region
+        g = torch.zeros((n_members, self.design.shape[1]), dtype=float64, device=self.device)
+        solved = []
+        for r, (rows, design_columns, basis, outer) in enumerate(self.regions):
+            on = regions[:, r]
+            wf = weighted_flux[:, rows]
+            m = len(design_columns)
+            eye = torch.eye(m, dtype=float64, device=self.device)
+            block = ((wf * wf) @ outer).reshape(n_members, m, m)
+            scale = torch.diagonal(block, dim1=1, dim2=2).mean(1)
+            block = block + (1e-12 * torch.where(scale != 0, scale, 1.0))[:, None, None] * eye
+            block = torch.where(on[:, None, None], block, eye)  # a region not fitted keeps its correction at 1
+            side = torch.where(on[:, None], (wf * (weighted_y[:, rows] - wf)) @ basis, 0.0)
+            g[:, design_columns] = torch.linalg.solve(block, side)
+            solved.append((rows, basis, block, on))
         correction = 1.0 + g @ self.design.T
-        residuals = weight * (correction * flux - y)
+        residuals = weighted_flux * correction - weighted_y
         chi2 = (residuals * residuals).sum(1)
-        dtype = torch.float64 if double else torch.float32
+        dtype = float64 if double else torch.float32
         label_weight = weight * correction
-        labels = label_weight.to(dtype)[:, :, None] * products.to(dtype)  # (N, P, K)
-        n = theta.shape[1]
-        matrix = torch.zeros((n_members, n, n), dtype=torch.float64, device=self.device)
-        gradient = torch.zeros((n_members, n), dtype=torch.float64, device=self.device)
+        labels = label_weight.to(dtype)[:, :, None] * products.to(dtype)  # (N, P, K): d r / d x
         labels_t = labels.transpose(1, 2)
+        matrix = torch.zeros((n_members, n, n), dtype=float64, device=self.device)
+        gradient = torch.zeros((n_members, n), dtype=float64, device=self.device)
         matrix[:, :k, :k] = (labels_t @ labels).double()
+        # the gradient of chi2 over the labels alone: that over g is zero, g being at its best
         gradient[:, :k] = (labels_t @ residuals.to(dtype)[:, :, None])[..., 0].double()
         if self.fit_v:
             velocity = label_weight * d_flux * d_shift[:, None]  # (N, P): d r / d (scaled velocity)
@@ -362,20 +384,15 @@ class _DeviceNetwork:
             matrix[:, :k, k], matrix[:, k, :k] = cross, cross
             matrix[:, k, k] = (velocity * velocity).sum(1)
             gradient[:, k] = (velocity * residuals).sum(1)
-        weighted_flux = weight * flux
-        for r, (rows, design_columns, basis, outer) in enumerate(self.regions):
-            columns = design_columns + (k + int(self.fit_v))  # the region's coefficients among the parameters
-            on = regions[:, r].double()
-            wf = weighted_flux[:, rows]
-            block = ((wf * wf) @ outer).reshape(n_members, len(columns), len(columns))
-            matrix[:, columns[:, None], columns[None, :]] = block * on[:, None, None]
-            continuum = wf[:, :, None] * basis * on[:, None, None]  # (N, rows, q): d r / d g of the region
-            cross = (labels_t[:, :, rows] @ continuum.to(dtype)).double()
-            matrix[:, :k, columns], matrix[:, columns, :k] = cross, cross.transpose(1, 2)
+        # the matrix with the continuum coefficients profiled out: minus B C^-1 B^T per region (C is block
+        # diagonal by region)
+        for rows, basis, block, on in solved:
+            continuum = weighted_flux[:, rows, None] * basis * on[:, None, None].double()  # d r / d g (N, rows, m)
+            cross = torch.empty((n_members, n, basis.shape[1]), dtype=float64, device=self.device)
+            cross[:, :k] = (labels_t[:, :, rows] @ continuum.to(dtype)).double()
             if self.fit_v:
-                cross = (velocity[:, rows, None] * continuum).sum(1)
-                matrix[:, k, columns], matrix[:, columns, k] = cross, cross
-            gradient[:, columns] = (continuum * residuals[:, rows, None]).sum(1)
+                cross[:, k] = (velocity[:, rows, None] * continuum).sum(1)
+            matrix -= cross @ torch.linalg.solve(block, cross.transpose(1, 2))
         return chi2, gradient, matrix, flux, correction
 
     # -- the solver ---------------------------------------------------------------------------------------------
@@ -391,21 +408,15 @@ class _DeviceNetwork:
         for m, c in enumerate(candidates):
             if c.design_columns is not None:
                 fitted[m, c.design_columns] = True
-        regions = torch.as_tensor(np.stack([fitted[:, columns.cpu().numpy()].all(1) for _, columns, _, _
-                                            in self.regions], 1) if self.regions else np.zeros((n_members, 0), bool),
+        in_region = [fitted[:, columns.cpu().numpy()].all(1) for _, columns, _, _ in self.regions]
+        regions = torch.as_tensor(np.stack(in_region, 1) if in_region else np.zeros((n_members, 0), dtype=bool),
                                   device=device)
-        columns = torch.as_tensor(fitted, device=device)
-        n_bounded = self.k + int(self.fit_v)
-        theta = torch.zeros((n_members, n_bounded + q), dtype=torch.float64, device=device)
-        theta[:, :n_bounded] = torch.as_tensor(np.stack([c.start for c in candidates]), device=device)
-        theta[:, :n_bounded] = theta[:, :n_bounded].clamp(-0.5 + 1e-10, 0.5 - 1e-10)
-        n = theta.shape[1]
-        bounded = torch.zeros(n, dtype=torch.bool, device=device)
-        bounded[:n_bounded] = True
-        lower = torch.where(bounded, -0.5, -math.inf).to(torch.float64)
-        upper = -lower
-        # held fixed: continuum coefficients not fitted (identity in their rows of the matrices)
-        fixed = torch.cat([torch.zeros((n_members, n_bounded), dtype=torch.bool, device=device), ~columns], 1)
+        n_design = sum(region * len(columns) for region, (_, columns, _, _) in zip(in_region, self.regions,
+                                                                                  strict=True))
+        n = self.k + int(self.fit_v)
+        theta = torch.as_tensor(np.stack([c.start for c in candidates]), dtype=torch.float64, device=device)
+        theta = theta.clamp(-0.5 + 1e-10, 0.5 - 1e-10)
+        lower, upper = -0.5, 0.5
 
         def state(t, index, double=False):
             return self._state(t, weight[index], y[index], regions[index], double)
@@ -422,14 +433,12 @@ class _DeviceNetwork:
             if len(index) == 0:
                 break
             t, g, a = theta[index], gradient[index], matrix[index]
-            # held: a bound the descent direction points through, or a coefficient not fitted
-            held = fixed[index] | ((t <= lower + _AT_BOUND_MARGIN) & (g > 0)) | ((t >= upper - _AT_BOUND_MARGIN)
-                                                                                & (g < 0))
+            # held: a bound the descent direction points through
+            held = ((t <= lower + _AT_BOUND_MARGIN) & (g > 0)) | ((t >= upper - _AT_BOUND_MARGIN) & (g < 0))
             free = (~held).double()
             g = g * free
             a = a * free[:, :, None] * free[:, None, :] + torch.diag_embed(held.double())
-            diagonal = torch.diagonal(a, dim1=1, dim2=2)
-            scale = diagonal.mean(1, keepdim=True).clamp(min=1e-300)
+            scale = torch.diagonal(a, dim1=1, dim2=2).mean(1, keepdim=True).clamp(min=1e-300)
             # the Gauss-Newton decrement: what a full undamped step would lower chi2 by
             newton, info = _cholesky_solve(torch, a + 1e-12 * scale[:, :, None] * eye, g)
             decrement = torch.where(info == 0, (g * newton).sum(1), math.inf)
@@ -437,14 +446,15 @@ class _DeviceNetwork:
             if converged.any():
                 active[index[converged]] = False
                 going = ~converged
-                index, t, g, a, free, diagonal, scale = (v[going] for v in (index, t, g, a, free, diagonal, scale))
+                index, t, g, a, free, scale = (v[going] for v in (index, t, g, a, free, scale))
                 if len(index) == 0:
                     break
-            step_matrix = a + damping[index, None, None] * torch.diag_embed(diagonal.clamp(min=1e-12 * scale))
+            # Levenberg's damping, the same in every direction (the labels are scaled to one box, as the numpy
+            # engine's trust region is a ball in them); Marquardt's diag(J^T J) crept along the kinks of the network
+            step_matrix = a + (damping[index, None] * scale)[:, :, None] * eye
             step, info = _cholesky_solve(torch, step_matrix, -g)
             step = torch.where((info == 0)[:, None], step * free, 0.0)
-            trial = torch.minimum(torch.maximum(t + step, lower + _AT_BOUND_MARGIN / 2), upper - _AT_BOUND_MARGIN / 2)
-            trial = torch.where(bounded, trial, t + step)
+            trial = (t + step).clamp(lower + _AT_BOUND_MARGIN / 2, upper - _AT_BOUND_MARGIN / 2)
             moved = trial - t
             predicted = -((g * moved).sum(1) + 0.5 * (moved * (a @ moved[:, :, None])[..., 0]).sum(1))
             t_chi2, t_gradient, t_matrix, t_flux, t_correction = state(trial, index)
@@ -461,17 +471,11 @@ class _DeviceNetwork:
             damping[index] = torch.where(accept, damping[index] * shrink, damping[index] * growth[index])
             growth[index] = torch.where(accept, 2.0, growth[index] * 2.0)
             active[index[damping[index] > _MAX_DAMPING]] = False
-        # the covariance, in float64 throughout: the Schur complement of the labels (and velocity) over the
-        # continuum coefficients
+        # the covariance, in float64 throughout: the profiled matrix, whose inverse is marginalised over the
+        # continuum
         _, _, matrix, flux, correction = state(theta, everyone, double=True)
-        a = matrix + torch.diag_embed(fixed.double())
-        labels, rest = a[:, :n_bounded, :n_bounded], a[:, :n_bounded, n_bounded:]
-        block = a[:, n_bounded:, n_bounded:]
-        ridge = 1e-12 * torch.diagonal(block, dim1=1, dim2=2).mean(1).clamp(min=1e-300)
-        block = block + ridge[:, None, None] * torch.eye(q, dtype=torch.float64, device=device)
-        profiled = labels - rest @ torch.linalg.solve(block, rest.transpose(1, 2))
-        return _Outcome(x=theta[:, :n_bounded].cpu().numpy(), chi2=chi2.cpu().numpy(),
-                        normal_matrix=profiled.cpu().numpy(), n_design=columns.sum(1).cpu().numpy(),
+        return _Outcome(x=theta.cpu().numpy(), chi2=chi2.cpu().numpy(), normal_matrix=matrix.cpu().numpy(),
+                        n_design=np.asarray(n_design, dtype=int) if len(self.regions) else np.zeros(n_members, int),
                         correction=correction.cpu().numpy(), rectified=flux.cpu().numpy(),
                         n_iterations=iterations.cpu().numpy())
 
@@ -482,9 +486,22 @@ def _cholesky_solve(torch, matrix, rhs):
     return torch.cholesky_solve(rhs[:, :, None], factor)[..., 0], info
 
 
+def _setup(fitter, element, initial_labels):
+    """:meth:`PayneFitter.candidates` of a spectrum, or of a file address (``read()``) read here first: an
+    unreadable one is a failure result, as the pipeline makes for a file it cannot read."""
+    if hasattr(element, "read"):
+        try:
+            element = element.read()
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: cannot fit: %s", element.label, message)
+            return FitResult.failure(fitter.emulator.label_names, message)
+    return (yield from fitter.candidates(element, initial_labels))
+
+
 def _candidates_in_worker(args):
     from ..core import fitting
 
     batch, initial_labels = args
     fitter = fitting._WORKER_FITTER
-    return fitter._layer.run([fitter.candidates(spectrum, initial_labels) for spectrum in batch])
+    return fitter._layer.run([_setup(fitter, element, initial_labels) for element in batch])

@@ -23,6 +23,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -138,6 +139,34 @@ def _astra_row_spectrum(item, spectrum_class):
                           **frame)
 
 
+@dataclass(frozen=True)
+class SpectrumAddress:
+    """Where a registered spectrum is (file, HDU, row), for a fitter that reads files in its worker processes
+    (:class:`~astra_thepayne.accel.DeviceFitter`): only the address crosses to the worker, not the arrays."""
+
+    path: str
+    hdu: int
+    row: int
+
+    @property
+    def label(self) -> str:
+        return f"{os.path.basename(self.path)}[{self.hdu},{self.row}]"
+
+    def read(self):
+        """The spectrum (raises, with the file named, when it cannot be read); a process keeps its last file's
+        spectra, so the rows of one file are read once."""
+        from ..io import spectra_by_position, spectrum_at
+
+        global _LAST_FILE
+        if _LAST_FILE[0] != self.path:
+            _LAST_FILE = (None, {})
+            _LAST_FILE = (self.path, spectra_by_position(self.path))
+        return spectrum_at(_LAST_FILE[1], self.path, self.hdu, self.row)
+
+
+_LAST_FILE = (None, {})
+
+
 class _SpectrumSource:
     """Turns task inputs into Spectrum objects, reading each file once for consecutive rows of the same file."""
 
@@ -204,9 +233,16 @@ def _paired(fitter, inputs, processes, initial_labels):
     # (item, spectrum, spectrum_pk, source_pk, error, seconds reading it) in input order, appended as fit_many reads
     # its input (in this thread, or in the pool's feeder thread)
     pending = deque()
+    # a fitter whose workers read files gets the addresses of registered spectra, not the spectra
+    addresses = processes > 1 and getattr(fitter, "reads_in_workers", False)
 
     def feed():
         for item in inputs:
+            if addresses and isinstance(item, SpectrumRecord):
+                address = SpectrumAddress(str(item.path), int(item.hdu), int(item.row))
+                pending.append((item, address, item.pk, item.source_pk_id, "", 0.0))
+                yield address
+                continue
             start = time.perf_counter()
             spectrum, spectrum_pk, source_pk, error = to_spectrum(item)
             pending.append((item, spectrum, spectrum_pk, source_pk, error, time.perf_counter() - start))
@@ -226,7 +262,7 @@ def _paired(fitter, inputs, processes, initial_labels):
             yield failed()
         item, spectrum, spectrum_pk, source_pk, _, reading = pending.popleft()
         result.seconds = (result.seconds or 0.0) + reading
-        yield item, spectrum_pk, source_pk, spectrum, result
+        yield item, spectrum_pk, source_pk, None if isinstance(spectrum, SpectrumAddress) else spectrum, result
     while pending:
         yield failed()
 
