@@ -102,7 +102,7 @@ def run_backend(name: str, url: str, corpus: Path, model: str, args, workdir: Pa
 
     tag = "throughput"
     argv = [*thepayne_command(), "--database", url, "run", "--model", model, "--tag", tag,
-            "--batch-size", str(args.batch_size)]
+            "--batch-size", str(args.batch_size), *args.run_option]
     logs = [open(workdir / f"run-{name}-{i}.log", "w") for i in range(args.concurrent)]  # noqa: SIM115
     start = time.perf_counter()
     procs = [subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -200,6 +200,8 @@ def main(argv=None) -> int:
                                                              "postgresql://postgres@127.0.0.1:5432/test"),
                         help="server database in which a throwaway benchmark database is created")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--run-option", action="append", default=[], metavar="ARG",
+                        help="passed on to every `thepayne run` (repeat: --run-option=--device --run-option=cuda)")
     parser.add_argument("--concurrent", type=int, default=1, help="thepayne run processes at once")
     parser.add_argument("--sample-seconds", type=float, default=1.0)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed afterwards")

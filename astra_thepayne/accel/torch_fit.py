@@ -49,9 +49,9 @@ __all__ = ["DEFAULT_DEVICE_BATCH", "DeviceFitter", "device_fitter", "parse_devic
 log = logging.getLogger(__name__)
 
 #: Spectra fitted together on the device by default, per device type: on a GPU the stack must be large for the
-#: products to run at matrix speed; on a CPU a large stack only costs memory (about 3 MB per start on the
-#: production network).
-DEFAULT_DEVICE_BATCH = {"cpu": 64, "cuda": 2048}
+#: products to run at matrix speed; on a CPU a stack larger than the caches is slower per spectrum (kurucz5, one
+#: thread: 81 ms per spectrum in batches of 16, 150 ms in batches of 256; benchmarks/device_fit.py).
+DEFAULT_DEVICE_BATCH = {"cpu": 16, "cuda": 2048}
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
 _MAX_ITERATIONS = 200
 _MAX_DAMPING = 1e12  # relative damping at which a member is taken to sit on a kink: steps no longer lower chi2
@@ -112,6 +112,7 @@ class DeviceFitter:
             raise ConfigurationError(f"device batch size must be at least 1, not {batch_size}")
         self._network = None
         self.setup = getattr(fitter, "setup", "") + f"; engine: torch on {self.device_name}"
+        self.engine = f"torch:{self.device.type}"  # stored with each row (results may differ by device type)
 
     def __getattr__(self, name):  # the wrapped fitter's settings and helpers (emulator, prepare, ...)
         if name == "fitter":
@@ -306,12 +307,13 @@ class _DeviceNetwork:
         shifted = (x[..., None] + self.knots).clamp(min=0.0)
         return (self.signs * shifted**power).sum(-1) / math.factorial(power)
 
-    def _state(self, theta, weight, y, regions, double=False):
+    def _state(self, theta, weight, y, regions, double=False, jacobian=True):
         """chi2 ``(N,)``, gradient ``J^T r`` ``(N, n)``, normal matrix ``J^T J`` ``(N, n, n)`` (float64), rectified
         flux and continuum correction ``(N, P)`` at ``theta``; ``regions`` ``(N, R)`` says which chip regions'
         continuum coefficients each member fits. The label columns of ``J`` are float32, as the numpy engine's
         products, unless ``double`` (for the covariance at the end); the normal matrix is assembled by blocks, the
-        continuum's region by region, without forming the mostly-zero continuum columns."""
+        continuum's region by region, without forming the mostly-zero continuum columns. ``jacobian=False``: chi2
+        alone (a trial point, which the solver may reject), about a third of the work."""
         torch = self.torch
         k = self.k
         x = theta[:, :k].float()
@@ -319,9 +321,10 @@ class _DeviceNetwork:
         s0 = torch.where(z0 > 0, 1.0, self.leaky)
         z1 = (s0 * z0) @ self.w1.T + self.b1
         s1 = torch.where(z1 > 0, 1.0, self.leaky)
-        hidden_jacobian = s1[:, :, None] * torch.matmul(self.w1, s0[:, :, None] * self.w0)  # (N, H, K)
+        if jacobian:
+            hidden_jacobian = s1[:, :, None] * torch.matmul(self.w1, s0[:, :, None] * self.w0)  # (N, H, K)
         values = ((s1 * z1) @ self.w2.T).double() + self.b2  # (N, P): flux, or its spline coefficients
-        products = torch.matmul(self.w2, hidden_jacobian)  # (N, P, K) float32
+        products = torch.matmul(self.w2, hidden_jacobian) if jacobian else None  # (N, P, K) float32
         if self.fit_v:
             v = theta[:, k] * self.v_scale
             shift = torch.log10(1.0 + v / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
@@ -331,18 +334,20 @@ class _DeviceNetwork:
             weights32 = weights.float()
             base = self.pixel[None, :] - whole.long()[:, None]
             flux, d_flux = torch.zeros_like(values), torch.zeros_like(values)
-            shifted = torch.zeros_like(products)
+            shifted = torch.zeros_like(products) if jacobian else None
             # rows of all members as one table: a row gather copies K contiguous values (torch.gather along the
             # pixels of a (N, P, K) stack is several times slower on a CPU)
             n_members, n_pixels = values.shape
             first_row = (torch.arange(n_members, device=self.device) * n_pixels)[:, None]
-            value_rows, product_rows = values.reshape(-1), products.reshape(-1, k)
+            value_rows = values.reshape(-1)
+            product_rows = products.reshape(-1, k) if jacobian else None
             for t in range(len(self.tap_offsets)):
                 index = torch.maximum(torch.minimum(base + self.tap_offsets[t], self.upper), self.lower) + first_row
                 gathered = value_rows[index]
                 flux += weights[:, t, None] * gathered
                 d_flux += slopes[:, t, None] * gathered
-                shifted += weights32[:, t, None, None] * product_rows[index]
+                if jacobian:
+                    shifted += weights32[:, t, None, None] * product_rows[index]
             products = shifted
             d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
         else:
@@ -369,6 +374,8 @@ class _DeviceNetwork:
         correction = 1.0 + g @ self.design.T
         residuals = weighted_flux * correction - weighted_y
         chi2 = (residuals * residuals).sum(1)
+        if not jacobian:
+            return chi2
         dtype = float64 if double else torch.float32
         label_weight = weight * correction
         labels = label_weight.to(dtype)[:, :, None] * products.to(dtype)  # (N, P, K): d r / d x
@@ -418,8 +425,8 @@ class _DeviceNetwork:
         theta = theta.clamp(-0.5 + 1e-10, 0.5 - 1e-10)
         lower, upper = -0.5, 0.5
 
-        def state(t, index, double=False):
-            return self._state(t, weight[index], y[index], regions[index], double)
+        def state(t, index, double=False, jacobian=True):
+            return self._state(t, weight[index], y[index], regions[index], double, jacobian)
 
         everyone = torch.arange(n_members, device=device)
         chi2, gradient, matrix, flux, correction = state(theta, everyone)
@@ -457,15 +464,16 @@ class _DeviceNetwork:
             trial = (t + step).clamp(lower + _AT_BOUND_MARGIN / 2, upper - _AT_BOUND_MARGIN / 2)
             moved = trial - t
             predicted = -((g * moved).sum(1) + 0.5 * (moved * (a @ moved[:, :, None])[..., 0]).sum(1))
-            t_chi2, t_gradient, t_matrix, t_flux, t_correction = state(trial, index)
+            t_chi2 = state(trial, index, jacobian=False)
             iterations[index] += 1
             decrease = 0.5 * (chi2[index] - t_chi2)
             accept = torch.isfinite(t_chi2) & (decrease > 0)
             ratio = decrease / predicted.clamp(min=1e-300)
             update = index[accept]
-            theta[update], chi2[update] = trial[accept], t_chi2[accept]
-            gradient[update], matrix[update] = t_gradient[accept], t_matrix[accept]
-            flux[update], correction[update] = t_flux[accept], t_correction[accept]
+            if len(update):
+                theta[update] = trial[accept]
+                chi2[update], gradient[update], matrix[update], flux[update], correction[update] = state(
+                    theta[update], update)
             # Nielsen's damping rule: shrink by up to 3 after a good step, grow geometrically after failures
             shrink = torch.clamp(1 - (2 * ratio - 1) ** 3, min=1 / 3)
             damping[index] = torch.where(accept, damping[index] * shrink, damping[index] * growth[index])

@@ -31,18 +31,23 @@ def _pending_keys(database_url: str, model_path: str, tag: str, retry_failed: bo
 
 
 def _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size, sky_lines=None,
-                 persistence=None, littrow_ghost=None, error_floor=None, device=None) -> list[str]:
+                 persistence=None, littrow_ghost=None, error_floor=None, processes=None) -> list[str]:
     options = ["--model", model]
     for flag, value in (("--tag", tag), ("--mask", _absolute(mask)),
                         ("--continuum-pixels", _absolute(continuum_pixels)), ("--v-rad-tolerance", v_rad_tolerance),
                         ("--opt-tolerance", opt_tolerance), ("--batch-size", batch_size), ("--sky-lines", sky_lines),
-                        ("--error-floor", error_floor), ("--device", device)):
+                        ("--error-floor", error_floor), ("--processes", processes)):
         if value is not None:
             options += [flag, str(value)]
     for name, value in (("persistence", persistence), ("littrow-ghost", littrow_ghost)):
         if value is not None:
             options.append(f"--{name}" if value else f"--no-{name}")
     return options
+
+
+def _device_option(options, index):
+    device = options.device_of(index)
+    return ["--device", device] if device else []
 
 
 def _options(profile, **given) -> _slurm.SlurmOptions:
@@ -63,6 +68,9 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
 @click.option("--time", "walltime", default=None, metavar="HH:MM:SS", help="sbatch --time (wall-clock limit).")
 @click.option("--mem", default=None, help="sbatch --mem per node (e.g. 16G; 0 = all of it).")
 @click.option("--gres", default=None, help="sbatch --gres (e.g. gpu:1).")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Worker processes of each `thepayne run` (with --device: they read and prepare the spectra "
+                   "while the GPU fits); the job asks for procs-per-node x max(threads, processes) CPUs.")
 @click.option("--profile", default=None,
               help="Named profile [slurm.profiles.NAME] of $THEPAYNE_CONFIG or ~/.config/thepayne/config.toml; "
                    "options given here override it.")
@@ -82,9 +90,9 @@ def _options(profile, **given) -> _slurm.SlurmOptions:
               help="Write the per-star products (`thepayne products DIR`) instead of fitting: sources with results "
                    "are cut into --source-pk-min/--source-pk-max slices.")
 @click.pass_context
-def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, profile, job_name, log_dir,
-          dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sky_lines,
-          persistence, littrow_ghost, error_floor, device, tag, batch_size, retry_failed, products_dir):
+def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem, gres, processes, profile, job_name,
+          log_dir, dry_run, wait, poll_interval, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance,
+          sky_lines, persistence, littrow_ghost, error_floor, device, tag, batch_size, retry_failed, products_dir):
     """Split the pending spectra into disjoint spectrum-pk ranges and run them as SLURM jobs.
 
     The pending spectra (registered, without a result for this model and tag) are cut into nodes x
@@ -101,7 +109,7 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
         raise ConfigurationError(f"--{exc}") from None
     options = _options(profile, nodes=nodes, procs_per_node=procs_per_node, threads=threads, account=account,
                        partition=partition, time=walltime, mem=mem, gres=gres, job_name=job_name, log_dir=log_dir,
-                       workdir=os.getcwd())
+                       workdir=os.getcwd(), device=device, processes=processes)
     database_url = _slurm.absolute_database_url(resolve_database_url((ctx.obj or {}).get("database_url")))
     if products_dir is not None:
         if not dry_run:
@@ -129,12 +137,13 @@ def slurm(ctx, nodes, procs_per_node, threads, account, partition, walltime, mem
 
     prefix = _slurm.thepayne_command(sys.executable)
     run_options = _run_options(model, tag, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, batch_size,
-                               sky_lines, persistence, littrow_ghost, error_floor, device)
+                               sky_lines, persistence, littrow_ghost, error_floor, options.processes)
     if retry_failed:
         run_options.append("--retry-failed")
     scripts = []
     for index, node_ranges in enumerate(_slurm.group_by_node(ranges, options.procs_per_node)):
-        commands = [_slurm.run_command(prefix, database_url, key_range, run_options) for key_range in node_ranges]
+        commands = [_slurm.run_command(prefix, database_url, key_range, run_options + _device_option(options, i))
+                    for i, key_range in enumerate(node_ranges)]
         scripts.append(_slurm.render_script(options, index, commands, node_ranges))
     click.echo(f"thepayne slurm: {len(keys)} pending spectra in {len(ranges)} slices, {len(scripts)} job(s)",
                err=True)

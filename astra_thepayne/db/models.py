@@ -293,6 +293,8 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "tag": TextField(default="", help_text="Free-form tag separating runs (part of the uniqueness key)"),
         "model_sha256": TextField(help_text="SHA-256 of the network file"),
         "model_path": TextField(null=True, help_text="Path of the network file when the fit ran"),
+        "engine": TextField(default="numpy", help_text="Engine that fitted it: numpy, or torch:cpu / torch:cuda "
+                                                      "(--device)"),
         "demonstration": BooleanField(default=False, help_text="Made with the demonstration network: not science"),
         "noise_model_sha256": TextField(null=True, help_text="SHA-256 of the corrections file applied to e_*"),
         "intermediate_file": TextField(null=True, help_text="Absolute path of the intermediate pickle (model arrays)"),

@@ -112,6 +112,30 @@ _FIELD_SYNTAX = {
 }
 
 
+def _check_device(device, gres, procs_per_node) -> str:
+    """A ``thepayne run --device`` for every process of a job, checked against the GPUs the job asks for."""
+    if not isinstance(device, str):
+        raise ConfigurationError(f"device {device!r}: expected text such as 'cuda'")
+    _reject_control_characters("device", device)
+    name = device.strip().lower()
+    if name == "numpy":
+        return name
+    if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", name):
+        raise ConfigurationError(f"device {device!r}: expected numpy, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        gpus = [int(m.group(1)) for m in re.finditer(r"(?:^|,)gpu(?::[A-Za-z0-9_.+-]+)*?:(\d+)(?=,|$)", gres or "")]
+        if not gpus:
+            raise ConfigurationError(f"device {name}: the jobs ask for no GPU; add --gres gpu:N (N >= "
+                                     f"procs-per-node) on the command line or in the profile")
+        if name != "cuda" and procs_per_node > 1:
+            raise ConfigurationError(f"device {name}: with {procs_per_node} processes per node each needs its own "
+                                     f"GPU; use --device cuda (process i gets cuda:i)")
+        if name == "cuda" and sum(gpus) < procs_per_node:
+            raise ConfigurationError(f"device cuda: {procs_per_node} processes per node need {procs_per_node} GPUs, "
+                                     f"but --gres {gres} asks for {sum(gpus)}")
+    return name
+
+
 def _reject_control_characters(name: str, value: str) -> None:
     bad = [c for c in value if ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c in "\u2028\u2029"]
     if bad:
@@ -140,6 +164,10 @@ class SlurmOptions:
         Folder of the job's and the processes' logs; must be visible from the compute nodes.
     workdir
         Working folder of the jobs (default: where ``thepayne slurm`` ran).
+    device, processes
+        ``thepayne run --device`` and ``--processes`` of every process (None: its defaults). On a GPU node: a
+        ``cuda`` device is one GPU per process (process ``i`` of a job gets ``cuda:i``; ``gres`` must give at least
+        ``procs_per_node`` GPUs), and ``processes`` worker processes of each read and prepare its spectra.
     """
 
     nodes: int = 1
@@ -154,9 +182,12 @@ class SlurmOptions:
     job_name: str = "thepayne"
     log_dir: str = "thepayne-slurm"
     workdir: str | None = None
+    device: str | None = None
+    processes: int | None = None
 
     # keys a profile may set (the rest are per-invocation)
-    PROFILE_KEYS = ("nodes", "procs_per_node", "threads", "account", "partition", "time", "mem", "gres", "extra")
+    PROFILE_KEYS = ("nodes", "procs_per_node", "threads", "account", "partition", "time", "mem", "gres", "extra",
+                    "device", "processes")
 
     def __post_init__(self):
         for name in ("nodes", "procs_per_node", "threads"):
@@ -194,6 +225,21 @@ class SlurmOptions:
             value = getattr(self, name)
             if value is not None:
                 _reject_control_characters(name.replace("_", "-"), str(value))
+        if self.processes is not None and (not isinstance(self.processes, int) or isinstance(self.processes, bool)
+                                           or self.processes < 1):
+            raise ConfigurationError(f"processes must be a positive integer, not {self.processes!r}")
+        if self.device is not None:
+            self.device = _check_device(self.device, self.gres, self.procs_per_node)
+
+    def device_of(self, index: int) -> str | None:
+        """``--device`` of process ``index`` of a job: its own GPU for a plain ``cuda``."""
+        if self.device == "cuda" and self.procs_per_node > 1:
+            return f"cuda:{index}"
+        return self.device
+
+    @property
+    def cpus_per_process(self) -> int:
+        return max(self.threads, self.processes or 1)
 
     @property
     def slices(self) -> int:
@@ -334,7 +380,7 @@ def _directives(options: SlurmOptions, node_index: int, n_procs: int) -> list[st
         f"--job-name={options.job_name}-{node_index}",
         "--nodes=1",
         "--ntasks=1",
-        f"--cpus-per-task={n_procs * options.threads}",
+        f"--cpus-per-task={n_procs * options.cpus_per_process}",
         f"--output={log_dir}/{options.job_name}-%j.out",
     ]
     for name in ("account", "partition", "time", "mem", "gres"):

@@ -304,7 +304,8 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     if initial_labels is not None:
         initial_labels = np.asarray(initial_labels, dtype=float)
     provenance = {"model_sha256": emulator.sha256, "model_path": str(emulator.path) if emulator.path else None,
-                  "demonstration": bool(emulator.is_demo), "tag": tag, "v_thepayne": __version__}
+                  "demonstration": bool(emulator.is_demo), "tag": tag, "v_thepayne": __version__,
+                  "engine": getattr(fitter, "engine", "numpy")}
     database_id = None  # looked up when the first pickle is written
     yield ...  # loading the network and building masks is overhead shared by every result
 

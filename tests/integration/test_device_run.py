@@ -35,6 +35,8 @@ def test_device_run_makes_the_rows_of_the_numpy_engine(database_url, spectra_dir
         rows = {tag: {r.spectrum_pk: r for r in ThePayne.select().where(ThePayne.tag == tag)}
                 for tag in ("numpy", "device")}
         assert len(rows["numpy"]) == len(rows["device"]) == 6
+        assert {r.engine for r in rows["numpy"].values()} == {"numpy"}
+        assert {r.engine for r in rows["device"].values()} == {"torch:cpu"}
         for pk, expected in rows["numpy"].items():
             row = rows["device"][pk]
             assert (row.result_flags, row.flag_bad) == (expected.result_flags, expected.flag_bad), pk

@@ -62,6 +62,7 @@ def test_upgrade_from_the_previous_schema_keeps_rows(database_url):
     # m0006: rows written before have no per-label bound bits and no file quality
     assert (row.at_bound_flags, row.starflag, row.vscatter, row.flag_at_bound_teff) == (0, None, None, False)
     assert ThePayne.select().where(ThePayne.flag_at_bound_logg).count() == 0
+    assert row.engine == "numpy"  # m0007: the only engine there was
     database.close()
 
 

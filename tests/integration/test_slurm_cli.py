@@ -73,6 +73,37 @@ def test_dry_run_scripts_run_to_completion_with_bash(tmp_path, sqlite_setup):
     assert sorted(pk for pk, _flags, _tag in rows) == registered_keys(url)  # each once
 
 
+def test_gpu_jobs_give_each_process_its_own_gpu_and_workers(tmp_path, sqlite_setup):
+    url, model, env = sqlite_setup
+    (tmp_path / "config.toml").write_text('[slurm.profiles.gpu]\ngres = "gpu:h200:2"\nprocs_per_node = 2\n'
+                                          'device = "cuda"\nprocesses = 3\n')
+    env = dict(env, THEPAYNE_CONFIG=str(tmp_path / "config.toml"))
+    proc = thepayne(url, "slurm", "--profile", "gpu", "--model", model, "--dry-run", env=env, cwd=tmp_path)
+    (script,) = _scripts(proc.stdout)
+    assert "#SBATCH --gres=gpu:h200:2" in script and "#SBATCH --cpus-per-task=6" in script
+    commands = [line for line in script.splitlines() if " run --pk-min" in line]
+    assert len(commands) == 2
+    for i, command in enumerate(commands):
+        assert f"--device cuda:{i}" in command and "--processes 3" in command
+    # a GPU device without GPUs asked for, or too few, is refused before anything is submitted
+    for extra in (["--gres", "gpu:1"], ["--procs-per-node", "1", "--gres", "mps:1"]):
+        proc = thepayne(url, "slurm", "--profile", "gpu", *extra, "--model", model, "--dry-run", env=env,
+                        cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "GPU" in proc.stderr, proc.stderr
+
+
+def test_device_jobs_run_to_completion_with_bash(tmp_path, sqlite_setup):
+    """``--device cpu --processes 2`` (the torch engine, files read by two workers) in a job script run by bash."""
+    pytest.importorskip("torch", reason="the device engine needs PyTorch")
+    url, model, env = sqlite_setup
+    proc = thepayne(url, "slurm", "--model", model, "--device", "cpu", "--processes", 2, *FAST_FIT, "--dry-run",
+                    env=env, cwd=tmp_path)
+    (script,) = _scripts(proc.stdout)
+    assert "--device cpu" in script and "--processes 2" in script and "#SBATCH --cpus-per-task=2" in script
+    _run_with_bash(script, tmp_path, env, processes=1)
+    assert sorted(pk for pk, _flags, _tag in results(url)) == registered_keys(url)  # each once
+
+
 def test_slurm_without_sbatch_is_a_one_line_configuration_error(tmp_path, sqlite_setup):
     url, model, env = sqlite_setup
     env = dict(env, PATH=str(tmp_path / "no-slurm-here"))

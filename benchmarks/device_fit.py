@@ -1,0 +1,139 @@
+"""The device engine (``--device``, :mod:`astra_thepayne.accel`) against the numpy engine: agreement and speed.
+
+    python benchmarks/device_fit.py [--network line|kurucz5|kurucz25] [--spectra 200] [--v-rad-tolerance 10]
+                                    [--devices cpu[,cuda]] [--batch-sizes 16,64,256] [--threads 1]
+
+Spectra are drawn from the network itself (truths uniform in the box, S/N 20-200, velocities uniform within the
+tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both engines in the same process.
+
+1. Agreement, per device: the share of spectra whose labels agree with the numpy engine's within 0.02 sigma, the
+   share where the device engine ends lower in chi2 (by more than 0.01) and where higher, with the largest
+   excess; catastrophic fits of each engine (|v_rel - true| > 1 km/s, or chi2 more than 25 above the numpy engine's
+   fit started at the true labels).
+2. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
+   second against the device batch size, and the ratio to the numpy engine in the same run. The time to find
+   the starts (CPU, per spectrum) is printed too: on a GPU it is what is left on the CPU.
+
+``--threads`` sets BLAS and torch threads for both engines (default 1: per-core figures on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+_parser.add_argument("--network", default="line", help="line, kurucz5 or kurucz25 (see benchmarks/networks.py)")
+_parser.add_argument("--kurucz5", default=None, help="path of payne_kurucz5_nn.pkl")
+_parser.add_argument("--spectra", type=int, default=200)
+_parser.add_argument("--v-rad-tolerance", type=float, default=10.0, help="km/s; 0 = velocity not fitted")
+_parser.add_argument("--devices", default="cpu", help="comma-separated torch devices (cpu, cuda, cuda:1)")
+_parser.add_argument("--batch-sizes", default="16,64,256", help="device batch sizes for the speed table")
+_parser.add_argument("--threads", type=int, default=1)
+_parser.add_argument("--seed", type=int, default=0)
+_parser.add_argument("--skip-agreement", action="store_true", help="speed only")
+_parser.add_argument("--repeat", type=int, default=1,
+                     help="the speed table fits the spectra this many times over (batches larger than --spectra)")
+ARGS = _parser.parse_args()
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = str(ARGS.threads)  # before numpy is imported
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from networks import load_network  # noqa: E402
+
+from astra_thepayne.accel import device_fitter  # noqa: E402
+from astra_thepayne.core.fitting import PayneFitter  # noqa: E402
+from astra_thepayne.core.synthetic import synthetic_spectrum  # noqa: E402
+
+
+def draw(network, n, v_tolerance, seed):
+    rng = np.random.default_rng(seed)
+    truths = network.unscale(rng.uniform(-0.48, 0.48, (n, network.n_labels)))
+    velocities = rng.uniform(-v_tolerance, v_tolerance, n) if v_tolerance else np.zeros(n)
+    spectra = [synthetic_spectrum(network, t, snr=rng.uniform(20, 200), v_rel=v, rng=rng)
+               for t, v in zip(truths, velocities, strict=True)]
+    return truths, velocities, spectra
+
+
+def catastrophic(results, reference, velocities, v_fitted):
+    excess = np.array([r.chi2 - q.chi2 for r, q in zip(results, reference, strict=True)])
+    bad = ~np.isfinite(excess) | (excess > 25)
+    if v_fitted:
+        bad |= np.abs(np.array([r.v_rel for r in results]) - velocities) > 1.0
+    return int(bad.sum())
+
+
+def agreement(results, baseline):
+    chi2 = np.array([r.chi2 - q.chi2 for r, q in zip(results, baseline, strict=True)])
+    labels = np.array([np.max(np.abs(r.labels - q.labels) / q.raw_e) for r, q in zip(results, baseline, strict=True)])
+    same, lower = labels < 0.02, (labels >= 0.02) & (chi2 < -0.01)
+    higher = ~same & ~lower
+    flags = np.mean([r.result_flags == q.result_flags for r, q in zip(results, baseline, strict=True)])
+    worst = float(chi2[higher].max()) if higher.any() else 0.0
+    return same.mean(), lower.mean(), higher.mean(), worst, float(np.median(labels[same])) if same.any() else 0, flags
+
+
+def main():
+    import torch
+
+    torch.set_num_threads(ARGS.threads)
+    network = load_network(ARGS.network, ARGS.kurucz5)
+    devices = [d.strip() for d in ARGS.devices.split(",") if d.strip()]
+    truths, velocities, spectra = draw(network, ARGS.spectra, ARGS.v_rad_tolerance, ARGS.seed)
+    fitter = PayneFitter(network, v_rad_tolerance=ARGS.v_rad_tolerance)
+    v_fitted = ARGS.v_rad_tolerance > 0
+    print(f"# network {ARGS.network} ({network.n_labels} labels, {network.weights[0].shape[0]} x "
+          f"{network.weights[1].shape[0]} hidden, {network.n_pixels} px); {len(spectra)} spectra, S/N 20-200, "
+          f"v_rel {f'within +-{ARGS.v_rad_tolerance:g} km/s' if v_fitted else 'not fitted'}; "
+          f"{ARGS.threads} thread(s)")
+    fitter.fit_batch(spectra[:2])  # the model bank, built or loaded, outside the timings
+
+    start = time.perf_counter()
+    setups = fitter._layer.run([fitter.candidates(s) for s in spectra])
+    starts_seconds = (time.perf_counter() - start) / len(spectra)
+    start = time.perf_counter()
+    baseline = list(fitter.fit_many(spectra))
+    numpy_seconds = (time.perf_counter() - start) / len(spectra)
+    numpy_local = max(numpy_seconds - starts_seconds, 1e-9)
+
+    if not ARGS.skip_agreement:
+        reference = [fitter.fit(s, initial_labels=t) for s, t in zip(spectra, truths, strict=True)]
+        print("\n## Agreement with the numpy engine")
+        print(f"{'engine':<12} {'labels within 0.02 sigma':>25} {'lower chi2':>11} {'higher chi2':>12} "
+              f"{'worst excess':>13} {'median |d|/sigma':>17} {'same flags':>11} {'catastrophic':>13}")
+        print(f"{'numpy':<12} {'':>25} {'':>11} {'':>12} {'':>13} {'':>17} {'':>11} "
+              f"{catastrophic(baseline, reference, velocities, v_fitted):>13}")
+        for device in devices:
+            results = list(device_fitter(fitter, device).fit_many(spectra))
+            same, lower, higher, worst, median, flags = agreement(results, baseline)
+            print(f"{'torch ' + device:<12} {same:>25.1%} {lower:>11.1%} {higher:>12.1%} {worst:>13.3f} "
+                  f"{median:>17.4f} {flags:>11.1%} {catastrophic(results, reference, velocities, v_fitted):>13}")
+
+    print("\n## Speed of the local fit (starts shared), per spectrum")
+    print(f"finding the starts (CPU, numpy engine's code): {1e3 * starts_seconds:.1f} ms/spectrum")
+    print(f"{'engine':<12} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9}")
+    print(f"{'numpy':<12} {32:>6} {1e3 * numpy_local:>12.2f} {1 / numpy_local:>10.1f} {1.0:>9.2f}")
+    many_spectra, many_setups = spectra * ARGS.repeat, setups * ARGS.repeat
+    for device in devices:
+        engine = device_fitter(fitter, device)
+        for batch in (int(b) for b in ARGS.batch_sizes.split(",")):
+            engine._fit_setups(many_spectra[:batch], many_setups[:batch])  # warm-up (kernels, the device's copy)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            done = 0
+            while done < len(many_spectra):
+                engine._fit_setups(many_spectra[done:done + batch], many_setups[done:done + batch])
+                done += batch
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / len(many_spectra)
+            print(f"{'torch ' + device:<12} {batch:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} "
+                  f"{numpy_local / seconds:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
