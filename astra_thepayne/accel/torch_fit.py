@@ -8,20 +8,25 @@ the whole stack, and no Python runs per spectrum per iteration.
 
 The problem is the numpy engine's: residuals ``w (c S_v(f(x)) - y)`` with ``f`` the network, ``S_v`` the Doppler
 shift (a B-spline of degree :data:`~astra_thepayne.core.problem.SHIFT_DEGREE` in each chip) and ``c = 1 + D g`` the
-continuum correction, within the same bounds. It differs in how it is solved:
+continuum correction, within the same bounds, and solved the same way in part: the continuum coefficients ``g``
+are solved for exactly at every point (a 5 x 5 system per chip region, batched), so chi2 is a function of the
+labels and velocity alone and the matrix of the solver is the Schur complement over ``g`` (whose inverse is the
+covariance marginalised over the continuum). It differs in the local solver:
 
-- The continuum coefficients ``g`` are parameters like the labels (the same minimum as the numpy engine's variable
-  projection; the covariance of the labels is the inverse of the same Schur complement).
-- Levenberg-Marquardt with the exact Jacobian at every iteration: on a device the exact Jacobian
-  ``W2 (da/dx)`` of a thousand spectra is one batched product, so the numpy engine's approximations buy nothing.
-  Parameters on a bound that the gradient pushes outward are held there (an active set); steps are clipped into the
-  box. A member ends when a full Gauss-Newton step would lower chi2 by less than a tenth of the numpy engine's
-  tolerance (so that the two engines agree well within that tolerance's 0.022 sigma), or when its damping says it
-  sits on a kink of the network.
+- Levenberg's damped Gauss-Newton with the exact Jacobian at every accepted point: on a device the exact Jacobian
+  ``W2 (da/dx)`` of a thousand spectra is one batched product, so the numpy engine's approximate matrices buy
+  nothing. A trial point costs chi2 alone; the Jacobian is made only where the step is accepted. Parameters on a
+  bound that the gradient pushes outward are held there (an active set); steps are clipped into the box. A member
+  ends when a full Gauss-Newton step would lower chi2 by less than a tenth of the numpy engine's tolerance, or
+  when its damping says it sits on a kink of the network (no step lowers chi2).
 - The shift has no banded solves at run time: the spline coefficients of the output layer, ``A^-1 W2`` and
   ``A^-1 b2`` per chip, are computed once, and the shifted flux and Jacobian are ``degree + 1`` gathers of them.
 - Each start is fitted to the end and the lowest chi2 wins (the numpy engine stops the starts early and finishes
-  the best: the same winner, but for near-ties).
+  the best).
+
+On the ragged chi2 surface of a physical network, two solvers from one start can end in different local minima:
+the engines agree within 0.02 sigma for most spectra, not all (docs/scaling.md, "Fitting on a GPU", gives the
+figures of ``benchmarks/device_fit.py``).
 
 float32 for the network's products as in the numpy engine; residuals, chi2, the normal matrices and the covariance
 in float64.
@@ -54,6 +59,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DEVICE_BATCH = {"cpu": 16, "cuda": 2048}
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
 _MAX_ITERATIONS = 200
+_INITIAL_DAMPING = 1e-3  # relative to the mean diagonal of J^T J: the first step is nearly Gauss-Newton
 _MAX_DAMPING = 1e12  # relative damping at which a member is taken to sit on a kink: steps no longer lower chi2
 _AT_BOUND_MARGIN = 1e-9
 
@@ -203,13 +209,16 @@ class DeviceFitter:
             return results
         try:
             outcome = self._device_network().solve([candidate for _, candidate in members])
-        except Exception as exc:  # the device itself failed (out of memory, say): every spectrum of the batch
-            log.exception("device fit of %d spectra failed", len(spectra))
-            for i, _ in members:
-                if results[i] is None:
-                    results[i] = fitter._failure(spectra[i], f"device fit failed: {type(exc).__name__}: {exc}",
-                                                 setups[i][0].prepared.snr)
-            return results
+        except Exception as exc:  # the device failed (out of memory, say): halve the batch, down to one spectrum
+            if len(spectra) > 1:
+                log.warning("device fit of %d spectra failed (%s: %s); fitting them in two halves", len(spectra),
+                            type(exc).__name__, exc)
+                half = len(spectra) // 2
+                return (self._fit_setups(spectra[:half], setups[:half])
+                        + self._fit_setups(spectra[half:], setups[half:]))
+            log.exception("device fit of %s failed", getattr(spectra[0], "label", "a spectrum"))
+            return [fitter._failure(spectra[0], f"device fit failed: {type(exc).__name__}: {exc}",
+                                    _snr(setups[0]))]
         best = {}
         for m, (i, _) in enumerate(members):
             if np.isfinite(outcome.chi2[m]) and (i not in best or outcome.chi2[m] < outcome.chi2[best[i]]):
@@ -226,8 +235,12 @@ class DeviceFitter:
                                            outcome.n_design[m], outcome.correction[m], outcome.rectified[m],
                                            candidate.prepared, outcome.n_iterations[m])
             except Exception as exc:  # one spectrum's surprise never stops the batch
-                results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", setup[0].prepared.snr)
+                results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", _snr(setup))
         return results
+
+
+def _snr(setup):
+    return setup[0].prepared.snr if setup else float("nan")
 
 
 class _Outcome:
@@ -430,7 +443,7 @@ class _DeviceNetwork:
 
         everyone = torch.arange(n_members, device=device)
         chi2, gradient, matrix, flux, correction = state(theta, everyone)
-        damping = torch.full((n_members,), 1e-3, dtype=torch.float64, device=device)
+        damping = torch.full((n_members,), _INITIAL_DAMPING, dtype=torch.float64, device=device)
         growth = torch.full((n_members,), 2.0, dtype=torch.float64, device=device)
         iterations = torch.ones(n_members, dtype=torch.long, device=device)
         active = torch.isfinite(chi2)

@@ -130,3 +130,26 @@ def test_load_fitter_with_a_device_keeps_the_setup():
     fitter = load_fitter("demo", device="cpu")
     assert isinstance(fitter, DeviceFitter)
     assert fitter.emulator.is_demo and "engine: torch on cpu" in fitter.setup
+
+
+def test_a_device_failure_halves_the_batch_until_only_the_culprit_fails(without_velocity, monkeypatch):
+    """A batch the device cannot fit (out of memory, a member that breaks a kernel) is fitted in halves: the other
+    spectra still get their fits, and only the one that fails alone becomes a failure row."""
+    fitter, spectra, reference = without_velocity
+    engine = device_fitter(fitter, "cpu")
+    network = engine._device_network()
+    solve = network.solve
+    culprit = engine.prepare(spectra[2]).flux
+
+    def fragile(candidates):  # fails on any batch that holds the culprit
+        if any(np.array_equal(c.prepared.flux, culprit) for c in candidates):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return solve(candidates)
+
+    monkeypatch.setattr(network, "solve", fragile)
+    results = engine.fit_batch(spectra[:5])
+    assert [r.success for r in results] == [True, True, False, True, True]
+    assert "device fit failed: RuntimeError: CUDA out of memory" in results[2].message
+    assert results[2].result_flags & 1
+    for r, q in zip(results[:2] + results[3:], reference[:2] + reference[3:5], strict=True):
+        assert abs(r.chi2 - q.chi2) < 2.0
