@@ -141,3 +141,15 @@ def test_a_module_at_its_earlier_place_is_the_same_module():
     for old, new in MOVED.items():
         assert not (PACKAGE / f"{old}.py").exists(), f"{old}.py is back beside its alias to {new}"
         assert (PACKAGE / Path(*new.split("."))).with_suffix(".py").exists()
+
+
+def test_every_subpackage_is_installed_by_a_non_editable_install():
+    """pyproject lists the packages a wheel holds; a subpackage missing there imports in a checkout (and in CI's
+    editable install) but not after ``pip install .`` (astra_thepayne.accel was missing once)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(init) for init in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
