@@ -123,17 +123,27 @@ def _check_device(device, gres, procs_per_node) -> str:
     if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", name):
         raise ConfigurationError(f"device {device!r}: expected numpy, cpu, cuda or cuda:N")
     if name.startswith("cuda"):
-        gpus = [int(m.group(1)) for m in re.finditer(r"(?:^|,)gpu(?::[A-Za-z0-9_.+-]+)*?:(\d+)(?=,|$)", gres or "")]
+        gpus = _gpu_count(gres)
         if not gpus:
             raise ConfigurationError(f"device {name}: the jobs ask for no GPU; add --gres gpu:N (N >= "
                                      f"procs-per-node) on the command line or in the profile")
         if name != "cuda" and procs_per_node > 1:
             raise ConfigurationError(f"device {name}: with {procs_per_node} processes per node each needs its own "
                                      f"GPU; use --device cuda (process i gets cuda:i)")
-        if name == "cuda" and sum(gpus) < procs_per_node:
+        if name == "cuda" and gpus < procs_per_node:
             raise ConfigurationError(f"device cuda: {procs_per_node} processes per node need {procs_per_node} GPUs, "
-                                     f"but --gres {gres} asks for {sum(gpus)}")
+                                     f"but --gres {gres} asks for {gpus}")
     return name
+
+
+def _gpu_count(gres) -> int:
+    """GPUs per node that a ``--gres`` value asks for (``gpu``, ``gpu:2``, ``gpu:h200:2``; a count left out is 1)."""
+    count = 0
+    for item in (gres or "").split(","):
+        parts = item.split(":")
+        if parts[0] == "gpu":
+            count += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return count
 
 
 def _reject_control_characters(name: str, value: str) -> None:

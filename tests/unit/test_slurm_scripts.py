@@ -244,3 +244,15 @@ def test_job_status_reads_scontrol_and_tells_silence_from_absence(tmp_path, monk
     _fake_program(tmp_path, "scontrol", 'echo "slurm_load_jobs error: Socket timed out on send/recv" >&2; exit 1')
     status = slurm.job_status("7")
     assert status.state == "UNREACHABLE" and not status.finished  # asked again, not counted as a failure
+
+
+def test_gpu_jobs_need_a_gpu_per_process():
+    assert [SlurmOptions(device="cuda", gres="gpu:h200:2", procs_per_node=2).device_of(i) for i in (0, 1)] == [
+        "cuda:0", "cuda:1"]
+    assert SlurmOptions(device="cuda", gres="gpu").device_of(0) == "cuda"  # one process, its GPU
+    assert SlurmOptions(device="cpu", processes=4, threads=2).cpus_per_process == 4
+    for settings in ({"device": "cuda"}, {"device": "cuda", "gres": "gpu:1", "procs_per_node": 2},
+                     {"device": "cuda:1", "gres": "gpu:2", "procs_per_node": 2}, {"device": "cuda; rm -rf /"},
+                     {"device": "cuda\n", "gres": "gpu:1"}, {"processes": 0}):
+        with pytest.raises(ConfigurationError):
+            SlurmOptions(**settings)
