@@ -219,15 +219,19 @@ class DeviceFitter:
             log.exception("device fit of %s failed", getattr(spectra[0], "label", "a spectrum"))
             return [fitter._failure(spectra[0], f"device fit failed: {type(exc).__name__}: {exc}",
                                     _snr(setups[0]))]
-        best = {}
+        best, unfinished = {}, set()
         for m, (i, _) in enumerate(members):
-            if np.isfinite(outcome.chi2[m]) and (i not in best or outcome.chi2[m] < outcome.chi2[best[i]]):
+            if not outcome.finished[m]:  # as the numpy engine, a start that ran out of iterations is no answer
+                unfinished.add(i)
+            elif np.isfinite(outcome.chi2[m]) and (i not in best or outcome.chi2[m] < outcome.chi2[best[i]]):
                 best[i] = m
         for i, setup in enumerate(setups):
             if results[i] is not None:
                 continue
             m = best.get(i)
             try:
+                if m is None and i in unfinished:
+                    raise _NoConvergence(f"optimiser stopped: no convergence after {_MAX_ITERATIONS} iterations")
                 if m is None:
                     raise FloatingPointError("chi2 is not finite at any start")
                 candidate = members[m][1]
@@ -239,13 +243,18 @@ class DeviceFitter:
         return results
 
 
+class _NoConvergence(RuntimeError):
+    pass
+
+
 def _snr(setup):
     return setup[0].prepared.snr if setup else float("nan")
 
 
 class _Outcome:
     """Per member: scaled parameters (labels, velocity), chi2, profiled normal matrix, continuum coefficients fitted,
-    correction and rectified flux on the model pixels, iterations (numpy arrays)."""
+    correction and rectified flux on the model pixels, iterations, whether it ended by a stopping rule (numpy
+    arrays)."""
 
     def __init__(self, **arrays):
         self.__dict__.update(arrays)
@@ -498,7 +507,7 @@ class _DeviceNetwork:
         return _Outcome(x=theta.cpu().numpy(), chi2=chi2.cpu().numpy(), normal_matrix=matrix.cpu().numpy(),
                         n_design=np.asarray(n_design, dtype=int) if len(self.regions) else np.zeros(n_members, int),
                         correction=correction.cpu().numpy(), rectified=flux.cpu().numpy(),
-                        n_iterations=iterations.cpu().numpy())
+                        n_iterations=iterations.cpu().numpy(), finished=(~active).cpu().numpy())
 
 
 def _cholesky_solve(torch, matrix, rhs):

@@ -153,3 +153,13 @@ def test_a_device_failure_halves_the_batch_until_only_the_culprit_fails(without_
     assert results[2].result_flags & 1
     for r, q in zip(results[:2] + results[3:], reference[:2] + reference[3:5], strict=True):
         assert abs(r.chi2 - q.chi2) < 2.0
+
+
+def test_a_fit_out_of_iterations_is_a_failure_as_in_the_numpy_engine(without_velocity, monkeypatch):
+    import astra_thepayne.accel.torch_fit as torch_fit
+
+    fitter, spectra, _ = without_velocity
+    monkeypatch.setattr(torch_fit, "_MAX_ITERATIONS", 1)
+    results = device_fitter(fitter, "cpu").fit_batch(spectra[:3])
+    assert not any(r.success for r in results)
+    assert all("no convergence after 1 iterations" in r.message and r.result_flags & 1 for r in results)
