@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch", reason="the device engine needs PyTorch (pi
 
 from astra_thepayne.accel import DeviceFitter, device_fitter, parse_device  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device here (GPU test)"))]
 
 
 @pytest.fixture(scope="module")
