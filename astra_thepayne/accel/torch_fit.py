@@ -138,11 +138,7 @@ class DeviceFitter:
         start = time.perf_counter()
         setups = self.fitter._layer.run([_setup(self.fitter, s, initial_labels) for s in spectra],
                                         serve=self._serve_bank)
-        results = self._fit_setups(spectra, setups)
-        share = (time.perf_counter() - start) / max(len(results), 1)
-        for result in results:
-            result.seconds = share
-        return results
+        return _timed(self._fit_setups(spectra, setups), start)
 
     @contextlib.contextmanager
     def workers(self, processes):
@@ -180,10 +176,7 @@ class DeviceFitter:
                 ready_setups += pending.get()
                 if len(ready_spectra) >= batch_size or (exhausted and not waiting):
                     start = time.perf_counter()
-                    results = self._fit_setups(ready_spectra, ready_setups)
-                    share = (time.perf_counter() - start) / max(len(results), 1)
-                    for result in results:
-                        result.seconds = share
+                    results = _timed(self._fit_setups(ready_spectra, ready_setups), start)
                     ready_spectra, ready_setups = [], []
                     yield from results
 
@@ -202,13 +195,17 @@ class DeviceFitter:
     def _fit_setups(self, spectra, setups):
         """Results for spectra whose setups (a list of :class:`Candidate`, or a failure result) are known."""
         fitter = self.fitter
-        results = [setup if isinstance(setup, FitResult) else None for setup in setups]
-        members = [(i, candidate) for i, setup in enumerate(setups) if not isinstance(setup, FitResult)
-                   for candidate in setup]
+        results = [setup if isinstance(setup, FitResult) else
+                   None if setup else fitter._failure(spectra[i], "no starting point for the fit", float("nan"))
+                   for i, setup in enumerate(setups)]
+        members = [(i, candidate) for i, setup in enumerate(setups) if results[i] is None for candidate in setup]
         if not members:
             return results
+        spectra_fitted = sorted({i for i, _ in members})
+        group_of = {i: g for g, i in enumerate(spectra_fitted)}
         try:
-            outcome = self._device_network().solve([candidate for _, candidate in members])
+            outcome = self._device_network().solve([candidate for _, candidate in members],
+                                                   [group_of[i] for i, _ in members])
         except Exception as exc:  # the device failed (out of memory, say): halve the batch, down to one spectrum
             if len(spectra) > 1:
                 log.warning("device fit of %d spectra failed (%s: %s); fitting them in two halves", len(spectra),
@@ -219,28 +216,29 @@ class DeviceFitter:
             log.exception("device fit of %s failed", getattr(spectra[0], "label", "a spectrum"))
             return [fitter._failure(spectra[0], f"device fit failed: {type(exc).__name__}: {exc}",
                                     _snr(setups[0]))]
-        best, unfinished = {}, set()
-        for m, (i, _) in enumerate(members):
-            if not outcome.finished[m]:  # as the numpy engine, a start that ran out of iterations is no answer
-                unfinished.add(i)
-            elif np.isfinite(outcome.chi2[m]) and (i not in best or outcome.chi2[m] < outcome.chi2[best[i]]):
-                best[i] = m
-        for i, setup in enumerate(setups):
-            if results[i] is not None:
-                continue
-            m = best.get(i)
+        winners = iter(range(int(np.count_nonzero(outcome.best >= 0))))
+        for g, i in enumerate(spectra_fitted):
             try:
-                if m is None and i in unfinished:
-                    raise _NoConvergence(f"optimiser stopped: no convergence after {_MAX_ITERATIONS} iterations")
-                if m is None:
+                if outcome.best[g] < 0:
+                    if outcome.unfinished[g]:  # as in the numpy engine, a start out of iterations is no answer
+                        raise _NoConvergence(f"optimiser stopped: no convergence after {_MAX_ITERATIONS} iterations")
                     raise FloatingPointError("chi2 is not finite at any start")
-                candidate = members[m][1]
-                results[i] = fitter.result(outcome.x[m], outcome.chi2[m], outcome.normal_matrix[m], candidate.weight,
-                                           outcome.n_design[m], outcome.correction[m], outcome.rectified[m],
-                                           candidate.prepared, outcome.n_iterations[m])
+                w = next(winners)
+                candidate = members[outcome.best[g]][1]
+                results[i] = fitter.result(outcome.x[w], outcome.chi2[w], outcome.normal_matrix[w], candidate.weight,
+                                           outcome.n_design[w], outcome.correction[w], outcome.rectified[w],
+                                           candidate.prepared, outcome.n_iterations[w])
             except Exception as exc:  # one spectrum's surprise never stops the batch
-                results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", _snr(setup))
+                results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", _snr(setups[i]))
         return results
+
+
+def _timed(results, start):
+    """``results``, each timed by its share of the time since ``start`` (``FitResult.seconds``)."""
+    share = (time.perf_counter() - start) / max(len(results), 1)
+    for result in results:
+        result.seconds = share
+    return results
 
 
 class _NoConvergence(RuntimeError):
@@ -252,9 +250,10 @@ def _snr(setup):
 
 
 class _Outcome:
-    """Per member: scaled parameters (labels, velocity), chi2, profiled normal matrix, continuum coefficients fitted,
-    correction and rectified flux on the model pixels, iterations, whether it ended by a stopping rule (numpy
-    arrays)."""
+    """Per spectrum (group): ``best`` (its winning candidate, -1 for none) and ``unfinished`` (a start ran out of
+    iterations); per winner, in the order of the spectra that have one: scaled parameters (labels, velocity),
+    chi2, continuum coefficients fitted, profiled normal matrix, correction and rectified flux on the model pixels,
+    iterations (numpy arrays)."""
 
     def __init__(self, **arrays):
         self.__dict__.update(arrays)
@@ -367,8 +366,8 @@ class _DeviceNetwork:
                 index = torch.maximum(torch.minimum(base + self.tap_offsets[t], self.upper), self.lower) + first_row
                 gathered = value_rows[index]
                 flux += weights[:, t, None] * gathered
-                d_flux += slopes[:, t, None] * gathered
                 if jacobian:
+                    d_flux += slopes[:, t, None] * gathered
                     shifted += weights32[:, t, None, None] * product_rows[index]
             products = shifted
             d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
@@ -425,8 +424,10 @@ class _DeviceNetwork:
         return chi2, gradient, matrix, flux, correction
 
     # -- the solver ---------------------------------------------------------------------------------------------
-    def solve(self, candidates: list[Candidate]) -> _Outcome:
-        """Fit every candidate from its start; see the module docstring."""
+    def solve(self, candidates: list[Candidate], groups) -> _Outcome:
+        """Fit every candidate from its start (see the module docstring) and return, per group (the starts of one
+        spectrum: ``groups[m]`` is candidate ``m``'s, 0 to G-1), the finished start with the lowest chi2, with its
+        covariance; ``best[g]`` is -1 where there is none (``unfinished[g]``: a start ran out of iterations)."""
         torch = self.torch
         device = self.device
         n_members = len(candidates)
@@ -501,13 +502,31 @@ class _DeviceNetwork:
             damping[index] = torch.where(accept, damping[index] * shrink, damping[index] * growth[index])
             growth[index] = torch.where(accept, 2.0, growth[index] * 2.0)
             active[index[damping[index] > _MAX_DAMPING]] = False
-        # the covariance, in float64 throughout: the profiled matrix, whose inverse is marginalised over the
-        # continuum
-        _, _, matrix, flux, correction = state(theta, everyone, double=True)
-        return _Outcome(x=theta.cpu().numpy(), chi2=chi2.cpu().numpy(), normal_matrix=matrix.cpu().numpy(),
-                        n_design=np.asarray(n_design, dtype=int) if len(self.regions) else np.zeros(n_members, int),
-                        correction=correction.cpu().numpy(), rectified=flux.cpu().numpy(),
-                        n_iterations=iterations.cpu().numpy(), finished=(~active).cpu().numpy())
+        # per spectrum, the finished start of lowest chi2; only those get the covariance, in float64 throughout (the
+        # profiled matrix, whose inverse is marginalised over the continuum)
+        groups = torch.as_tensor(np.asarray(groups), device=device)
+        n_groups = int(groups.max()) + 1
+        usable = ~active & torch.isfinite(chi2)
+        ranked = torch.where(usable, chi2, math.inf)
+        lowest = torch.full((n_groups,), math.inf, dtype=torch.float64, device=device).scatter_reduce(
+            0, groups, ranked, reduce="amin")
+        winner = usable & (ranked == lowest[groups])
+        best = torch.full((n_groups,), -1, dtype=torch.long, device=device)
+        best[groups[winner]] = torch.nonzero(winner)[:, 0]  # on a tie, one of them
+        unfinished = torch.zeros(n_groups, dtype=torch.bool, device=device)
+        unfinished[groups[active]] = True
+        chosen = best[best >= 0]
+        matrix = flux = correction = None
+        if len(chosen):
+            _, _, matrix, flux, correction = state(theta[chosen], chosen, double=True)
+        n_design = np.asarray(n_design, dtype=int) if len(self.regions) else np.zeros(n_members, int)
+        chosen = chosen.cpu().numpy()
+        return _Outcome(best=best.cpu().numpy(), unfinished=unfinished.cpu().numpy(), x=theta[chosen].cpu().numpy(),
+                        chi2=chi2[chosen].cpu().numpy(), n_design=n_design[chosen],
+                        normal_matrix=None if matrix is None else matrix.cpu().numpy(),
+                        correction=None if correction is None else correction.cpu().numpy(),
+                        rectified=None if flux is None else flux.cpu().numpy(),
+                        n_iterations=iterations[chosen].cpu().numpy())
 
 
 def _cholesky_solve(torch, matrix, rhs):

@@ -114,14 +114,15 @@ _FIELD_SYNTAX = {
 
 def _check_device(device, gres, procs_per_node) -> str:
     """A ``thepayne run --device`` for every process of a job, checked against the GPUs the job asks for."""
+    from ..accel.torch_fit import parse_device  # the name's syntax only: torch is imported by a fit, not here
+
     if not isinstance(device, str):
         raise ConfigurationError(f"device {device!r}: expected text such as 'cuda'")
     _reject_control_characters("device", device)
     name = device.strip().lower()
     if name == "numpy":
         return name
-    if not re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", name):
-        raise ConfigurationError(f"device {device!r}: expected numpy, cpu, cuda or cuda:N")
+    name = parse_device(name)
     if name.startswith("cuda"):
         gpus = _gpu_count(gres)
         if not gpus:

@@ -153,18 +153,15 @@ class SpectrumAddress:
         return f"{os.path.basename(self.path)}[{self.hdu},{self.row}]"
 
     def read(self):
-        """The spectrum (raises, with the file named, when it cannot be read); a process keeps its last file's
-        spectra, so the rows of one file are read once."""
-        from ..io import spectra_by_position, spectrum_at
-
-        global _LAST_FILE
-        if _LAST_FILE[0] != self.path:
-            _LAST_FILE = (None, {})
-            _LAST_FILE = (self.path, spectra_by_position(self.path))
-        return spectrum_at(_LAST_FILE[1], self.path, self.hdu, self.row)
+        """The spectrum (raises, with the file named, when it cannot be read), read as the pipeline reads a
+        registered spectrum: each process keeps its last file, so the rows of one file are read once."""
+        global _ADDRESS_SOURCE
+        if _ADDRESS_SOURCE is None:
+            _ADDRESS_SOURCE = _SpectrumSource()
+        return _ADDRESS_SOURCE._read_record(self)
 
 
-_LAST_FILE = (None, {})
+_ADDRESS_SOURCE = None  # the _SpectrumSource of this process's addresses (a worker's)
 
 
 class _SpectrumSource:

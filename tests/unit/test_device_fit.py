@@ -142,10 +142,10 @@ def test_a_device_failure_halves_the_batch_until_only_the_culprit_fails(without_
     solve = network.solve
     culprit = engine.prepare(spectra[2]).flux
 
-    def fragile(candidates):  # fails on any batch that holds the culprit
+    def fragile(candidates, *args):  # fails on any batch that holds the culprit
         if any(np.array_equal(c.prepared.flux, culprit) for c in candidates):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return solve(candidates)
+        return solve(candidates, *args)
 
     monkeypatch.setattr(network, "solve", fragile)
     results = engine.fit_batch(spectra[:5])
