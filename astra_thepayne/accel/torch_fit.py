@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 #: Spectra fitted together on the device by default, per device type: on a GPU the stack must be large for the
 #: products to run at matrix speed; on a CPU a stack larger than the caches is slower per spectrum (kurucz5, one
-#: thread: 81 ms per spectrum in batches of 16, 150 ms in batches of 256; benchmarks/device_fit.py).
+#: thread: 70 ms per spectrum in batches of 16, 77 ms in batches of 64; benchmarks/device_fit.py).
 DEFAULT_DEVICE_BATCH = {"cpu": 16, "cuda": 2048}
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
 _MAX_ITERATIONS = 200
