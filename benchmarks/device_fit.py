@@ -11,8 +11,14 @@ tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both e
    excess; catastrophic fits of each engine (|v_rel - true| > 1 km/s, or chi2 more than 25 above the numpy engine's
    fit started at the true labels).
 2. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
-   second against the device batch size, and the ratio to the numpy engine in the same run. The time to find
-   the starts (CPU, per spectrum) is printed too: on a GPU it is what is left on the CPU.
+   second against the device batch size, and the ratio to the numpy engine in the same run, with the starts
+   (local fits) per spectrum and the winning start's iterations. The time to find the starts (CPU, per spectrum)
+   is printed too: on a GPU it is what is left on the CPU.
+3. With ``--processes 1,15``: the whole fit (starts and local fits, ``DeviceFitter.fit_many``) at the default
+   device batch size, the starts found by that many worker processes while the device fits.
+
+``--tf32`` adds rows (agreement and speed) for each CUDA device with TensorFloat-32 matrix products allowed
+(``torch.set_float32_matmul_precision("high")``): faster on a GPU, with 10 bits of mantissa in the products.
 
 ``--threads`` sets BLAS and torch threads for both engines (default 1: per-core figures on a CPU).
 """
@@ -24,7 +30,8 @@ import sys
 import time
 
 _parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-_parser.add_argument("--network", default="line", help="line, kurucz5 or kurucz25 (see benchmarks/networks.py)")
+_parser.add_argument("--network", default="line",
+                     help="line, kurucz5, kurucz25 (see benchmarks/networks.py) or a network .pkl")
 _parser.add_argument("--kurucz5", default=None, help="path of payne_kurucz5_nn.pkl")
 _parser.add_argument("--spectra", type=int, default=200)
 _parser.add_argument("--v-rad-tolerance", type=float, default=10.0, help="km/s; 0 = velocity not fitted")
@@ -33,6 +40,8 @@ _parser.add_argument("--batch-sizes", default="16,64,256", help="device batch si
 _parser.add_argument("--threads", type=int, default=1)
 _parser.add_argument("--seed", type=int, default=0)
 _parser.add_argument("--skip-agreement", action="store_true", help="speed only")
+_parser.add_argument("--tf32", action="store_true", help="also CUDA rows with TensorFloat-32 products")
+_parser.add_argument("--processes", default="", help="whole-fit rows with this many worker processes (e.g. 1,15)")
 _parser.add_argument("--repeat", type=int, default=1,
                      help="the speed table fits the spectra this many times over (batches larger than --spectra)")
 ARGS = _parser.parse_args()
@@ -76,6 +85,18 @@ def agreement(results, baseline):
     return same.mean(), lower.mean(), higher.mean(), worst, float(np.median(labels[same])) if same.any() else 0, flags
 
 
+def variants(devices):
+    """(row name, device, TF32 products allowed) of every engine row."""
+    for device in devices:
+        yield "torch " + device, device, False
+        if ARGS.tf32 and device.startswith("cuda"):
+            yield "torch " + device + " tf32", device, True
+
+
+def precision(torch, tf32):
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 def main():
     import torch
 
@@ -89,6 +110,8 @@ def main():
           f"{network.weights[1].shape[0]} hidden, {network.n_pixels} px); {len(spectra)} spectra, S/N 20-200, "
           f"v_rel {f'within +-{ARGS.v_rad_tolerance:g} km/s' if v_fitted else 'not fitted'}; "
           f"{ARGS.threads} thread(s)")
+    if any(d.startswith("cuda") for d in devices):
+        print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     fitter.fit_batch(spectra[:2])  # the model bank, built or loaded, outside the timings
 
     start = time.perf_counter()
@@ -102,37 +125,68 @@ def main():
     if not ARGS.skip_agreement:
         reference = [fitter.fit(s, initial_labels=t) for s, t in zip(spectra, truths, strict=True)]
         print("\n## Agreement with the numpy engine")
-        print(f"{'engine':<12} {'labels within 0.02 sigma':>25} {'lower chi2':>11} {'higher chi2':>12} "
+        print(f"{'engine':<17} {'labels within 0.02 sigma':>25} {'lower chi2':>11} {'higher chi2':>12} "
               f"{'worst excess':>13} {'median |d|/sigma':>17} {'same flags':>11} {'catastrophic':>13}")
-        print(f"{'numpy':<12} {'':>25} {'':>11} {'':>12} {'':>13} {'':>17} {'':>11} "
+        print(f"{'numpy':<17} {'':>25} {'':>11} {'':>12} {'':>13} {'':>17} {'':>11} "
               f"{catastrophic(baseline, reference, velocities, v_fitted):>13}")
-        for device in devices:
+        for name, device, tf32 in variants(devices):
+            precision(torch, tf32)
             results = list(device_fitter(fitter, device).fit_many(spectra))
             same, lower, higher, worst, median, flags = agreement(results, baseline)
-            print(f"{'torch ' + device:<12} {same:>25.1%} {lower:>11.1%} {higher:>12.1%} {worst:>13.3f} "
-                  f"{median:>17.4f} {flags:>11.1%} {catastrophic(results, reference, velocities, v_fitted):>13}")
+            print(f"{name:<17} {same:>25.1%} {lower:>11.1%} {higher:>12.1%} {worst:>13.3f} "
+                  f"{median:>17.4f} {flags:>11.1%} {catastrophic(results, reference, velocities, v_fitted):>13}",
+                  flush=True)
+        precision(torch, False)
 
     print("\n## Speed of the local fit (starts shared), per spectrum")
-    print(f"finding the starts (CPU, numpy engine's code): {1e3 * starts_seconds:.1f} ms/spectrum")
-    print(f"{'engine':<12} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9}")
-    print(f"{'numpy':<12} {32:>6} {1e3 * numpy_local:>12.2f} {1 / numpy_local:>10.1f} {1.0:>9.2f}")
+    print(f"finding the starts (CPU, numpy engine's code, one process): {1e3 * starts_seconds:.1f} ms/spectrum")
+    print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'starts':>7} "
+          f"{'iterations':>11}")
+    print(f"{'numpy':<17} {32:>6} {1e3 * numpy_local:>12.2f} {1 / numpy_local:>10.1f} {1.0:>9.2f} "
+          f"{np.mean([len(s) for s in setups if isinstance(s, list)]):>7.2f} "
+          f"{'':>11}")
     many_spectra, many_setups = spectra * ARGS.repeat, setups * ARGS.repeat
-    for device in devices:
+    for name, device, tf32 in variants(devices):
+        precision(torch, tf32)
         engine = device_fitter(fitter, device)
         for batch in (int(b) for b in ARGS.batch_sizes.split(",")):
             engine._fit_setups(many_spectra[:batch], many_setups[:batch])  # warm-up (kernels, the device's copy)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronise(torch, device)
             start = time.perf_counter()
-            done = 0
+            done, iterations = 0, []
             while done < len(many_spectra):
-                engine._fit_setups(many_spectra[done:done + batch], many_setups[done:done + batch])
+                results = engine._fit_setups(many_spectra[done:done + batch], many_setups[done:done + batch])
+                iterations += [r.n_iterations for r in results]
                 done += batch
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronise(torch, device)
             seconds = (time.perf_counter() - start) / len(many_spectra)
-            print(f"{'torch ' + device:<12} {batch:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} "
-                  f"{numpy_local / seconds:>9.2f}")
+            print(f"{name:<17} {batch:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} "
+                  f"{numpy_local / seconds:>9.2f} {'':>7} {np.mean(iterations):>11.1f}", flush=True)
+    precision(torch, False)
+
+    if ARGS.processes:
+        print("\n## The whole fit (starts in worker processes, local fits on the device), per spectrum")
+        print(f"{'engine':<17} {'processes':>9} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9}")
+        print(f"{'numpy':<17} {1:>9} {32:>6} {1e3 * numpy_seconds:>12.2f} {1 / numpy_seconds:>10.1f} {1.0:>9.2f}")
+        for name, device, tf32 in variants(devices):
+            precision(torch, tf32)
+            engine = device_fitter(fitter, device)
+            for processes in (int(p) for p in ARGS.processes.split(",")):
+                with engine.workers(processes):
+                    list(engine.fit_many(spectra[:64], processes=processes))  # warm-up: workers, kernels
+                    synchronise(torch, device)
+                    start = time.perf_counter()
+                    n = sum(1 for _ in engine.fit_many(many_spectra, processes=processes))
+                    synchronise(torch, device)
+                seconds = (time.perf_counter() - start) / n
+                print(f"{name:<17} {processes:>9} {engine.batch_size:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} "
+                      f"{numpy_seconds / seconds:>9.2f}", flush=True)
+        precision(torch, False)
+
+
+def synchronise(torch, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the device engine in one go (docs/scaling.md, "Fitting on a GPU"): run it on a machine
-# with an NVIDIA GPU and a CUDA build of torch, from the repository root, within about 10 minutes.
+# with an NVIDIA GPU and a CUDA build of torch, from the repository root; it takes about 5 minutes on an H200.
 #   1. which GPU and torch;
-#   2. benchmarks/device_fit.py on the realistic production-size network (kurucz25, when $THEPAYNE_KURUCZ5 names
-#      payne_kurucz5_nn.pkl; else the line network): agreement of cuda and cpu with the numpy engine, and spectra
-#      per second of the local fit against the batch size;
-#   3. benchmarks/throughput.py end to end (synthetic apStar files -> thepayne run --device cuda -> the database:
-#      PostgreSQL at $THEPAYNE_TEST_POSTGRES_URL when set, else SQLite).
-# Output: everything printed, and the same under ${OUT:-gpu-results}/.
+#   2. benchmarks/device_fit.py on a production-size network ($THEPAYNE_NETWORK: a name of benchmarks/networks.py
+#      or a network .pkl; default kurucz25 when $THEPAYNE_KURUCZ5 names payne_kurucz5_nn.pkl, else line):
+#      agreement with the numpy engine, spectra per second of the local fit against the batch size, and the whole
+#      fit with the starts found by $(nproc)-1 worker processes; with TensorFloat-32 products too;
+#   3. benchmarks/throughput.py end to end (synthetic apStar files of that network -> thepayne run --device cuda
+#      -> the database: PostgreSQL at $THEPAYNE_TEST_POSTGRES_URL when set, else SQLite).
+# Output: everything printed, and the same under ${OUT:-gpu-results}/. A dry run on a CPU (small, to check the script):
+#   THEPAYNE_DEVICE=cpu THEPAYNE_FIT_SPECTRA=16 THEPAYNE_REPEAT=2 THEPAYNE_BATCH_SIZES=16 THEPAYNE_E2E_SPECTRA=200 \
+#     bash benchmarks/gpu_measurements.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu-results}
@@ -19,12 +22,24 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.c
 for i in range(torch.cuda.device_count()):
     print(i, torch.cuda.get_device_name(i))
 PY
-network=line
-if [ -n "${THEPAYNE_KURUCZ5:-}" ] && [ -f "$THEPAYNE_KURUCZ5" ]; then network=kurucz25; fi
-python benchmarks/device_fit.py --network "$network" --spectra 512 --repeat 16 --devices cuda,cpu \
-  --batch-sizes 64,256,1024,4096,8192 2>&1 | tee "$OUT/device_fit.txt"
+network=${THEPAYNE_NETWORK:-line}
+if [ -z "${THEPAYNE_NETWORK:-}" ] && [ -n "${THEPAYNE_KURUCZ5:-}" ] && [ -f "$THEPAYNE_KURUCZ5" ]; then
+  network=kurucz25
+fi
+workers=$(( $(nproc) - 1 ))
+device=${THEPAYNE_DEVICE:-cuda}
+python benchmarks/device_fit.py --network "$network" --spectra "${THEPAYNE_FIT_SPECTRA:-512}" \
+  --repeat "${THEPAYNE_REPEAT:-16}" --devices "$device" --tf32 --batch-sizes "${THEPAYNE_BATCH_SIZES:-256,1024,2048,4096,8192}" \
+  --processes "$workers" 2>&1 | tee "$OUT/device_fit.txt"
+model=$network
+case "$network" in
+  *.pkl) ;;
+  line) model=demo ;;  # built in code, no file: the end-to-end run uses the bundled demonstration network
+  *) model=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); from networks import load_network; \
+print(load_network('$network').path)") ;;
+esac
 backends=sqlite
 [ -n "${THEPAYNE_TEST_POSTGRES_URL:-}" ] && backends=postgresql
-python benchmarks/throughput.py --spectra 20000 --backends "$backends" --batch-size 4096 \
-  --run-option=--device --run-option=cuda --run-option=--processes --run-option="$(( $(nproc) - 1 ))" \
+python benchmarks/throughput.py --spectra "${THEPAYNE_E2E_SPECTRA:-6000}" --model "$model" --backends "$backends" \
+  --batch-size 2048 --run-option=--device --run-option="$device" --run-option=--processes --run-option="$workers" \
   --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"

@@ -44,7 +44,10 @@ def kurucz5_path(path=None) -> Path:
 
 
 def load_network(name, kurucz5=None) -> PayneEmulator:
-    """The network called ``name`` (one of :data:`NAMES`)."""
+    """The network called ``name`` (one of :data:`NAMES`), or the network pickle at the path ``name`` (``*.pkl``: a
+    kurucz25 built elsewhere and copied, say)."""
+    if str(name).endswith(".pkl"):
+        return PayneEmulator.load(name)
     if name == "line":
         from astra_thepayne.core.synthetic import line_network
 
@@ -53,7 +56,7 @@ def load_network(name, kurucz5=None) -> PayneEmulator:
         return PayneEmulator.load(kurucz5_path(kurucz5))
     if name == "kurucz25":
         return kurucz25(kurucz5)
-    raise ValueError(f"unknown network {name!r}; expected one of {', '.join(NAMES)}")
+    raise ValueError(f"unknown network {name!r}; expected one of {', '.join(NAMES)} or a .pkl path")
 
 
 def kurucz25(kurucz5=None, cache=CACHE) -> PayneEmulator:
