@@ -10,9 +10,13 @@ installed.
 """
 from __future__ import annotations
 
+import datetime
+import io
 import time
 
-from peewee import chunked
+from peewee import Entity, SqliteDatabase, chunked
+
+from ..db.database import is_postgres
 
 __all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
 
@@ -65,19 +69,42 @@ class Timer:
 
 
 def insert_rows(rows, database=None) -> None:
-    """Insert model instances of one class with on-conflict-ignore, in statements small enough for SQLite."""
+    """Insert model instances of one class with on-conflict-ignore, in one transaction.
+
+    The rows go to the database driver directly: on PostgreSQL one ``COPY`` into a staging table and one
+    ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` from it; on SQLite one prepared statement executed per row
+    (``executemany``). Building a 400-column ``INSERT`` of a thousand rows in peewee costs about 4 ms per row, more
+    than fitting the row on a GPU. Values pass through each field's ``db_value`` as peewee would. Other backends
+    get peewee's ``insert_many``.
+    """
     rows = list(rows)
     if not rows:
         return
     model = type(rows[0])
-    pk = model._meta.primary_key.name
-    names = [f.name for f in model._meta.sorted_fields if f.name != pk]
-    data = [{name: row.__data__.get(name) for name in names} for row in rows]
-    per_statement = max(1, 30_000 // len(names))  # SQLite allows 32766 bound variables per statement
-    database = database or model._meta.database
+    meta = model._meta
+    database = database or meta.database
+    fields = [f for f in meta.sorted_fields if f is not meta.primary_key]
+    values = [[f.db_value(row.__data__.get(f.name)) for f in fields] for row in rows]
+    quote = database.get_sql_context
+    table = quote().sql(Entity(*filter(None, (meta.schema, meta.table_name)))).query()[0]
+    columns = ", ".join(quote().sql(Entity(f.column_name)).query()[0] for f in fields)
     with database.atomic():
-        for chunk in chunked(data, per_statement):
-            model.insert_many(chunk).on_conflict_ignore().execute()
+        if is_postgres(database):
+            # COPY into a staging table, then one INSERT ... ON CONFLICT DO NOTHING from it (COPY cannot skip
+            # conflicts); the staging table has the columns' types and nothing else
+            cursor = database.cursor()
+            cursor.execute(f"CREATE TEMPORARY TABLE {_STAGING} AS SELECT {columns} FROM {table} WITH NO DATA")
+            cursor.copy_expert(f"COPY {_STAGING} ({columns}) FROM STDIN", io.StringIO(_copy_text(values)))
+            cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_STAGING} "
+                           f"ON CONFLICT DO NOTHING")
+            cursor.execute(f"DROP TABLE {_STAGING}")
+        elif isinstance(database, SqliteDatabase):
+            marks = ", ".join("?" * len(fields))
+            database.cursor().executemany(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", values)
+        else:
+            data = [{f.name: row.__data__.get(f.name) for f in fields} for row in rows]
+            for chunk in chunked(data, max(1, 30_000 // len(fields))):
+                model.insert_many(chunk).on_conflict_ignore().execute()
 
 
 def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, save=insert_rows,
@@ -104,3 +131,23 @@ def save_in_batches(results, batch_size: int = 1000, seconds: float = 300.0, sav
 def execute(results, batch_size: int = 1000, seconds: float = 300.0) -> list:
     """Run a task generator to the end, saving everything; returns the saved results."""
     return list(save_in_batches(results, batch_size=batch_size, seconds=seconds))
+
+
+_STAGING = "thepayne_staging_rows"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(values) -> str:
+    """Rows of database values in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL)."""
+    def text(value):
+        if value is None:
+            return "\\N"
+        if isinstance(value, bool):
+            return "t" if value else "f"
+        if isinstance(value, float):
+            return repr(value)  # nan, inf and -inf are read by PostgreSQL as NaN and +-Infinity
+        if isinstance(value, (datetime.datetime, datetime.date)):
+            return value.isoformat()
+        return str(value).translate(_COPY_ESCAPES)
+
+    return "".join("\t".join(map(text, row)) + "\n" for row in values)
