@@ -99,6 +99,10 @@ def ingest(ctx, paths):
     click.echo(str(summary))
 
 
+#: Spectra that `thepayne run` claims, fits and commits together by default (numpy engine)
+DEFAULT_RUN_BATCH = 100
+
+
 @click.command("run")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Fit at most N spectra (the page size with --page).")
@@ -106,8 +110,9 @@ def ingest(ctx, paths):
               help="1-based page of --limit registered spectra, in primary-key order (stable slices).")
 @click.option("--tag", default="", show_default=True, help="Tag of the results (part of their uniqueness key).")
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Spectra claimed, fitted and committed together.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Spectra claimed, fitted and committed together [default: 100; with a --device, at least the "
+                   "device's batch: 2048 on a GPU, so that it fits thousands at once].")
 @click.option("--pk-min", type=int, default=None, help="Smallest spectrum primary key to consider.")
 @click.option("--pk-max", type=int, default=None, help="Largest spectrum primary key to consider.")
 @click.option("--retry-failed", is_flag=True,
@@ -132,6 +137,8 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
                          PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor), device)
     setup_seconds = time.perf_counter() - started
+    if batch_size is None:  # a device fits a whole claimed batch at once: a GPU needs thousands to run at speed
+        batch_size = max(DEFAULT_RUN_BATCH, getattr(fitter, "batch_size", 0))
     if fitter.emulator.is_demo:
         click.echo("thepayne run: using the DEMONSTRATION network: results are marked demonstration=true and are "
                    "not for science", err=True)
