@@ -14,6 +14,7 @@ comes from a chi2 scan over the allowed velocities against the best bank match.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -373,8 +374,14 @@ class PayneFitter:
         coefficients = Shift.coefficients(template, self._segments)
         w2 = weight**2
 
+        @functools.cache  # the fine grid repeats points of the coarse one
         def chi2(shift):
-            model = Shift(self._segments, shift).apply_to_coefficients(coefficients)
+            if shift == int(shift):
+                # the interpolating spline at a whole-pixel shift is the template moved: no taps to gather (where
+                # they differ, beyond the chip's ends, the edge weight is zero)
+                model = self._roll(template, int(shift))
+            else:
+                model = Shift(self._segments, shift).apply_to_coefficients(coefficients)
             value = 0.0
             for start, stop in self._segments:
                 m, d, w = model[start:stop], y[start:stop], w2[start:stop]
@@ -384,10 +391,10 @@ class PayneFitter:
 
         whole = np.arange(-np.floor(limit), np.floor(limit) + 1)
         trials = np.unique(np.clip(np.concatenate([whole, [-limit, limit]]), -limit, limit))
-        values = np.array([chi2(s) for s in trials])
+        values = np.array([chi2(float(s)) for s in trials])
         best = trials[int(np.argmin(values))]
         fine = np.clip(best + np.arange(-1.0, 1.01, 0.25), -limit, limit)
-        fine_values = np.array([chi2(s) for s in fine])
+        fine_values = np.array([chi2(float(s)) for s in fine])
         i = int(np.argmin(fine_values))
         shift = fine[i]
         if 0 < i < len(fine) - 1:

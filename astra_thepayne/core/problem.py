@@ -177,10 +177,15 @@ class Shift:
         return self._taps(self.weights, coefficients)
 
     def _taps(self, factors, c):
-        if c.ndim == 1:  # gathers: quickest for one vector
-            out = factors[0] * c[self.taps[0]]
-            for factor, tap in zip(factors[1:], self.taps[1:], strict=True):
-                out += factor * c[tap]
+        if c.ndim == 1:  # one vector: a convolution per segment, padded with its end values (the taps' clamping)
+            out = np.empty(self.size, dtype=np.result_type(factors, c))
+            first, span = self.offsets[-1], len(self.offsets)  # offsets run down from offsets[0] to offsets[-1]
+            pad = abs(self.whole) + span
+            for start, stop in self.segments:
+                segment = c[start:stop]
+                padded = np.concatenate([np.full(pad, segment[0]), segment, np.full(pad, segment[-1])])
+                begin = pad - self.whole + first
+                out[start:stop] = np.convolve(padded[begin:begin + stop - start + span - 1], factors, "valid")
             return out
         # a matrix (the Jacobian's columns): contiguous slices of each segment padded with its end values (the
         # clamping of the taps), five times quicker than gathering rows
