@@ -5,8 +5,10 @@
 Astra's own ``initdb`` cannot create these tables on SQLite. :func:`prepare_astra_database` creates each missing one
 from the models Astra's configuration binds (so in Astra's database and schema): the tables those models refer to by
 foreign key (``source``, ``spectrum``, ...), the input spectrum tables and the result table, in dependency order.
-Tables that exist are left as they are; a result table that exists with another layout (Astra's own, older
-``ThePayne`` also uses ``the_payne``) is refused, with the way out. Nothing of the standalone schema
+Tables that exist are left as they are, except a result table made by an earlier version of the plugin, which gets
+the columns later versions added (with their defaults; so a plugin upgraded inside Astra keeps writing rows); a
+result table that exists with another layout (Astra's own, older ``ThePayne`` also uses ``the_payne``) is refused,
+with the way out. Nothing of the standalone schema
 (``thepayne_*``) is created: the task does not use it.
 
 The function takes the models as arguments, so that it knows nothing of how Astra is imported; the command finds
@@ -30,11 +32,17 @@ class Prepared:
     database: str
     created: list[str] = field(default_factory=list)
     present: list[str] = field(default_factory=list)
+    added_columns: list[str] = field(default_factory=list)  # "table.column", to a table of an earlier plugin version
 
     def __str__(self):
         made = ", ".join(self.created) if self.created else "nothing (every table was there)"
         there = f"; already present: {', '.join(self.present)}" if self.present else ""
-        return f"{self.database}: created {made}{there}"
+        added = f"; added the columns of this version: {', '.join(self.added_columns)}" if self.added_columns else ""
+        return f"{self.database}: created {made}{there}{added}"
+
+
+#: Columns of the result table since the plugin's first release: a table that has them is the plugin's
+_PLUGIN_SIGNATURE = ("model_sha256", "demonstration")
 
 
 def _with_dependencies(models):
@@ -90,12 +98,16 @@ def prepare_astra_database(result_model, input_models=(), where=None) -> Prepare
     """
     database = result_model._meta.database
     name = where or str(getattr(database, "database", database))
+    missing = []
     if result_model.table_exists():
-        missing = sorted({f.column_name for f in result_model._meta.sorted_fields} - _columns(result_model))
-        if missing:
+        present = _columns(result_model)
+        missing = [f for f in result_model._meta.sorted_fields if f.column_name not in present]
+        addable = all(f.null or f.default is not None for f in missing)
+        if missing and not (set(_PLUGIN_SIGNATURE) <= present and addable):
+            names = sorted(f.column_name for f in missing)
             raise ConfigurationError(
                 f"{name}: table {_qualified(result_model)} exists but is not this plugin's (it lacks "
-                f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; Astra's own ThePayne uses that name): "
+                f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}; Astra's own ThePayne uses that name): "
                 "set THEPAYNE_ASTRA_TABLE to another name (e.g. the_payne_plugin) and run `thepayne astra-init` again")
     summary = Prepared(name)
     with database.atomic():
@@ -105,4 +117,21 @@ def prepare_astra_database(result_model, input_models=(), where=None) -> Prepare
             else:
                 model.create_table(safe=True)
                 summary.created.append(_qualified(model))
+        if missing:  # the result table of an earlier version of the plugin
+            _add_columns(result_model, missing)
+            summary.added_columns = [f"{_qualified(result_model)}.{f.column_name}" for f in missing]
     return summary
+
+
+def _add_columns(model, fields):
+    """Add ``fields`` to ``model``'s table, in its schema, each with its default for the rows already there."""
+    from peewee import Entity
+    from playhouse.migrate import PostgresqlMigrator, SchemaMigrator, migrate
+
+    database = model._meta.database
+    migrator = SchemaMigrator.from_database(database)
+    if isinstance(migrator, PostgresqlMigrator) and model._meta.schema:
+        # the migrator names tables without their schema; SET LOCAL ends with the caller's transaction
+        schema = database.get_sql_context().sql(Entity(model._meta.schema)).query()[0]
+        database.execute_sql(f"SET LOCAL search_path TO {schema}")
+    migrate(*[migrator.add_column(model._meta.table_name, f.column_name, f) for f in fields])

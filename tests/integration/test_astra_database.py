@@ -230,6 +230,59 @@ def test_astra_init_runs_again_on_a_table_with_a_generated_column(tmp_path):
     database.close()
 
 
+#: columns the result table gained after 0.3 (m0006, m0007): a table made by astra-init of 0.3 lacks them
+_LATER_COLUMNS = ("starflag", "vscatter", "at_bound_flags", "engine")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_astra_init_gives_an_earlier_versions_table_the_new_columns(backend, tmp_path, request):
+    """A plugin upgraded inside Astra: the result table that an earlier `astra-init` made lacks the columns of
+    later migrations, and Astra's inserts of the new rows failed on them."""
+    from playhouse.db_url import connect as connect_url
+
+    from astra_thepayne.pipeline.runner import insert_rows
+
+    if backend == "sqlite":
+        database, schema = SqliteDatabase(str(tmp_path / "astra.db")), None
+    else:
+        database, schema = connect_url(request.getfixturevalue("postgres_url")), "astra_like"
+        database.execute_sql(f'CREATE SCHEMA "{schema}"')
+    result, inputs = _astra_like_models(database)
+    for model in _with_refs(result, inputs):
+        model._meta.schema = schema
+    prepare_astra_database(result, inputs)
+    table = f'"{schema}"."the_payne"' if schema else '"the_payne"'
+    spectrum = result._meta.fields["spectrum_pk"].rel_model.create()
+    insert_rows([result(spectrum_pk=spectrum.pk, model_sha256="old", tag="before", teff=5000.0)], database)
+    for column in _LATER_COLUMNS:
+        database.execute_sql(f'ALTER TABLE {table} DROP COLUMN "{column}"')
+
+    summary = prepare_astra_database(result, inputs)
+    assert summary.created == [] and summary.added_columns == [
+        f"{schema + '.' if schema else ''}the_payne.{c}" for c in sorted(_LATER_COLUMNS, key=_field_order(result))]
+    assert "added the columns of this version" in str(summary)
+    old = result.get(result.tag == "before")
+    assert (old.teff, old.engine, old.at_bound_flags, old.starflag) == (5000.0, "numpy", 0, None)
+    insert_rows([result(spectrum_pk=spectrum.pk, model_sha256="new", tag="after", engine="torch:cuda", starflag=3)],
+                database)
+    assert result.get(result.tag == "after").engine == "torch:cuda"
+    assert prepare_astra_database(result, inputs).added_columns == []
+    if schema:
+        database.execute_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    database.close()
+
+
+def _with_refs(result, inputs):
+    from astra_thepayne.pipeline.astra_setup import _with_dependencies
+
+    return _with_dependencies([result, *inputs])
+
+
+def _field_order(model):
+    order = [f.column_name for f in model._meta.sorted_fields]
+    return order.index
+
+
 def test_the_result_models_are_named_as_their_classes_say():
     """The per-label loop once reused the class-name argument: the model was called ``v_macro``, Astra named its
     summary file astraAllStarv_macro, and rows could not be pickled."""
