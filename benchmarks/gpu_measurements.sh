@@ -7,7 +7,10 @@
 #      agreement with the numpy engine, spectra per second of the local fit against the batch size, and the whole
 #      fit with the starts found by $(nproc)-1 worker processes; with TensorFloat-32 products too;
 #   3. benchmarks/throughput.py end to end (synthetic apStar files of that network -> thepayne run --device cuda
-#      -> the database: PostgreSQL at $THEPAYNE_TEST_POSTGRES_URL when set, else SQLite).
+#      -> the database: PostgreSQL at $THEPAYNE_TEST_POSTGRES_URL when set; else, with $THEPAYNE_PGSERVER_WHEEL
+#      naming a downloaded `pgserver` wheel, a throwaway server from it (benchmarks/throwaway_postgres.sh); else
+#      SQLite).
+# Each step stops after $THEPAYNE_STEP_SECONDS (default 240) so that one stuck step cannot use up a GPU lease.
 # Output: everything printed, and the same under ${OUT:-gpu-results}/. A dry run on a CPU (small, to check the script):
 #   THEPAYNE_DEVICE=cpu THEPAYNE_FIT_SPECTRA=16 THEPAYNE_REPEAT=2 THEPAYNE_BATCH_SIZES=16 THEPAYNE_E2E_SPECTRA=200 \
 #     bash benchmarks/gpu_measurements.sh
@@ -28,9 +31,10 @@ if [ -z "${THEPAYNE_NETWORK:-}" ] && [ -n "${THEPAYNE_KURUCZ5:-}" ] && [ -f "$TH
 fi
 workers=$(( $(nproc) - 1 ))
 device=${THEPAYNE_DEVICE:-cuda}
-python benchmarks/device_fit.py --network "$network" --spectra "${THEPAYNE_FIT_SPECTRA:-512}" \
+step=${THEPAYNE_STEP_SECONDS:-240}
+timeout "$step" python benchmarks/device_fit.py --network "$network" --spectra "${THEPAYNE_FIT_SPECTRA:-512}" \
   --repeat "${THEPAYNE_REPEAT:-16}" --devices "$device" --tf32 --batch-sizes "${THEPAYNE_BATCH_SIZES:-256,1024,2048,4096,8192}" \
-  --processes "$workers" 2>&1 | tee "$OUT/device_fit.txt"
+  --processes "$workers" 2>&1 | tee "$OUT/device_fit.txt" || echo "device_fit.py stopped: exit status $?"
 model=$network
 case "$network" in
   *.pkl) ;;
@@ -38,8 +42,13 @@ case "$network" in
   *) model=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); from networks import load_network; \
 print(load_network('$network').path)") ;;
 esac
+if [ -z "${THEPAYNE_TEST_POSTGRES_URL:-}" ] && [ -n "${THEPAYNE_PGSERVER_WHEEL:-}" ]; then
+  THEPAYNE_TEST_POSTGRES_URL=$(timeout 180 bash benchmarks/throwaway_postgres.sh "$THEPAYNE_PGSERVER_WHEEL" \
+    "${THEPAYNE_PG_PORT:-5432}")
+  export THEPAYNE_TEST_POSTGRES_URL
+fi
 backends=sqlite
 [ -n "${THEPAYNE_TEST_POSTGRES_URL:-}" ] && backends=postgresql
-python benchmarks/throughput.py --spectra "${THEPAYNE_E2E_SPECTRA:-6000}" --model "$model" --backends "$backends" \
+timeout "$step" python benchmarks/throughput.py --spectra "${THEPAYNE_E2E_SPECTRA:-6000}" --model "$model" --backends "$backends" \
   --batch-size 2048 --run-option=--device --run-option="$device" --run-option=--processes --run-option="$workers" \
-  --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
+  --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt" || echo "throughput.py stopped: exit status $?"
