@@ -14,9 +14,9 @@ import datetime
 import io
 import time
 
-from peewee import Entity, SqliteDatabase, chunked
+from peewee import Entity, chunked
 
-from ..db.database import is_postgres
+from ..db.database import is_postgres, is_sqlite
 
 __all__ = ["Timer", "save_in_batches", "insert_rows", "execute"]
 
@@ -98,7 +98,7 @@ def insert_rows(rows, database=None) -> None:
             cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_STAGING} "
                            f"ON CONFLICT DO NOTHING")
             cursor.execute(f"DROP TABLE {_STAGING}")
-        elif isinstance(database, SqliteDatabase):
+        elif is_sqlite(database):
             marks = ", ".join("?" * len(fields))
             database.cursor().executemany(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", values)
         else:
