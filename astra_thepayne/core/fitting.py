@@ -209,6 +209,7 @@ class PayneFitter:
         self._on_model[self.model_to_apstar] = True
         self._segments = self._model_segments()
         self._layer = OutputLayer(emulator, self._design)
+        self._layer.use_segments(self._segments)
         self._pool = None  # worker processes kept for several fit_many calls (see workers())
 
     def _model_segments(self):
@@ -308,7 +309,6 @@ class PayneFitter:
     def _bank(self):
         if self._layer.bank is None:
             self._layer.bank = ModelBank.for_emulator(self.emulator, self.bank_size, self.bank_cache_dir)
-            self._layer.segments = self._segments
         return self._layer.bank
 
     def _moved(self, spectrum, by_shift, v_rel):

@@ -176,6 +176,10 @@ class Shift:
     def apply_to_coefficients(self, coefficients):
         return self._taps(self.weights, coefficients)
 
+    def apply_with_derivative_to_coefficients(self, coefficients):
+        """:meth:`apply_with_derivative` of the values whose spline coefficients are given (no solve)."""
+        return self._taps(self.weights, coefficients), self._taps(self.slopes, coefficients)
+
     def _taps(self, factors, c):
         if c.ndim == 1:  # one vector: a convolution per segment, padded with its end values (the taps' clamping)
             out = np.empty(self.size, dtype=np.result_type(factors, c))
@@ -216,8 +220,25 @@ class Shift:
 
     def transpose(self, values):
         """``S^T values`` for a vector: what each model pixel contributes to, summed."""
-        spread = sum(np.bincount(tap, w * values, self.size) for tap, w in zip(self.taps, self.weights, strict=True))
-        return _spline_solve(self._factor, spread, transpose=True)
+        return _spline_solve(self._factor, self.spread(values), transpose=True)
+
+    def spread(self, values):
+        """``E^T values`` for a vector: :meth:`transpose` before its solve, so that ``M^T S^T values`` is
+        ``(A^-1 M)^T spread(values)`` for a matrix ``M`` whose spline coefficients ``A^-1 M`` are known."""
+        # the transpose of _taps' convolution per segment: a correlation, with what fell beyond an end (the clamped
+        # taps) added to the end pixel
+        out = np.empty(self.size)
+        first, span = self.offsets[-1], len(self.offsets)
+        pad = abs(self.whole) + span
+        for start, stop in self.segments:
+            length = stop - start
+            padded = np.zeros(length + 2 * pad)
+            begin = pad - self.whole + first
+            padded[begin:begin + length + span - 1] = np.correlate(values[start:stop], self.weights, "full")
+            out[start:stop] = padded[pad:pad + length]
+            out[start] += padded[:pad].sum()
+            out[stop - 1] += padded[pad + length:].sum()
+        return out
 
 
 class OutputLayer:
@@ -235,12 +256,14 @@ class OutputLayer:
         n_pixels = self.w2.shape[0]
         self.block_starts = np.linspace(0, n_pixels, min(n_blocks, n_pixels) + 1).astype(int)[:-1]
         self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
-        self._grams = self._cross = None
-        self.bank = self.segments = None  # set by a fitter that matches spectra to a model bank
+        self._grams = self._cross = self._spline_layer = None
+        self.bank = None  # set by a fitter that matches spectra to a model bank
+        self.segments = None  # the chip segments of a shifted model (use_segments)
 
     def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
         state = dict(self.__dict__)
         state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
+        state["_spline_layer"] = None
         return state
 
     # -- lockstep execution ------------------------------------------------------------------------------------
@@ -250,8 +273,9 @@ class OutputLayer:
         (returning None for those it leaves to this layer): another engine's products.
 
         Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
-        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m`` (and ``("bank", ...)`` for the model
-        bank's scores), and receives the product. Whatever the generators ask for at the same moment is computed as
+        ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m``, the same three prefixed ``spline``
+        for the layer's spline coefficients per chip segment (:meth:`spline_layer`), and ``("bank", ...)`` for the
+        model bank's scores, and receives the product. Whatever the generators ask for at the same moment is computed as
         one matrix-matrix product, so the output layer (8.7 MB of float32 in production) streams through memory
         once for all of them instead of once each, and the products run at matrix-matrix speed.
         """
@@ -264,14 +288,37 @@ class OutputLayer:
 
         return run_in_lockstep(steps, products)
 
+    def use_segments(self, segments):
+        """Set the chip segments of the shifted models that this layer serves (one set per layer)."""
+        segments = tuple((int(a), int(b)) for a, b in segments)
+        if self.segments is None:
+            self.segments = segments
+        elif tuple((int(a), int(b)) for a, b in self.segments) != segments:
+            raise ValueError("an output layer serves the shifted models of one set of chip segments")
+
+    def spline_layer(self):
+        """``(A^-1 W2, A^-1 b2)``: the B-spline coefficients (:class:`Shift`) of the layer's columns and bias per
+        chip segment, so that a shifted flux, its Jacobian and their transposes need no spline solve at each
+        evaluation, only the taps. Solved once in float64; the matrix is kept in float32 like ``W2``."""
+        if self._spline_layer is None:
+            if self.segments is None:
+                raise ValueError("spline products need the chip segments: call use_segments first")
+            w2 = Shift.coefficients(np.asarray(self.emulator.weights[2], dtype=np.float64), self.segments)
+            b2 = Shift.coefficients(np.asarray(self.emulator.biases[2], dtype=np.float64), self.segments)
+            self._spline_layer = (np.ascontiguousarray(w2, dtype=np.float32), b2)
+        return self._spline_layer
+
     def _products(self, kind, arrays):
         # results are float32 (rows made contiguous where a caller reads them as vectors); float64 arithmetic
         # downstream promotes them, which is cheaper than converting whole products here
+        w2, b2 = self.w2, self.b2
+        if kind.startswith("spline "):
+            (w2, b2), kind = self.spline_layer(), kind[len("spline "):]
         if kind == "flux":
-            out = np.ascontiguousarray((self.w2 @ np.stack(arrays, axis=1).astype(np.float32)).T)
-            return [row + self.b2 for row in out]  # float64 from the addition
+            out = np.ascontiguousarray((w2 @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            return [row + b2 for row in out]  # float64 from the addition
         if kind == "transpose":
-            out = np.ascontiguousarray((self.w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
+            out = np.ascontiguousarray((w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
             return list(out)
         if kind == "bank":
             # a (2, P) request: w^2 y and w^2 of one spectrum, matched against every bank member at once
@@ -279,7 +326,7 @@ class OutputLayer:
             return list(self.bank.scores(stacked[:, 0], stacked[:, 1], self.segments))
         if kind == "times":
             # computed transposed, so that each caller's block is contiguous (a Fortran-ordered P x n matrix)
-            out = np.vstack([a.T for a in arrays]).astype(np.float32) @ self.w2.T
+            out = np.vstack([a.T for a in arrays]).astype(np.float32) @ w2.T
             return [block.T for block in np.split(out, np.cumsum([a.shape[1] for a in arrays])[:-1], axis=0)]
         raise ValueError(f"unknown request {kind!r}")
 
@@ -389,6 +436,8 @@ class PayneProblem:
         self.y, self.weight = y, weight
         self.segments, self.v_scale = segments, v_scale
         self.design_columns = design_columns
+        if v_scale:
+            layer.use_segments(segments)  # the shifted model comes from the layer's spline coefficients
         self.design = None if design_columns is None else layer.design[:, design_columns]
         self.n_labels = self.emulator.n_labels
         self.n_design = 0 if design_columns is None else len(design_columns)
@@ -430,15 +479,14 @@ class PayneProblem:
             return
         p = _Evaluation(x=np.array(theta, copy=True))
         p.a1, p.slopes = self.emulator.hidden_forward(theta[:self.n_labels])
-        rest = yield ("flux", p.a1)
         if self.v_scale:
             v = theta[self.n_labels] * self.v_scale
             p.shift = Shift(self.segments, pixel_shift(v))
-            p.flux, d_flux_d_shift = p.shift.apply_with_derivative(rest)
+            p.flux, d_flux_d_shift = p.shift.apply_with_derivative_to_coefficients((yield ("spline flux", p.a1)))
             d_shift = self.v_scale / (np.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
             p.d_flux_d_v = d_flux_d_shift * d_shift
         else:
-            p.flux = rest
+            p.flux = yield ("flux", p.a1)
         weighted = self.weight * p.flux
         if self.n_design:
             # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly, region by region (each
@@ -496,10 +544,8 @@ class PayneProblem:
     def gradient(self, theta):
         """``J^T r`` with respect to the labels (and velocity); that of ``g`` is zero, ``g`` being at its best."""
         yield from self._evaluate(theta)
-        u = self._label_weight() * self._p.r
-        if self.v_scale:
-            u = self._p.shift.transpose(u)
-        g_labels = self.emulator.hidden_vjp(self._p.slopes, (yield ("transpose", u)).astype(np.float64))
+        g_labels = self.emulator.hidden_vjp(self._p.slopes,
+                                            (yield from self._transpose(self._label_weight() * self._p.r)))
         if self.v_scale:
             return np.append(g_labels, self._velocity_column() @ self._p.r)
         return g_labels
@@ -508,9 +554,9 @@ class PayneProblem:
         """The exact Jacobian of the residuals ``(P, n)``: labels, velocity, then continuum coefficients."""
         yield from self._evaluate(theta)
         m = self._jacobian_of_hidden()
-        if self._product is None:
-            self._product = yield ("times", m)
-        product = self._p.shift.apply(self._product) if self.v_scale else self._product
+        if self._product is None:  # W2 m, or its spline coefficients with a shift: kept for the activation pattern
+            self._product = yield ("spline times" if self.v_scale else "times", m)
+        product = self._p.shift.apply_to_coefficients(self._product) if self.v_scale else self._product
         columns = [self._label_weight()[:, None] * product]  # float64
         if self.v_scale:
             columns.append(self._velocity_column()[:, None])
@@ -558,14 +604,22 @@ class PayneProblem:
             matrix[k + n_v:, k + n_v:] = p.continuum_matrix
         if self.v_scale:  # one column: exact, two matrix-vector products
             column = self._velocity_column()
-            u = p.shift.transpose(self._label_weight() * column)
-            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(p.slopes,
-                                                                     (yield ("transpose", u)).astype(np.float64))
+            matrix[:k, k] = matrix[k, :k] = self.emulator.hidden_vjp(
+                p.slopes, (yield from self._transpose(self._label_weight() * column)))
             matrix[k, k] = column @ column
             if self.n_design:
                 # (w f D)^T column without forming w f D
                 matrix[k, k + 1:] = matrix[k + 1:, k] = (column * self.weight * p.flux) @ self.design
         return self._profiled(matrix)
+
+    def _transpose(self, u):
+        """``(S W2)^T u`` (``W2^T u`` without a shift) in float64: with a shift, the layer's spline coefficients
+        against the spread of ``u`` (:meth:`Shift.spread`), which needs no spline solve."""
+        if self.v_scale:
+            product = yield ("spline transpose", self._p.shift.spread(u))
+        else:
+            product = yield ("transpose", u)
+        return product.astype(np.float64)
 
     def _profiled(self, matrix):
         """The Schur complement over the continuum coefficients (the last ``n_design`` rows and columns)."""

@@ -40,6 +40,34 @@ def test_shift_is_a_consistent_linear_operator(degree, shift):
     np.testing.assert_allclose(operator.derivative(values), finite, atol=1e-6)
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.5, -2.3, 3.7])
+def test_the_layers_spline_coefficients_give_the_shifted_products_without_a_solve(shift):
+    """The fit's path with a free velocity: flux, Jacobian and transposed products from ``A^-1 W2`` (computed once)
+    and the taps alone, against the shift of the layer's own products."""
+    from astra_thepayne.core.problem import OutputLayer
+
+    network = line_network()
+    layer = OutputLayer(network, np.zeros((7214, 0)))
+    layer.use_segments(SEGMENTS)
+    rng = np.random.default_rng(3)
+    a, m, u = rng.normal(size=network.weights[2].shape[1]), rng.normal(size=(64, 5)), rng.normal(size=7214)
+    operator = Shift(SEGMENTS, shift)
+    flux = layer.run_one(_one(("flux", a)))
+    values, slopes = operator.apply_with_derivative_to_coefficients(layer.run_one(_one(("spline flux", a))))
+    np.testing.assert_allclose(values, operator.apply(flux), atol=2e-6)
+    np.testing.assert_allclose(slopes, operator.derivative(flux), atol=2e-6)
+    times = operator.apply_to_coefficients(layer.run_one(_one(("spline times", m))))
+    np.testing.assert_allclose(times, operator.apply(layer.run_one(_one(("times", m))).astype(float)), atol=2e-5)
+    transposed = layer.run_one(_one(("spline transpose", operator.spread(u))))
+    np.testing.assert_allclose(transposed, layer.run_one(_one(("transpose", operator.transpose(u)))), atol=2e-4)
+    with pytest.raises(ValueError, match="one set of chip segments"):
+        layer.use_segments(SEGMENTS[:2])
+
+
+def _one(request):
+    return (yield request)
+
+
 @pytest.mark.parametrize("degree", [3, 5, 7])
 def test_whole_pixel_shift_moves_pixels_exactly(degree):
     values = np.random.default_rng(1).normal(size=7214)
