@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -227,6 +227,16 @@ class PayneFitter:
         """
         flux, ivar_data = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
         ivar = np.where(self.ignore, 0.0, ivar_data)
+        snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
+        bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
+        starflag, vscatter = _file_quality(spectrum)
+        return self._normalised(PreparedSpectrum(flux, ivar, None, None, None, snr, bad_fractions, starflag,
+                                                 vscatter), continuum_shift)
+
+    def _normalised(self, prepared, continuum_shift=0):
+        """``prepared`` with its continuum (fitted on the continuum pixels moved by ``continuum_shift``) and the
+        normalised flux and ivar; the rest is shared, not copied."""
+        flux, ivar = prepared.flux, prepared.ivar
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
@@ -236,10 +246,7 @@ class PayneFitter:
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
             norm_ivar = self.pixel_weights.floor(np.where(usable, ivar * continuum**2, 0.0))
-        snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
-        bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
-        starflag, vscatter = _file_quality(spectrum)
-        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr, bad_fractions, starflag, vscatter)
+        return replace(prepared, continuum=continuum, norm_flux=norm_flux, norm_ivar=norm_ivar)
 
     # -- fitting ------------------------------------------------------------------------------------------------
     def fit(self, spectrum, initial_labels=None) -> FitResult:
@@ -315,8 +322,8 @@ class PayneFitter:
         """The spectrum prepared with the continuum pixels moved with a star at ``v_rel``: they are chosen in the
         model's rest frame, and lines would otherwise slide onto them. Kept per whole-pixel shift in ``by_shift``."""
         shift = int(np.round(pixel_shift(v_rel)))
-        if shift not in by_shift:
-            by_shift[shift] = self.prepare(spectrum, continuum_shift=shift)
+        if shift not in by_shift:  # the same pixels and S/N: only the continuum is fitted again
+            by_shift[shift] = self._normalised(by_shift[0], continuum_shift=shift)
         return by_shift[shift]
 
     def _global_start(self, spectrum, by_shift, initial_labels):
