@@ -572,7 +572,12 @@ class PayneFitter:
 
     def fit_many(self, spectra, processes=1, initial_labels=None, batch_size=BATCH_SIZE):
         """Fit spectra in order, ``batch_size`` at a time in lockstep (:meth:`fit_batch`); with ``processes > 1``
-        the batches go to worker processes (one BLAS thread each), those of :meth:`workers` when inside it."""
+        the batches go to worker processes (one BLAS thread each), those of :meth:`workers` when inside it.
+
+        The workers are started with ``spawn``, so each imports the calling script: in a script, call this under
+        ``if __name__ == "__main__":`` (otherwise every worker runs the script's code again and the call never
+        returns; Python prints "An attempt has been made to start a new process before the current process has
+        finished its bootstrapping phase" from each)."""
         if processes > 1 and hasattr(spectra, "__len__"):
             batch_size = min(batch_size, -(-len(spectra) // processes))  # a few spectra still reach every worker
         chunks = batches(spectra, batch_size)
