@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigurationError
-from .options import fit_options
+from .options import fit_options, single_process_hint
 
 __all__ = ["init", "astra_init", "ingest", "run", "export", "noise_model"]
 
@@ -137,6 +137,9 @@ def run(ctx, limit, page, tag, processes, batch_size, pk_min, pk_max, retry_fail
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
                          PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor), device)
     setup_seconds = time.perf_counter() - started
+    hint = single_process_hint("run", device, processes)
+    if hint:
+        click.echo(hint, err=True)
     if batch_size is None:  # a device fits a whole claimed batch at once: a GPU needs thousands to run at speed
         batch_size = max(DEFAULT_RUN_BATCH, getattr(fitter, "batch_size", 0))
     if fitter.emulator.is_demo:

@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from ..errors import ConfigurationError
-from .options import fit_options
+from .options import fit_options, single_process_hint
 
 __all__ = ["fit", "results_table", "summary_table"]
 
@@ -122,6 +122,9 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
         raise ConfigurationError("no .fits spectrum files found in " + ", ".join(map(str, files)))
     fitter = load_fitter(model, mask, continuum_pixels, opt_tolerance, v_rad_tolerance,
                          PixelWeights.from_options(sky_lines, persistence, littrow_ghost, error_floor), device)
+    hint = single_process_hint("fit", device, processes)
+    if hint:
+        click.echo(hint, err=True)
     emulator = fitter.emulator
     notice = str(emulator.meta.get("description", "")) if emulator.is_demo else ""
     if notice:

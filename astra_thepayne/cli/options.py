@@ -5,7 +5,7 @@ import click
 
 from ..core.pixel_weights import SKY_LINE_MODES
 
-__all__ = ["fit_options"]
+__all__ = ["fit_options", "single_process_hint"]
 
 
 def _check_device(ctx, param, value):
@@ -60,3 +60,17 @@ def fit_options(function=None, *, forwarded=False):
     ]):
         function = decorator(function)
     return function
+
+
+def single_process_hint(command: str, device, processes: int) -> str | None:
+    """The line a GPU run with one process gets: the starts of every fit are then found on the CPU in that one
+    process while the GPU waits (docs/scaling.md, "Fitting on a GPU"); None when there is nothing to say."""
+    if not str(device or "").startswith("cuda") or int(processes or 1) > 1:
+        return None
+    import os
+
+    workers = max((os.cpu_count() or 2) - 1, 1)
+    return (f"thepayne {command}: --device {device} with one process: each spectrum is read, prepared and given its "
+            f"starts on the CPU in this process while the GPU waits; add --processes {workers} to do that in "
+            f"worker processes")
+
