@@ -42,6 +42,9 @@ from .wavelength import (
     apstar_wavelength,
 )
 
+_KEPT_TEMPLATES = 256  # bank members whose spline coefficients the velocity scan keeps (59 kB each)
+_KEPT_SHIFTS = 64  # Shift operators the velocity scan keeps
+
 __all__ = ["BATCH_SIZE", "Candidate", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches",
            "load_pixel_array", "misfit"]
 
@@ -211,6 +214,7 @@ class PayneFitter:
         self._layer = OutputLayer(emulator, self._design)
         self._layer.use_segments(self._segments)
         self._pool = None  # worker processes kept for several fit_many calls (see workers())
+        self._member_coefficients, self._shifts = {}, {}  # the velocity scan's (see _velocity_scan)
 
     def _model_segments(self):
         """(start, stop) slices of the model pixels that are contiguous on the apStar grid (one per chip)."""
@@ -334,30 +338,33 @@ class PayneFitter:
         y, weight = self._data(by_shift[0])
         if initial_labels is not None:
             x0 = self._start(initial_labels)
-            v = self._velocity_scan(self.emulator.predict(x0), y, weight) if self.v_rad_tolerance > 0 else 0.0
+            v = 0.0
+            if self.v_rad_tolerance > 0:
+                template = self.emulator.predict(x0)
+                v = self._velocity_scan(template, Shift.coefficients(template, self._segments), y, weight)
             return [(x0, v)]
         starts = yield from self._bank_match(y, weight)
         if self.v_rad_tolerance <= 0:
-            return [(x0, 0.0) for x0, _ in starts]
-        v = self._velocity_scan(starts[0][1], y, weight)
+            return [(x0, 0.0) for x0, *_ in starts]
+        v = self._velocity_scan(*self._member_template(starts[0][2]), y, weight)
         shift = int(np.round(pixel_shift(v)))
         y, weight = self._data(self._moved(spectrum, by_shift, v))
         starts = yield from self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
         # the best match's velocity starts every local fit; each fit then finds its own
-        v = self._velocity_scan(starts[0][1], y, weight)
-        return [(x0, v) for x0, _ in starts]
+        v = self._velocity_scan(*self._member_template(starts[0][2]), y, weight)
+        return [(x0, v) for x0, *_ in starts]
 
     def _bank_match(self, y, weight):
         """The ``n_starts`` best bank members, each at least ``_DISTINCT`` (scaled) from the better ones, as
-        ``(scaled labels, model flux)``."""
+        ``(scaled labels, model flux, index in the bank)``."""
         bank = self._bank()  # loaded before the request: the driver serves it from the layer's bank
         w2 = weight**2
         scores = yield ("bank", np.stack([w2 * y, w2]))
         chosen = []
         for index in np.argsort(scores)[::-1][:64]:
             point = bank.points[index]
-            if all(np.linalg.norm(point - other) > _DISTINCT for other, _ in chosen):
-                chosen.append((point.copy(), np.asarray(bank.flux[index], dtype=np.float64)))
+            if all(np.linalg.norm(point - other) > _DISTINCT for other, *_ in chosen):
+                chosen.append((point.copy(), np.asarray(bank.flux[index], dtype=np.float64), int(index)))
                 if len(chosen) == self.n_starts:
                     break
         return chosen
@@ -374,11 +381,30 @@ class PayneFitter:
                 out[start:stop + shift] = values[start - shift:stop]
         return out
 
-    def _velocity_scan(self, template, y, weight):
+    def _member_template(self, index):
+        """Bank member ``index``'s flux and its spline coefficients, for :meth:`_velocity_scan`; the coefficients
+        are kept for the last :data:`_KEPT_TEMPLATES` members asked for (the best matches recur across spectra)."""
+        flux = np.asarray(self._bank().flux[index], dtype=np.float64)
+        kept = self._member_coefficients
+        if index not in kept:
+            if len(kept) >= _KEPT_TEMPLATES:
+                del kept[next(iter(kept))]
+            kept[index] = Shift.coefficients(flux, self._segments)
+        return flux, kept[index]
+
+    def _shift(self, shift):
+        """The :class:`Shift` by ``shift`` pixels; the scan's trial shifts come from a small set, so they are kept."""
+        if shift not in self._shifts:
+            if len(self._shifts) >= _KEPT_SHIFTS:
+                del self._shifts[next(iter(self._shifts))]
+            self._shifts[shift] = Shift(self._segments, shift)
+        return self._shifts[shift]
+
+    def _velocity_scan(self, template, coefficients, y, weight):
         """Velocity (km/s) within +-v_rad_tolerance that best matches ``template`` (each chip's level profiled
-        out): chi2 on whole-pixel shifts, then quarter pixels around the best, then the vertex of a parabola."""
+        out), given with its spline coefficients (:meth:`Shift.coefficients`): chi2 on whole-pixel shifts, then
+        quarter pixels around the best, then the vertex of a parabola."""
         limit = pixel_shift(self.v_rad_tolerance)
-        coefficients = Shift.coefficients(template, self._segments)
         w2 = weight**2
 
         @functools.cache  # the fine grid repeats points of the coarse one
@@ -388,7 +414,7 @@ class PayneFitter:
                 # they differ, beyond the chip's ends, the edge weight is zero)
                 model = self._roll(template, int(shift))
             else:
-                model = Shift(self._segments, shift).apply_to_coefficients(coefficients)
+                model = self._shift(shift).apply_to_coefficients(coefficients)
             value = 0.0
             for start, stop in self._segments:
                 m, d, w = model[start:stop], y[start:stop], w2[start:stop]
@@ -533,6 +559,7 @@ class PayneFitter:
     def __getstate__(self):  # worker processes get the fitter, not its pool
         state = dict(self.__dict__)
         state["_pool"] = None
+        state["_member_coefficients"], state["_shifts"] = {}, {}
         return state
 
     @contextlib.contextmanager
