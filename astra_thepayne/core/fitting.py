@@ -234,13 +234,12 @@ class PayneFitter:
         snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
         bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
         starflag, vscatter = _file_quality(spectrum)
-        return self._normalised(PreparedSpectrum(flux, ivar, None, None, None, snr, bad_fractions, starflag,
-                                                 vscatter), continuum_shift)
+        continuum, norm_flux, norm_ivar = self._normalisation(flux, ivar, continuum_shift)
+        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr, bad_fractions, starflag, vscatter)
 
-    def _normalised(self, prepared, continuum_shift=0):
-        """``prepared`` with its continuum (fitted on the continuum pixels moved by ``continuum_shift``) and the
-        normalised flux and ivar; the rest is shared, not copied."""
-        flux, ivar = prepared.flux, prepared.ivar
+    def _normalisation(self, flux, ivar, continuum_shift=0):
+        """The continuum (fitted on the continuum pixels moved by ``continuum_shift``) and the normalised flux and
+        ivar of a spectrum on the apStar grid."""
         continuum_pixels = self.continuum_pixels
         if continuum_shift:
             continuum_pixels = np.roll(continuum_pixels, int(continuum_shift))
@@ -250,7 +249,7 @@ class PayneFitter:
         with np.errstate(invalid="ignore", divide="ignore"):
             norm_flux = np.where(usable, flux / continuum, 0.0)
             norm_ivar = self.pixel_weights.floor(np.where(usable, ivar * continuum**2, 0.0))
-        return replace(prepared, continuum=continuum, norm_flux=norm_flux, norm_ivar=norm_ivar)
+        return continuum, norm_flux, norm_ivar
 
     # -- fitting ------------------------------------------------------------------------------------------------
     def fit(self, spectrum, initial_labels=None) -> FitResult:
@@ -327,7 +326,9 @@ class PayneFitter:
         model's rest frame, and lines would otherwise slide onto them. Kept per whole-pixel shift in ``by_shift``."""
         shift = int(np.round(pixel_shift(v_rel)))
         if shift not in by_shift:  # the same pixels and S/N: only the continuum is fitted again
-            by_shift[shift] = self._normalised(by_shift[0], continuum_shift=shift)
+            first = by_shift[0]
+            continuum, norm_flux, norm_ivar = self._normalisation(first.flux, first.ivar, continuum_shift=shift)
+            by_shift[shift] = replace(first, continuum=continuum, norm_flux=norm_flux, norm_ivar=norm_ivar)
         return by_shift[shift]
 
     def _global_start(self, spectrum, by_shift, initial_labels):
