@@ -26,7 +26,8 @@ The numbers:
 * ``s/spectrum``: wall time of ``fit_many`` over all spectra divided by their number (the reference fits excluded).
 * pull table (S/N >= 30): per label and v_rel, mean of ``(fit - truth) / raw_e`` and its robust width
   1.4826 MAD (1 for ideal Gaussian errors); ``ref`` columns are the same for the fits started at the truth
-  (what the network allows).
+  (what the network allows); ``off bound`` is the mean without the fits that ended with that label on its bound
+  (``at_bound_flags``): where the mean moves towards 0 there, it comes from the box truncating the likelihood.
 
 Uses only PayneFitter's public API, so it runs before and after engine changes.
 
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from networks import NAMES, load_network  # noqa: E402
 
 from astra_thepayne.core.fitting import PayneFitter  # noqa: E402
-from astra_thepayne.core.labels import BAD_RESULT_FLAGS, LABELS  # noqa: E402
+from astra_thepayne.core.labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABELS  # noqa: E402
 from astra_thepayne.core.synthetic import synthetic_spectrum  # noqa: E402
 
 _RANGES = {label.name: (label.lower, label.upper) for label in LABELS}
@@ -100,6 +101,8 @@ def run_mode(emulator, tolerance, args, rng):
         return pulls, v
 
     pulls, v = arrays(results)
+    at_bound = np.array([[bool(r.at_bound_flags & AT_BOUND_BITS.get(name, 0)) for name in emulator.label_names]
+                         for r in results])
     ref_pulls, _ = arrays(reference)
     chi2 = np.array([r.chi2 for r in results])
     chi2_ref = np.array([r.chi2 for r in reference])
@@ -116,6 +119,7 @@ def run_mode(emulator, tolerance, args, rng):
         evals=float(np.median([r.n_iterations for r in results])), seconds=seconds,
         mean=np.nanmean(pulls[good_snr], axis=0), width=[robust_width(p) for p in pulls[good_snr].T],
         ref_mean=np.nanmean(ref_pulls[good_snr], axis=0), ref_width=[robust_width(p) for p in ref_pulls[good_snr].T],
+        off_bound_mean=[np.nanmean(pulls[good_snr & ~at_bound[:, i], i]) for i in range(emulator.n_labels)],
     )
 
 
@@ -148,16 +152,18 @@ def main():
                   f"{m['flagged_right']:>4d}/{m['n_flagged']:<4d} {m['evals']:>6.0f} {m['seconds']:>10.4f}")
         names = list(emulator.label_names) + ["v_rel"]
         print(f"\npulls at S/N >= 30: mean / robust width{'':<6}"
-              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}" for mode in modes))
+              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}{'off bound':>10}" for mode in modes))
         for i, label in enumerate(names):
             cells = []
             for m in modes.values():
                 for key in ("", "ref_"):
                     if i < len(m[key + "mean"]):
-                        cells.append(f"{m[key + 'mean'][i]:+7.2f} / {m[key + 'width'][i]:5.2f}")
+                        cells.append(f"{m[key + 'mean'][i]:+7.2f} / {m[key + 'width'][i]:5.2f}".rjust(16))
                     else:
-                        cells.append("-")
-            print(f"  {label:<41}" + "".join(f"{c:>16}" for c in cells))
+                        cells.append("-".rjust(16))
+                off = m["off_bound_mean"]
+                cells.append((f"{off[i]:+7.2f}" if i < len(off) else "-").rjust(10))
+            print(f"  {label:<41}" + "".join(cells))
 
 
 if __name__ == "__main__":
