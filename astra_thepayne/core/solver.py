@@ -84,10 +84,19 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
     exact = False
     model = _Model((yield from problem.normal_matrix(x, exact)))
     radius = max(float(np.linalg.norm(x)), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
+    onto_bounds = _ONTO_BOUNDS_TRIES
 
     while True:
         matrix = model.matrix
         if exact and model.decrement(gradient, x, lower, upper) < tolerance:
+            if not coarse and onto_bounds:
+                onto_bounds -= 1
+                moved = yield from _onto_bounds(problem, x, cost, gradient, matrix, lower, upper)
+                if moved is not None:
+                    (x, cost), evaluations = moved, evaluations + 1
+                    gradient = yield from problem.gradient(x)
+                    model = _Model((yield from problem.normal_matrix(x, True)))
+                    continue
             return Solution(x, 2 * cost, matrix, evaluations, "a full step would lower chi2 by less than the tolerance")
         if evaluations >= max_evaluations:
             raise SolverFailure(f"no convergence after {evaluations} evaluations")
@@ -149,6 +158,14 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
                 return Solution(x, 2 * cost, None, evaluations, stop)
             if step_from_exact:
                 matrix = yield from problem.normal_matrix(x, True)
+                if onto_bounds:
+                    onto_bounds -= 1
+                    moved = yield from _onto_bounds(problem, x, cost, gradient, matrix, lower, upper)
+                    if moved is not None:
+                        (x, cost), evaluations = moved, evaluations + 1
+                        gradient = yield from problem.gradient(x)
+                        model = _Model((yield from problem.normal_matrix(x, True)))
+                        continue
                 return Solution(x, 2 * cost, matrix, evaluations, stop)
             exact = True  # near the minimum: from here on only the exact matrix
         model = _Model((yield from problem.normal_matrix(x, exact)))
@@ -157,6 +174,44 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
                 return Solution(x, 2 * cost, None, evaluations, "near a minimum (coarse)")
             exact = True  # apparently converged: confirm (or continue) with the exact matrix
             model = _Model((yield from problem.normal_matrix(x, True)))
+
+
+#: Times a converged fit tries to put the parameters that its Newton step carries through a bound onto it
+_ONTO_BOUNDS_TRIES = 2
+
+
+def _onto_bounds(problem, x, cost, gradient, matrix, lower, upper):
+    """``(x, cost)`` with the parameters that the Newton step would carry through a bound put on that bound and the
+    others moved by the Newton step of the rest, or None unless that lowers chi2.
+
+    The Coleman-Li scaling makes steps towards a bound shrink with the distance to it, so a fit whose minimum lies
+    beyond a bound used to stop short of it (on kurucz25 by up to 0.002 of the range), still descending: the
+    minimum within the box is on the bound, and this puts it there."""
+    step = _Model(matrix).newton_step(gradient)
+    if step is None:
+        return None
+    below, above = (x + step <= lower) & (gradient > 0), (x + step >= upper) & (gradient < 0)
+    through = below | above
+    if not through.any():
+        return None
+    trial = np.array(x, dtype=float)
+    trial[below], trial[above] = lower[below], upper[above]
+    free = ~through
+    if free.any():
+        # the quadratic model's minimum over the others with those fixed on their bounds
+        a = matrix[np.ix_(free, free)]
+        a = a + np.diag(np.full(len(a), 1e-12 * (np.mean(np.diag(a)) or 1.0)))
+        try:
+            trial[free] = x[free] - np.linalg.solve(a, gradient[free] + matrix[np.ix_(free, through)]
+                                                    @ (trial[through] - x[through]))
+        except np.linalg.LinAlgError:
+            return None
+    trial = _strictly_inside(np.clip(trial, lower, upper), lower, upper, 0.0)
+    trial_cost = 0.5 * (yield from problem.chi2(trial))
+    if not (np.isfinite(trial_cost) and trial_cost < cost):
+        yield from problem.chi2(x)  # back to the state at x
+        return None
+    return trial, trial_cost
 
 
 def _strictly_inside(x, lower, upper, relative_step):
