@@ -20,7 +20,7 @@ The numbers:
   (``labels.BAD_RESULT_FLAGS``).
 * ``flagged /1000``: fits with a bad result flag, right or wrong; ``right``: of those, the ones that are not
   catastrophic, i.e. flagged for what they are (a label or v_rel on its bound because the truth lies within a
-  hair of it: the draws reach the box's edges and ±tolerance). Until 0.4.1 the script counted every flagged fit
+  hair of it: the draws reach the box's edges and ±tolerance). Until 0.5.0 the script counted every flagged fit
   as catastrophic.
 * ``evals``: median solver evaluations per spectrum (``FitResult.n_iterations``).
 * ``s/spectrum``: wall time of ``fit_many`` over all spectra divided by their number (the reference fits excluded).
