@@ -68,7 +68,8 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
     parameter moved by less than ``x_tolerance`` of its sigma; it ends fits that sit on a kink of a
     piecewise-linear network, where steps fail until the trust region is that small). With ``coarse``, returns
     instead as soon as the fit is near a minimum (where the exact matrix would take over), with ``normal_matrix``
-    None: enough to compare starting points. Raises
+    None: enough to compare starting points. A converged fit whose Newton step points through bounds tries the
+    parameters on them (:func:`_onto_bounds`) and goes on from there when chi2 is lower. Raises
     :class:`SolverFailure` when chi2 is not finite at the start or the evaluation budget (default 100 per parameter,
     as SciPy) runs out.
     """

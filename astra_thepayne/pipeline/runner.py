@@ -89,10 +89,10 @@ def insert_rows(rows, database=None) -> None:
     table = quote().sql(Entity(*filter(None, (meta.schema, meta.table_name)))).query()[0]
     columns = ", ".join(quote().sql(Entity(f.column_name)).query()[0] for f in fields)
     with database.atomic():
-        if is_postgres(database):
+        cursor = database.cursor()
+        if is_postgres(database) and hasattr(cursor, "copy_expert"):  # psycopg2 (psycopg 3 has another COPY API)
             # COPY into a staging table, then one INSERT ... ON CONFLICT DO NOTHING from it (COPY cannot skip
             # conflicts); the staging table has the columns' types and nothing else
-            cursor = database.cursor()
             cursor.execute(f"CREATE TEMPORARY TABLE {_STAGING} AS SELECT {columns} FROM {table} WITH NO DATA")
             cursor.copy_expert(f"COPY {_STAGING} ({columns}) FROM STDIN", io.StringIO(_copy_text(values)))
             cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_STAGING} "
@@ -100,7 +100,7 @@ def insert_rows(rows, database=None) -> None:
             cursor.execute(f"DROP TABLE {_STAGING}")
         elif is_sqlite(database):
             marks = ", ".join("?" * len(fields))
-            database.cursor().executemany(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", values)
+            cursor.executemany(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", values)
         else:
             data = [{f.name: row.__data__.get(f.name) for f in fields} for row in rows]
             for chunk in chunked(data, max(1, 30_000 // len(fields))):
