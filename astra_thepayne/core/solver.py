@@ -86,19 +86,21 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
     model = _Model((yield from problem.normal_matrix(x, exact)))
     radius = max(float(np.linalg.norm(x)), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
     onto_bounds = _ONTO_BOUNDS_TRIES
+    finished = None  # why a fit with the exact matrix stopped, when a step test (not the decrement) stopped it
 
     while True:
         matrix = model.matrix
-        if exact and model.decrement(gradient, x, lower, upper) < tolerance:
+        if exact and (finished or model.decrement(gradient, x, lower, upper) < tolerance):
             if not coarse and onto_bounds:
                 onto_bounds -= 1
                 moved = yield from _onto_bounds(problem, x, cost, gradient, matrix, lower, upper)
                 if moved is not None:
-                    (x, cost), evaluations = moved, evaluations + 1
+                    (x, cost), evaluations, finished = moved, evaluations + 1, None
                     gradient = yield from problem.gradient(x)
                     model = _Model((yield from problem.normal_matrix(x, True)))
                     continue
-            return Solution(x, 2 * cost, matrix, evaluations, "a full step would lower chi2 by less than the tolerance")
+            return Solution(x, 2 * cost, matrix, evaluations,
+                            finished or "a full step would lower chi2 by less than the tolerance")
         if evaluations >= max_evaluations:
             raise SolverFailure(f"no convergence after {evaluations} evaluations")
         scaled, step_from_exact = None, exact
@@ -157,17 +159,9 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
         if stop is not None:
             if coarse:
                 return Solution(x, 2 * cost, None, evaluations, stop)
-            if step_from_exact:
-                matrix = yield from problem.normal_matrix(x, True)
-                if onto_bounds:
-                    onto_bounds -= 1
-                    moved = yield from _onto_bounds(problem, x, cost, gradient, matrix, lower, upper)
-                    if moved is not None:
-                        (x, cost), evaluations = moved, evaluations + 1
-                        gradient = yield from problem.gradient(x)
-                        model = _Model((yield from problem.normal_matrix(x, True)))
-                        continue
-                return Solution(x, 2 * cost, matrix, evaluations, stop)
+            if step_from_exact:  # ends at the top of the loop, with the exact matrix at x
+                model, finished = _Model((yield from problem.normal_matrix(x, True))), stop
+                continue
             exact = True  # near the minimum: from here on only the exact matrix
         model = _Model((yield from problem.normal_matrix(x, exact)))
         if not exact and model.decrement(gradient, x, lower, upper) < tolerance:
