@@ -1,6 +1,8 @@
 """Options shared by every command that fits (``fit``, ``run``, ``slurm``), declared once."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..core.pixel_weights import SKY_LINE_MODES
@@ -67,10 +69,7 @@ def single_process_hint(command: str, device, processes: int) -> str | None:
     process while the GPU waits (docs/scaling.md, "Fitting on a GPU"); None when there is nothing to say."""
     if not str(device or "").startswith("cuda") or int(processes or 1) > 1:
         return None
-    import os
-
     workers = max((os.cpu_count() or 2) - 1, 1)
     return (f"thepayne {command}: --device {device} with one process: each spectrum is read, prepared and given its "
             f"starts on the CPU in this process while the GPU waits; add --processes {workers} to do that in "
             f"worker processes")
-
