@@ -5,8 +5,10 @@
 # Everything lives under /tmp/thepayne-pg; a server left there by an earlier call is stopped first, so the script
 # can run again on the same machine. As root, the server runs as a user `thepaynepg` (PostgreSQL refuses root).
 set -euo pipefail
-wheel=$(readlink -f "$1")
+wheel=$(readlink -f "${1:?usage: throwaway_postgres.sh WHEEL [PORT]}")
 port=${2:-5432}
+[ -f "$wheel" ] || { echo "no such wheel: $1" >&2; exit 2; }
+case "$port" in ''|*[!0-9]*) echo "port must be a number, not '$port'" >&2; exit 2 ;; esac  # it goes into su -c
 root=/tmp/thepayne-pg
 bin=$root/pgserver/pginstall/bin
 as_owner() { if [ "$(id -u)" = 0 ]; then su thepaynepg -c "$1"; else bash -c "$1"; fi; }
