@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..spawning import check_main_is_guarded
 from ..threads import BLAS_THREAD_VARIABLES, blas_thread_environment
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
 from .labels import APOGEE_BAD_PIXEL_MASK, at_bound_flags, flag_result
@@ -583,6 +584,7 @@ class PayneFitter:
         import multiprocessing
         from multiprocessing import resource_tracker
 
+        check_main_is_guarded("fit_many's worker processes")  # a script without the guard would hang here
         saved = {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES}
         os.environ.update(blas_thread_environment(1))  # read by the spawned workers' BLAS at import
         try:
@@ -603,9 +605,9 @@ class PayneFitter:
         the batches go to worker processes (one BLAS thread each), those of :meth:`workers` when inside it.
 
         The workers are started with ``spawn``, so each imports the calling script: in a script, call this under
-        ``if __name__ == "__main__":`` (otherwise every worker runs the script's code again and the call never
-        returns; Python prints "An attempt has been made to start a new process before the current process has
-        finished its bootstrapping phase" from each)."""
+        ``if __name__ == "__main__":``. A script without that guard is refused with a
+        :class:`~astra_thepayne.errors.ConfigurationError` before any worker starts (every worker would run it
+        again and the call would never return)."""
         if processes > 1 and hasattr(spectra, "__len__"):
             batch_size = min(batch_size, -(-len(spectra) // processes))  # a few spectra still reach every worker
         chunks = batches(spectra, batch_size)

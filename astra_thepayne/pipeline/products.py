@@ -579,6 +579,9 @@ def write_products(directory, tag: str = "", model_sha256: str | None = None, pr
     if processes > 1:
         import multiprocessing
 
+        from ..spawning import check_main_is_guarded
+
+        check_main_is_guarded("the products' worker processes")
         pool = multiprocessing.get_context("spawn").Pool(processes)
     try:
         bar = None
