@@ -27,7 +27,9 @@ The numbers:
 * pull table (S/N >= 30): per label and v_rel, mean of ``(fit - truth) / raw_e`` and its robust width
   1.4826 MAD (1 for ideal Gaussian errors); ``ref`` columns are the same for the fits started at the truth
   (what the network allows); ``off bound`` is the mean without the fits that ended with that label on its bound
-  (``at_bound_flags``): where the mean moves towards 0 there, it comes from the box truncating the likelihood.
+  (``at_bound_flags``): where the mean moves towards 0 there, it comes from the box truncating the likelihood;
+  ``right`` is the mean without the catastrophic fits, whose pulls in a wrong minimum can be tens of sigma and
+  move the plain mean by more than the bias of the rest.
 
 Uses only PayneFitter's public API, so it runs before and after engine changes.
 
@@ -120,6 +122,7 @@ def run_mode(emulator, tolerance, args, rng):
         mean=np.nanmean(pulls[good_snr], axis=0), width=[robust_width(p) for p in pulls[good_snr].T],
         ref_mean=np.nanmean(ref_pulls[good_snr], axis=0), ref_width=[robust_width(p) for p in ref_pulls[good_snr].T],
         off_bound_mean=[np.nanmean(pulls[good_snr & ~at_bound[:, i], i]) for i in range(emulator.n_labels)],
+        right_mean=np.nanmean(pulls[good_snr & ~bad], axis=0),
     )
 
 
@@ -152,7 +155,7 @@ def main():
                   f"{m['flagged_right']:>4d}/{m['n_flagged']:<4d} {m['evals']:>6.0f} {m['seconds']:>10.4f}")
         names = list(emulator.label_names) + ["v_rel"]
         print(f"\npulls at S/N >= 30: mean / robust width{'':<6}"
-              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}{'off bound':>10}" for mode in modes))
+              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}{'off bound':>10}{'right':>7}" for mode in modes))
         for i, label in enumerate(names):
             cells = []
             for m in modes.values():
@@ -161,8 +164,9 @@ def main():
                         cells.append(f"{m[key + 'mean'][i]:+7.2f} / {m[key + 'width'][i]:5.2f}".rjust(16))
                     else:
                         cells.append("-".rjust(16))
-                off = m["off_bound_mean"]
+                off, right = m["off_bound_mean"], m["right_mean"]
                 cells.append((f"{off[i]:+7.2f}" if i < len(off) else "-").rjust(10))
+                cells.append((f"{right[i]:+6.2f}" if i < len(right) else "-").rjust(7))
             print(f"  {label:<41}" + "".join(cells))
 
 

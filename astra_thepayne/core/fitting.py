@@ -46,8 +46,8 @@ from .wavelength import (
 _KEPT_TEMPLATES = 256  # bank members whose spline coefficients the velocity scan keeps (59 kB each)
 _KEPT_SHIFTS = 64  # Shift operators the velocity scan keeps
 
-__all__ = ["BATCH_SIZE", "Candidate", "PayneFitter", "PreparedSpectrum", "STAR_NOT_FOUND_MISFIT", "batches",
-           "load_pixel_array", "misfit"]
+__all__ = ["BATCH_SIZE", "Candidate", "PayneFitter", "PreparedSpectrum", "SAME_FLOOR", "STAR_NOT_FOUND_MISFIT",
+           "batches", "floor_confirmed", "load_pixel_array", "misfit"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apSta
 #: dwarf, with the dwarf-only kurucz5 network: 1.8-2.5%), one that does not, far worse (2M17335483-2753043, an M
 #: giant, with the same network: 9-14%).
 STAR_NOT_FOUND_MISFIT = 0.05
+#: Two coarse fits whose chi2 differ by less than this have reached the same floor. A coarse fit stops within a
+#: few units of its basin's floor (it stops when a step lowers chi2 by less than one per parameter); a wrong basin
+#: that matters lies 25 or more above the right one (docs/science.md, The global start).
+SAME_FLOOR = 3.0
 #: Spectra fitted together in lockstep by default: enough for the output layer's products to run at matrix speed,
 #: few enough that results keep flowing (and a killed run loses little).
 BATCH_SIZE = 32
@@ -79,6 +83,8 @@ class Candidate:
     weight: np.ndarray
     design_columns: np.ndarray | None
     start: np.ndarray
+    #: the output layer's approximate Gram matrix for these weights (shared by the starts of one prepared spectrum)
+    gram: np.ndarray | None = None
 
 
 @dataclass
@@ -166,7 +172,8 @@ class PayneFitter:
     bank_cache_dir : path-like or False, optional
         Where the bank is cached (default :func:`astra_thepayne.core.model_bank.default_cache_dir`; False: no cache).
     n_starts : int
-        Local fits per spectrum, from the best distinct bank matches; the lowest chi2 wins.
+        Most local fits per spectrum, from the best distinct bank matches in order of match: they stop once two of
+        them reach the lowest floor found (within :data:`SAME_FLOOR` in chi2), and the lowest chi2 wins.
     pixel_weights : PixelWeights, optional
         The survey pipelines' pixel-weight rules (sky lines, persistence, LITTROW ghosts, error floor), applied
         where the spectrum is prepared (:mod:`astra_thepayne.core.pixel_weights`); default ``PixelWeights()``, all on;
@@ -175,7 +182,7 @@ class PayneFitter:
 
     def __init__(self, emulator, mask=None, continuum_pixels=None, opt_tolerance=5e-4, v_rad_tolerance=0.0,
                  pixel_flag_mask=APOGEE_BAD_PIXEL_MASK, continuum_degree=4, joint_continuum=True,
-                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=3, pixel_weights=None):
+                 bank_size=DEFAULT_BANK_SIZE, bank_cache_dir=None, n_starts=4, pixel_weights=None):
         self.emulator = emulator
         if emulator.n_pixels == len(MODEL_TO_APSTAR):
             self.model_to_apstar = MODEL_TO_APSTAR
@@ -273,13 +280,16 @@ class PayneFitter:
         if isinstance(candidates, FitResult):
             return candidates
         try:
-            best = None
+            best, floors = None, []
             for candidate in candidates:
                 problem = self.problem(candidate)
                 # with several starts, each goes only as far as the basin's floor; the best is then finished
-                solution = yield from self._solve(problem, candidate.start, coarse=self.n_starts > 1)
+                solution = yield from self._solve(problem, candidate.start, coarse=len(candidates) > 1)
                 if best is None or solution.chi2 < best[1].chi2:
                     best = (problem, solution, candidate.prepared)
+                floors.append(solution.chi2)
+                if floor_confirmed(floors):
+                    break
             problem, solution, prepared = best
             if solution.normal_matrix is None:
                 solution = yield from self._solve(problem, solution.x)
@@ -305,13 +315,13 @@ class PayneFitter:
                                  prepared.snr, prepared)
         try:
             by_shift = {0: prepared}  # the spectrum normalised with its continuum pixels moved by whole pixels
-            candidates = []
+            candidates, shared = [], {}
             for start, v_guess in (yield from self._global_start(spectrum, by_shift, initial_labels)):
                 candidate = prepared
                 if self.v_rad_tolerance > 0:
                     candidate = self._moved(spectrum, by_shift, v_guess)
                     start = np.append(start, v_guess / (2.0 * self.v_rad_tolerance))
-                candidates.append(self._candidate(candidate, start))
+                candidates.append(self._candidate(candidate, start, shared))
             return candidates
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
@@ -456,20 +466,28 @@ class PayneFitter:
             weight = weight * self._edge_weight()
         return y, weight
 
-    def _candidate(self, prepared, start):
-        """A :class:`Candidate`; raises when the spectrum has too few usable pixels for the parameters."""
-        y, weight = self._data(prepared)
-        used = weight > 0
-        columns = None
-        if self.joint_continuum:
-            # a region's correction needs as many usable pixels as its continuum fit does; with fewer it stays at 1
-            needed = 3 * (self.continuum_degree + 1)
-            columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
-                                      if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
+    def _candidate(self, prepared, start, shared=None):
+        """A :class:`Candidate`; raises when the spectrum has too few usable pixels for the parameters. ``shared``
+        (a dict) keeps what depends on the prepared spectrum alone, for the other starts from it."""
+        shared = {} if shared is None else shared
+        if id(prepared) not in shared:
+            y, weight = self._data(prepared)
+            used = weight > 0
+            columns = None
+            if self.joint_continuum:
+                # a region's correction needs as many usable pixels as its continuum fit; with fewer it stays at 1
+                needed = 3 * (self.continuum_degree + 1)
+                columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
+                                          if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
+            shared[id(prepared)] = (prepared, y, weight, columns, int(used.sum()), None)
+        _, y, weight, columns, n_used, gram = shared[id(prepared)]
         n_params = len(start) + (0 if columns is None else len(columns))
-        if used.sum() < _MIN_PIXELS_PER_PARAMETER * n_params:
-            raise _NotEnoughPixels(f"only {int(used.sum())} usable pixels for {n_params} parameters")
-        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float))
+        if n_used < _MIN_PIXELS_PER_PARAMETER * n_params:
+            raise _NotEnoughPixels(f"only {n_used} usable pixels for {n_params} parameters")
+        if gram is None:
+            gram = self._layer.approximate_gram(weight**2)
+            shared[id(prepared)] = (prepared, y, weight, columns, n_used, gram)
+        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float), gram)
 
     @property
     def v_scale(self):
@@ -479,7 +497,7 @@ class PayneFitter:
     def problem(self, candidate):
         """The :class:`~astra_thepayne.core.problem.PayneProblem` of a :class:`Candidate`."""
         return PayneProblem(self._layer, candidate.y, candidate.weight, self._segments, self.v_scale,
-                            candidate.design_columns)
+                            candidate.design_columns, candidate.gram)
 
     def _solve(self, problem, start, coarse=False):
         """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`.solver.minimise`)."""
@@ -677,6 +695,15 @@ def _file_quality(spectrum):
     except (TypeError, ValueError):
         vscatter = float("nan")
     return starflag, vscatter
+
+
+def floor_confirmed(floors):
+    """Whether the lowest of the coarse fits' chi2 ``floors`` so far is reached by a second start (within
+    :data:`SAME_FLOOR`), so that no further start is tried."""
+    if len(floors) < 2:
+        return False
+    lowest = min(floors)
+    return sum(floor - lowest < SAME_FLOOR for floor in floors) >= 2
 
 
 def misfit(reduced_chi2, snr):

@@ -263,6 +263,7 @@ class OutputLayer:
     def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
         state = dict(self.__dict__)
         state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
+        state.pop("_design_columns", None)
         state["_spline_layer"] = None
         return state
 
@@ -362,6 +363,18 @@ class OutputLayer:
                 self._regions.append((rows, columns, basis, products))
         return self._regions
 
+    def design_columns(self, columns):
+        """``design[:, columns]`` (read only), kept per set of columns: nearly every spectrum fits the same ones."""
+        key = tuple(int(c) for c in columns)
+        kept = self.__dict__.setdefault("_design_columns", {})
+        if key not in kept:
+            if len(kept) >= 16:
+                kept.clear()
+            block = np.ascontiguousarray(self.design[:, list(key)])
+            block.flags.writeable = False
+            kept[key] = block
+        return kept[key]
+
     def approximate_cross(self, weights, columns):
         """``sum_b mean_b(weights) W2_b^T D_b`` ~ ``W2^T diag(weights) D`` ``(H, len(columns))``."""
         key = tuple(columns)
@@ -429,19 +442,22 @@ class PayneProblem:
         Fit the radial velocity as the parameter after the labels, in units of ``v_scale`` km/s.
     design_columns : ndarray of int, optional
         Fit a continuum correction ``1 + D g`` with these columns ``D`` of ``layer.design``.
+    gram : ndarray, optional
+        ``layer.approximate_gram(weight**2)``, when already made (the starts of one spectrum share it).
     """
 
-    def __init__(self, layer, y, weight, segments=None, v_scale=None, design_columns=None):
+    def __init__(self, layer, y, weight, segments=None, v_scale=None, design_columns=None, gram=None):
         self.layer, self.emulator = layer, layer.emulator
         self.y, self.weight = y, weight
         self.segments, self.v_scale = segments, v_scale
         self.design_columns = design_columns
         if v_scale:
             layer.use_segments(segments)  # the shifted model comes from the layer's spline coefficients
-        self.design = None if design_columns is None else layer.design[:, design_columns]
+        self.design = None if design_columns is None else layer.design_columns(design_columns)
         self.n_labels = self.emulator.n_labels
         self.n_design = 0 if design_columns is None else len(design_columns)
-        self._gram = layer.approximate_gram(weight**2)  # with c = 1: an approximation in any case
+        # with c = 1: an approximation in any case
+        self._gram = layer.approximate_gram(weight**2) if gram is None else gram
         self._p = self._previous = None  # evaluated states: the current point and the one before
         self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
         self._hidden_cross = self._approximate_blocks = None

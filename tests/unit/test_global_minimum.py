@@ -248,3 +248,45 @@ def test_model_bank_is_cached_by_network_and_shared_read_only(network, tmp_path)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert ModelBank.for_emulator(network, 64, blocked / "cache").flux.shape == (64, network.n_pixels)
+
+
+def test_starts_stop_once_two_reach_the_lowest_floor():
+    from astra_thepayne.core.fitting import SAME_FLOOR, floor_confirmed
+
+    assert not floor_confirmed([7000.0])
+    assert floor_confirmed([7000.0, 7000.0 + 0.9 * SAME_FLOOR])
+    assert not floor_confirmed([7000.0, 7000.0 + 1.1 * SAME_FLOOR])
+    # a lower floor found later needs a second start of its own
+    assert not floor_confirmed([7050.0, 7050.5, 7000.0])
+    assert floor_confirmed([7050.0, 7000.0, 7050.5, 7001.0])
+
+
+def test_a_further_start_runs_only_where_the_first_two_disagree(network):
+    """The starts are tried in order of their bank match; on this rugged network some spectra need a third or
+    fourth, most do not."""
+    from astra_thepayne.core import fitting
+
+    counts, solves = [], []
+    original = fitting.minimise
+
+    def counting(problem, x0, *args, coarse=False, **kwargs):
+        solution = yield from original(problem, x0, *args, coarse=coarse, **kwargs)
+        if coarse:
+            solves.append(solution.chi2)
+        return solution
+
+    rng = np.random.default_rng(3)
+    fitter = PayneFitter(network)
+    try:
+        fitting.minimise = counting
+        for _ in range(20):
+            truth = network.unscale(rng.uniform(-0.4, 0.4, network.n_labels))
+            solves.clear()
+            fitter.fit(synthetic_spectrum(network, truth, snr=100, rng=rng))
+            counts.append(len(solves))
+            # it stopped at the first confirmation, or ran out of starts
+            assert len(solves) == fitter.n_starts or fitting.floor_confirmed(solves)
+            assert not any(fitting.floor_confirmed(solves[:k]) for k in range(2, len(solves)))
+    finally:
+        fitting.minimise = original
+    assert min(counts) == 2 and max(counts) > 2, counts
