@@ -418,6 +418,7 @@ class _Evaluation:
     continuum_columns: np.ndarray | None = None  #: ``w f D``, made when an exact Jacobian asks for it
     r: np.ndarray | None = None  #: weighted residuals
     exact_matrix: np.ndarray | None = None  #: exact profiled ``J^T J``, once computed
+    gradient: np.ndarray | None = None  #: ``J^T r``, once computed
 
 
 class PayneProblem:
@@ -560,11 +561,12 @@ class PayneProblem:
     def gradient(self, theta):
         """``J^T r`` with respect to the labels (and velocity); that of ``g`` is zero, ``g`` being at its best."""
         yield from self._evaluate(theta)
-        g_labels = self.emulator.hidden_vjp(self._p.slopes,
-                                            (yield from self._transpose(self._label_weight() * self._p.r)))
-        if self.v_scale:
-            return np.append(g_labels, self._velocity_column() @ self._p.r)
-        return g_labels
+        p = self._p
+        if p.gradient is None:  # kept: a fit finished from where a coarse one ended asks again at the same point
+            p.gradient = self.emulator.hidden_vjp(p.slopes, (yield from self._transpose(self._label_weight() * p.r)))
+            if self.v_scale:
+                p.gradient = np.append(p.gradient, self._velocity_column() @ p.r)
+        return p.gradient.copy()
 
     def jacobian(self, theta):
         """The exact Jacobian of the residuals ``(P, n)``: labels, velocity, then continuum coefficients."""
