@@ -291,8 +291,8 @@ class PayneFitter:
                 if floor_confirmed(floors):
                     break
             problem, solution, prepared = best
-            if solution.normal_matrix is None:  # a coarse fit ended near its minimum: finish it with the exact matrix
-                solution = yield from self._solve(problem, solution.x, near=True)
+            if solution.normal_matrix is None:
+                solution = yield from self._solve(problem, solution.x)
             return (yield from self._result(problem, solution, prepared))
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             snr = candidates[0].prepared.snr if candidates else float("nan")
@@ -499,12 +499,12 @@ class PayneFitter:
         return PayneProblem(self._layer, candidate.y, candidate.weight, self._segments, self.v_scale,
                             candidate.design_columns, candidate.gram)
 
-    def _solve(self, problem, start, coarse=False, near=False):
-        """Scaled labels and velocity within [-0.5, 0.5] (``coarse``, ``near``: see :func:`.solver.minimise`)."""
+    def _solve(self, problem, start, coarse=False):
+        """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`.solver.minimise`)."""
         lower = np.full(problem.n_labels + int(bool(problem.v_scale)), -0.5)
         try:
             solution = yield from minimise(problem, start, lower, -lower, tolerance=self.opt_tolerance,
-                                           x_tolerance=np.sqrt(self.opt_tolerance), coarse=coarse, near=near)
+                                           x_tolerance=np.sqrt(self.opt_tolerance), coarse=coarse)
         except SolverFailure as exc:
             raise _OptimiserFailure(f"optimiser stopped: {exc}") from None
         if not np.all(np.isfinite(solution.x)):

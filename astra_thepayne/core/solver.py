@@ -56,8 +56,7 @@ class SolverFailure(RuntimeError):
 
 
 def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 5e-4, x_tolerance: float = 0.02,
-             max_evaluations: int | None = None, coarse: bool = False,
-             near: bool = False) -> Generator[Request, Any, Solution]:
+             max_evaluations: int | None = None, coarse: bool = False) -> Generator[Request, Any, Solution]:
     """Minimise ``problem.chi2`` within ``lower <= x <= upper`` from ``x0``; a generator that passes on the
     problem's requests and returns a :class:`Solution`.
 
@@ -69,9 +68,8 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
     parameter moved by less than ``x_tolerance`` of its sigma; it ends fits that sit on a kink of a
     piecewise-linear network, where steps fail until the trust region is that small). With ``coarse``, returns
     instead as soon as the fit is near a minimum (where the exact matrix would take over), with ``normal_matrix``
-    None: enough to compare starting points. ``near`` says that ``x0`` is already near a minimum (where a coarse
-    fit ended): the exact matrix is used from the first step. A converged fit whose Newton step points through
-    bounds tries the parameters on them (:func:`_onto_bounds`) and goes on from there when chi2 is lower. Raises
+    None: enough to compare starting points. A converged fit whose Newton step points through bounds tries the
+    parameters on them (:func:`_onto_bounds`) and goes on from there when chi2 is lower. Raises
     :class:`SolverFailure` when chi2 is not finite at the start or the evaluation budget (default 100 per parameter,
     as SciPy) runs out.
     """
@@ -84,7 +82,7 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
         raise SolverFailure("chi2 is not finite at the starting point")
     evaluations = 1
     gradient = yield from problem.gradient(x)
-    exact = bool(near)
+    exact = False
     model = _Model((yield from problem.normal_matrix(x, exact)))
     radius = max(float(np.linalg.norm(x)), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
     onto_bounds = _ONTO_BOUNDS_TRIES
