@@ -43,7 +43,7 @@ from ..files import atomic_write
 __all__ = ["apply_correction", "calibrate_pair_errors", "calibrate_pair_errors_by_snr", "pair_z_scores",
            "pair_snr", "snr_bin_index", "check_snr_edges", "quantile_snr_edges", "snr_bin_names",
            "load_corrections", "save_corrections", "apply_corrections_to_database", "repeat_pairs",
-           "calibrate_from_database", "FORMS", "SNR_KEYS"]
+           "calibrate_from_database", "NoiseModelFitError", "FORMS", "SNR_KEYS"]
 
 #: The forms of the correction: Astra's linear ``s raw_e + o`` and the quadrature ``sqrt((s raw_e)^2 + o^2)``.
 FORMS = ("linear", "quadrature")
@@ -217,8 +217,32 @@ def calibrate_pair_errors(x1, e1, x2, e2, form: str = "linear") -> dict:
     start[0] = min(max(start[0], bounds[0][0]), bounds[0][1])
     best = minimize(nll, start, method="Nelder-Mead", bounds=bounds,
                     options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
+    _check_converged(best, bounds, f"{dx.size} pairs")
     fitted = {"offset": float(abs(best.x[1]) * typical), "scale": float(math.exp(best.x[0]))}
     return fitted | ({"form": form} if form != "linear" else {})
+
+
+class NoiseModelFitError(ConfigurationError):
+    """The likelihood of a calibration did not reach its maximum: no correction is better than a wrong one."""
+
+
+def _check_converged(best, bounds, what, gradient_tolerance=1e-6):
+    """Raise :class:`NoiseModelFitError` unless the optimiser ``best`` (a SciPy ``OptimizeResult``) converged.
+
+    L-BFGS-B may stop with an abnormal line search at the maximum itself, where rounding leaves no step that
+    improves the likelihood; its projected gradient (components pushing against a bound dropped) then vanishes, and
+    that counts as converged. A Nelder-Mead fit that is not a success ran out of iterations."""
+    if best.success:
+        return
+    gradient = getattr(best, "jac", None)
+    if gradient is not None and np.all(np.isfinite(gradient)):
+        lower, upper = np.array(bounds, dtype=float).T
+        x, gradient = np.asarray(best.x, dtype=float), np.asarray(gradient, dtype=float)
+        pushed_out = ((x <= lower) & (gradient > 0)) | ((x >= upper) & (gradient < 0))
+        if np.max(np.abs(np.where(pushed_out, 0.0, gradient))) <= gradient_tolerance * max(1.0, abs(best.fun)):
+            return
+    raise NoiseModelFitError(f"noise-model calibration on {what} did not converge ({best.message}); try fewer "
+                             f"S/N bins or the other --form")
 
 
 def _touching(b1, b2, n_bins):
@@ -328,6 +352,7 @@ def calibrate_pair_errors_by_snr(x1, e1, snr1, x2, e2, snr2, snr_edges, form: st
                             np.full(n_bins, max(plain["offset"] / typical, 0.05))])
     best = minimize(nll, start, jac=True, method="L-BFGS-B", bounds=bounds,
                     options={"maxiter": 10000, "ftol": 1e-13, "gtol": 1e-9})
+    _check_converged(best, bounds, f"{dx.size} pairs in {n_bins} S/N bins")
     scale, offset = np.exp(best.x[:n_bins]), best.x[n_bins:] * typical
 
     # Fisher information of a Gaussian in its variance: 0.5 sum (dv/da)(dv/db) / v^2, in (scale, offset) per bin
@@ -537,6 +562,14 @@ def repeat_pairs(label: str, tag: str = "", model_sha256: str | None = None, err
     return tuple(array[:, k] for k in columns)
 
 
+def _for_label(label, calibrate, *args):
+    """``calibrate(*args)`` with the label named in a :class:`NoiseModelFitError`."""
+    try:
+        return calibrate(*args)
+    except NoiseModelFitError as exc:
+        raise NoiseModelFitError(f"{label}: {exc}") from None
+
+
 def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None = None, min_pairs: int = 3,
                             form: str = "linear", snr_edges=None, snr_bins: int | None = None):
     """Calibrate ``(offset, scale)`` per label from the repeat visits in the database, in the given ``form``.
@@ -569,7 +602,7 @@ def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None
             x1, e1, x2, e2 = repeat_pairs(label, tag, model_sha256)
             n_pairs[label] = len(x1)
             if len(x1) >= max(3, min_pairs):
-                corrections[label] = calibrate_pair_errors(x1, e1, x2, e2, form)
+                corrections[label] = _for_label(label, calibrate_pair_errors, x1, e1, x2, e2, form)
             continue
         x1, e1, x2, e2, snr1, snr2 = repeat_pairs(label, tag, model_sha256, with_snr=True)
         usable = np.isfinite(pair_snr(snr1, snr2))
@@ -580,9 +613,10 @@ def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None
         if edges is None:
             edges = quantile_snr_edges(np.concatenate([snr1[usable], snr2[usable]]), snr_bins)
         if edges:
-            entry, info = calibrate_pair_errors_by_snr(x1, e1, snr1, x2, e2, snr2, edges, form, min_pairs)
+            entry, info = _for_label(label, calibrate_pair_errors_by_snr, x1, e1, snr1, x2, e2, snr2, edges, form,
+                                     min_pairs)
         else:  # every paired visit has the same S/N: nothing to bin
-            entry = calibrate_pair_errors(x1[usable], e1[usable], x2[usable], e2[usable], form)
+            entry = _for_label(label, calibrate_pair_errors, x1[usable], e1[usable], x2[usable], e2[usable], form)
             info = {"n_pairs": [n_pairs[label]], "offset_err": [math.nan], "scale_err": [math.nan],
                     "merged": ["S/N: all paired visits have the same S/N; one bin"], "n_without_snr": 0}
         info["n_without_snr"] = int((~usable).sum())

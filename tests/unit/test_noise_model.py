@@ -298,3 +298,31 @@ def test_snr_calibration_does_not_claim_to_know_what_the_pairs_cannot_tell_apart
     for k in range(2):
         assert apply_correction(0.05, entry["snr_offset"][k], entry["snr_scale"][k]) == pytest.approx(0.06, rel=0.05)
         assert not info["scale_err"][k] < 1.0 and not info["offset_err"][k] < 0.05  # NaN or large
+
+
+def test_a_calibration_that_does_not_converge_is_refused_not_written(monkeypatch):
+    """The real optimisers, held to too few iterations: the calibration stops with a one-line error naming what
+    did not converge, instead of returning the values where the optimiser stopped."""
+    import scipy.optimize
+
+    from astra_thepayne.pipeline.noise_model import NoiseModelFitError
+
+    real = scipy.optimize.minimize
+
+    def starved(*args, options=None, **kwargs):
+        return real(*args, options={**(options or {}), "maxiter": 2}, **kwargs)
+
+    rng = np.random.default_rng(42)
+    e1, e2 = rng.uniform(0.01, 0.1, 500), rng.uniform(0.01, 0.1, 500)
+    x1, x2 = rng.normal(0, 1.8 * e1 + 0.02), rng.normal(0, 1.8 * e2 + 0.02)
+    assert calibrate_pair_errors(x1, e1, x2, e2)["scale"] == pytest.approx(1.8, rel=0.15)  # converges as it is
+    monkeypatch.setattr(scipy.optimize, "minimize", starved)
+    with pytest.raises(NoiseModelFitError, match="500 pairs did not converge"):
+        calibrate_pair_errors(x1, e1, x2, e2)
+    snr1, snr2 = rng.uniform(20, 200, 500), rng.uniform(20, 200, 500)
+    monkeypatch.setattr(scipy.optimize, "minimize", real)  # the plain fit inside converges; the binned one not
+    plain_then_starved = iter([real, starved])
+    monkeypatch.setattr(scipy.optimize, "minimize", lambda *a, **k: next(plain_then_starved)(*a, **k))
+    with pytest.raises(NoiseModelFitError, match="in 2 S/N bins did not converge"):
+        calibrate_pair_errors_by_snr(x1, e1, snr1, x2, e2, snr2, [80.0])
+    assert issubclass(NoiseModelFitError, ConfigurationError)  # the command line: one line, exit 2
