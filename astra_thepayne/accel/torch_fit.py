@@ -159,7 +159,7 @@ class DeviceFitter:
         with self.fitter.workers(processes):
             pool = self.fitter._pool
             waiting = deque()
-            ready_spectra, ready_setups = [], []
+            ready_spectra, ready_setups, ready_seconds = [], [], []
             chunks = batches(spectra, min(BATCH_SIZE, batch_size))
             exhausted = False
             while True:
@@ -172,12 +172,16 @@ class DeviceFitter:
                 if not waiting:
                     break
                 chunk, pending = waiting.popleft()
+                setups, seconds = pending.get()
                 ready_spectra += chunk
-                ready_setups += pending.get()
+                ready_setups += setups
+                ready_seconds += [seconds] * len(chunk)
                 if len(ready_spectra) >= batch_size or (exhausted and not waiting):
                     start = time.perf_counter()
                     results = _timed(self._fit_setups(ready_spectra, ready_setups), start)
-                    ready_spectra, ready_setups = [], []
+                    for result, seconds in zip(results, ready_seconds, strict=True):
+                        result.seconds += seconds  # the worker's time on it, as fit_batch's time includes it
+                    ready_spectra, ready_setups, ready_seconds = [], [], []
                     yield from results
 
     # -- the batch on the device --------------------------------------------------------------------------------
@@ -549,8 +553,12 @@ def _setup(fitter, element, initial_labels):
 
 
 def _candidates_in_worker(args):
+    """The setups of a chunk of spectra, and the worker's seconds per spectrum spent on them (reading, preparing,
+    the starts), which belong to each row's time as much as its share of the device's."""
     from ..core import fitting
 
     batch, initial_labels = args
     fitter = fitting._WORKER_FITTER
-    return fitter._layer.run([_setup(fitter, element, initial_labels) for element in batch])
+    start = time.perf_counter()
+    setups = fitter._layer.run([_setup(fitter, element, initial_labels) for element in batch])
+    return setups, (time.perf_counter() - start) / max(len(batch), 1)

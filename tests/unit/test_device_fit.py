@@ -1,6 +1,8 @@
 """The batched fit on PyTorch (``astra_thepayne.accel``) against the numpy engine, on the CPU always and on a GPU
 when there is one: the same labels (within 0.02 sigma where both reach the same minimum), errors, flags and
 failures, on the line network, whose chi2 surface is ragged like a physical network's."""
+import time
+
 import numpy as np
 import pytest
 
@@ -94,6 +96,32 @@ def test_worker_processes_prepare_the_same_fits(with_velocity):
     with device.workers(2):
         pooled = list(device.fit_many(spectra[:10], processes=2))
     assert [r.chi2 for r in pooled] == pytest.approx([r.chi2 for r in alone], abs=1e-6)
+
+
+class _SlowToRead:
+    """A spectrum that takes 1.5 s to read (a slow file system), read by the worker that prepares it."""
+
+    label = "slow to read"
+
+    def __init__(self, spectrum):
+        self.spectrum = spectrum
+
+    def read(self):
+        time.sleep(1.5)
+        return self.spectrum
+
+
+@pytest.mark.slow
+def test_a_rows_time_includes_the_workers_reading_and_starts(with_velocity):
+    """As in one process, where a batch's time includes reading and the starts: a row fitted with worker
+    processes is timed with the worker's time on it too, not with its share of the device's time alone (which is
+    a fraction of a second here)."""
+    fitter, spectra, _ = with_velocity
+    device = device_fitter(fitter, "cpu", batch_size=8)
+    with device.workers(2):
+        results = list(device.fit_many([_SlowToRead(s) for s in spectra[:3]], processes=2))
+    assert all(r.success for r in results)
+    assert all(r.seconds >= 1.5 for r in results), [r.seconds for r in results]
 
 
 def test_a_bad_spectrum_does_not_stop_the_batch(network, without_velocity):
