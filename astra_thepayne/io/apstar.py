@@ -135,7 +135,8 @@ class ApStarReader(SpectrumReader):
         else:
             rows = [0, *range(2, nrow)]
 
-        visit_table = _visit_table(hdul)
+        # only visit rows use the HDU9 table, whose parsing costs more than the rest of a coadd-only read
+        visit_table = _visit_table(hdul) if rows != [0] else None
         common = {
             "ra": header_float(primary, "RA"),
             "dec": header_float(primary, "DEC"),
