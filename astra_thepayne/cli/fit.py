@@ -110,7 +110,7 @@ def fit(files, model, mask, continuum_pixels, v_rad_tolerance, opt_tolerance, sk
     from ..core.pixel_weights import PixelWeights
     from ..core.result import FitResult
     from ..io import SpectrumFileError, iter_spectrum_files, read_spectra
-    from ..pipeline.task import load_fitter
+    from ..pipeline.fitter import load_fitter
 
     if output is not None and output.suffix.lower() not in (".fits", ".fit", ".csv", ".gz"):
         raise ConfigurationError(f"--output {output}: use a .fits or .csv file name")

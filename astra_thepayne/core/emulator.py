@@ -79,8 +79,9 @@ class PayneEmulator:
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"model file {path}: does not exist")
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        if path.read_bytes()[:2] == b"PK":  # .npz (a zip archive), whatever its name
+        data = path.read_bytes()  # once: a production network is tens of MB
+        sha256 = hashlib.sha256(data).hexdigest()
+        if data[:2] == b"PK":  # .npz (a zip archive), whatever its name
             try:
                 with np.load(path, allow_pickle=False) as npz:
                     content = {k: npz[k] for k in npz.files}
@@ -96,7 +97,7 @@ class PayneEmulator:
                 [content[f"w_array_{i}"] for i in range(3)], [content[f"b_array_{i}"] for i in range(3)],
                 content["x_min"], content["x_max"], wavelength, names, path=path, sha256=sha256,
             )
-        content = load_pickle_arrays(path)  # type: ignore[assignment]  # checked on the next line
+        content = load_pickle_arrays(path, data)  # type: ignore[assignment]  # checked on the next line
         if not isinstance(content, dict):
             raise ModelFileError(f"model file {path}: expected a dict, found {type(content).__name__}")
         missing = [k for k in ("weights", "biases", "x_min", "x_max", "wavelength", "label_names") if k not in content]

@@ -1,6 +1,7 @@
 """The result of fitting one spectrum, and its flat row form (the same keys for successes and failures)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,15 @@ def row_keys(label_names) -> list[str]:
             + [rho_name(a, b) for a, b in label_pairs(names)]
             + ["chi2", "reduced_chi2", "dof", "snr", "starflag", "vscatter", "result_flags", "at_bound_flags",
                "flag_warn", "flag_bad"])
+
+
+@functools.lru_cache(maxsize=8)
+def _rho_layout(names: tuple[str, ...]):
+    """``(column names, row indices, column indices)`` of the label pairs' correlations in the matrix."""
+    index = {n: i for i, n in enumerate(names)}
+    pairs = label_pairs(names)
+    return ([rho_name(a, b) for a, b in pairs], np.array([index[a] for a, _ in pairs], dtype=np.intp),
+            np.array([index[b] for _, b in pairs], dtype=np.intp))
 
 
 @dataclass
@@ -137,9 +147,9 @@ class FitResult:
         row.update({n: float(v) for n, v in zip(names, self.labels, strict=True)})
         row.update({f"e_{n}": float(v) for n, v in zip(names, self.errors, strict=True)})
         row.update({f"raw_e_{n}": float(v) for n, v in zip(names, self.raw_e, strict=True)})
-        rho = self.rho
-        index = {n: i for i, n in enumerate(names)}
-        row.update({rho_name(a, b): float(rho[index[a], index[b]]) for a, b in label_pairs(names)})
+        # the 300 correlations in one gather: indexing the matrix pair by pair was most of the time of a row
+        keys, rows, columns = _rho_layout(tuple(names))
+        row.update(zip(keys, np.asarray(self.rho[rows, columns], dtype=float).tolist(), strict=True))
         row.update(chi2=float(self.chi2), reduced_chi2=float(self.reduced_chi2), dof=int(self.dof),
                    snr=float(self.snr), starflag=None if self.starflag is None else int(self.starflag),
                    vscatter=float(self.vscatter), result_flags=int(self.result_flags),

@@ -37,13 +37,17 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_pickle_arrays(path) -> object:
-    """Load a pickle that may only contain containers of numpy arrays, numbers and strings."""
+def load_pickle_arrays(path, data: bytes | None = None) -> object:
+    """Load a pickle that may only contain containers of numpy arrays, numbers and strings.
+
+    ``data``: the file's bytes, when the caller has read them already (``path`` then only names it in messages).
+    """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelFileError(f"model file {path}: cannot read it ({exc.strerror or exc})") from None
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelFileError(f"model file {path}: cannot read it ({exc.strerror or exc})") from None
     try:
         return ArrayOnlyUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:

@@ -191,8 +191,8 @@ def ivar_from_error(flux, error):
     error = np.asarray(error, dtype=np.float64)
     with np.errstate(all="ignore"):
         good = np.isfinite(flux) & np.isfinite(error) & (error > 0) & (error < BAD_ERROR)
-        ivar = np.zeros(flux.shape, dtype=np.float64)
-        ivar[good] = 1.0 / error[good] ** 2
+        # divide where good: the same 1 / error**2 per pixel, without the slower boolean-mask gather and scatter
+        ivar = np.divide(1.0, error ** 2, out=np.zeros(flux.shape, dtype=np.float64), where=good)
     return clean_flux_ivar(flux, ivar)
 
 

@@ -129,6 +129,15 @@ def test_importing_the_core_loads_no_database_reader_or_plotting_library():
     assert result.stdout.strip() == ""
 
 
+def test_what_thepayne_fit_imports_loads_no_database_or_plotting_library():
+    # `thepayne fit` works without a database: its start-up should not pay for peewee and the models
+    code = ("import sys; import astra_thepayne.cli, astra_thepayne.cli.fit, astra_thepayne.io, "
+            "astra_thepayne.pipeline.fitter; loaded = sorted(set(sys.modules) & {'peewee', 'psycopg2', 'matplotlib', "
+            "'astra_thepayne.db'}); print(','.join(loaded))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
 def test_a_module_at_its_earlier_place_is_the_same_module():
     import importlib
 
