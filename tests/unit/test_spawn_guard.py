@@ -1,5 +1,5 @@
 """A script that starts the fitter's worker processes without ``if __name__ == "__main__":`` is refused in one line
-before any worker starts; before 0.5.1 every spawned worker ran the script again and the call never returned."""
+before any worker starts; before 0.6.0 every spawned worker ran the script again and the call never returned."""
 import subprocess
 import sys
 import textwrap
