@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ STALE_SECONDS = 24 * 3600.0
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 _TEMPORARY = re.compile(r"\..+?\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[^.]+\.tmp")
 _cleaned: set = set()  # (pid, folder) already cleaned by this process
+# os.umask reads the umask only by setting it: two threads writing at once (the task writes its pickles from a
+# thread pool) could each read the 0 the other set and leave the process with umask 0, and a folder made meanwhile
+# would get mode 0777. Both happen under this lock.
+_UMASK_LOCK = threading.Lock()
 
 
 def _alive(pid: int) -> bool:
@@ -82,10 +87,12 @@ def atomic_write(path, write, fsync=False) -> Path:
     The file gets the permissions the umask gives new files (``mkstemp`` alone would leave it readable by its owner
     only, which breaks shared survey folders and packaged models). ``fsync=True`` forces the bytes to disk before
     the rename, for files that a database row will point at once committed. The first write of a process into a
-    folder removes the temporaries that killed writers left there (:func:`remove_stale_temporaries`).
+    folder removes the temporaries that killed writers left there (:func:`remove_stale_temporaries`). Threads of one
+    process may call it at once.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _UMASK_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
     key = (os.getpid(), str(path.parent))
     if key not in _cleaned:
         _cleaned.add(key)
@@ -97,8 +104,9 @@ def atomic_write(path, write, fsync=False) -> Path:
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
+        with _UMASK_LOCK:
+            umask = os.umask(0)
+            os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:

@@ -4,8 +4,10 @@
 Astra spectrum rows (anything with ``flux``, ``ivar`` and ``wavelength`` arrays and a ``spectrum_pk``) or
 :class:`~astra_thepayne.core.spectrum.Spectrum` objects read from files, and yields, in input order, one unsaved result
 row for each. It yields ``...`` after loading the network, which marks that time as overhead shared by all results
-(Astra's convention). For a spectrum with a primary key, the intermediate pickle is written atomically before its
-row is yielded, so a row can never be committed before its arrays are on disk.
+(Astra's convention). For a spectrum with a primary key, the intermediate pickle is written atomically (and
+fsync'ed) before its row is yielded, so a row can never be committed before its arrays are on disk; a few pickles
+are written at once, by threads, while the next results come in. Each row is timed by the task itself
+(``t_elapsed``): its share of its fit batch, reading its file, and building its row and writing its pickle.
 
 Running it:
 
@@ -22,6 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,7 +213,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     """
     from .. import __version__
     from ..db.database import database_identity
-    from ..io.intermediate import intermediate_path, write_intermediate
+    from ..io.intermediate import intermediate_path
 
     if fitter is None:
         fitter = load_fitter(model_path, mask_path, continuum_pixels_path, opt_tolerance, v_rad_tolerance,
@@ -234,29 +237,86 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
     database_id = None  # looked up when the first pickle is written
     yield ...  # loading the network and building masks is overhead shared by every result
 
-    for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
-        started = time.perf_counter()
-        fields = row_to_fields(result.as_row(), model)
-        if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
-            fields["snr"] = float(spectrum.snr)
-        row = model(spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance, **fields)
-        if result.message:
-            row.message = result.message
-        if spectrum_pk is not None and not row.flag_bad:
-            # the pickle is complete on disk before the row exists anywhere but in memory
-            if database_id is None:
-                database_id = database_identity(model._meta.database, own_schema=getattr(model, "own_schema", True))
-            path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
-                                     database_id=database_id)
-            write_intermediate(path, result.continuum, result.rectified_model_flux,
-                               owner={"database": database_id, "spectrum_pk": spectrum_pk,
-                                      "model_sha256": emulator.sha256, "tag": tag})
-            if "intermediate_file" in model._meta.fields:
-                row.intermediate_file = str(path.resolve())
-        row.set_arrays(result.continuum, result.rectified_model_flux)
-        if result.seconds is not None:
+    # Pickles are written by a few threads while this one goes on with the next results: a write is mostly the wait
+    # for fsync, which releases the GIL, so several at once cost little more than one. A row is held back until its
+    # own pickle is on disk, and rows leave in input order.
+    held = deque()  # (row, seconds so far or None, pickle write or None), in input order
+    writers = _pickle_writers()
+    try:
+        for _item, spectrum_pk, source_pk, spectrum, result in _paired(fitter, spectra, processes, initial_labels):
+            started = time.perf_counter()
+            fields = row_to_fields(result.as_row(), model)
+            if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
+                fields["snr"] = float(spectrum.snr)
+            row = model(spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance, **fields)
+            if result.message:
+                row.message = result.message
+            write = None
+            if spectrum_pk is not None and not row.flag_bad:
+                if database_id is None:
+                    database_id = database_identity(model._meta.database,
+                                                    own_schema=getattr(model, "own_schema", True))
+                path = intermediate_path(spectrum_pk, tag=tag, version=__version__, model_sha256=emulator.sha256,
+                                         database_id=database_id)
+                write = writers.submit(_write_pickle, path, result.continuum, result.rectified_model_flux,
+                                       {"database": database_id, "spectrum_pk": spectrum_pk,
+                                        "model_sha256": emulator.sha256, "tag": tag})
+            row.set_arrays(result.continuum, result.rectified_model_flux)
             # spectra are fitted in batches: time each row by its share, not by when the batch happened to finish
-            row.t_elapsed = result.seconds + (time.perf_counter() - started)
+            seconds = None if result.seconds is None else result.seconds + (time.perf_counter() - started)
+            held.append((row, seconds, write))
+            yield from _written(held, model, keep=PICKLES_IN_FLIGHT)
+        yield from _written(held, model, keep=0)
+    finally:
+        # on an error or an abandoned generator: start no more pickles; those being written finish (a pickle without
+        # a row is harmless, a re-run replaces it)
+        wait([write for _, _, write in held if write is not None and not write.cancel()])
+
+
+#: Threads writing intermediate pickles (:func:`fit_rows`).
+PICKLE_WRITERS = 4
+#: Rows :func:`fit_rows` holds back at most while their pickles are being written; past this it waits for the oldest.
+PICKLES_IN_FLIGHT = 32
+_WRITERS = (None, None)  # (process id, its pool of pickle writers)
+
+
+def _pickle_writers() -> ThreadPoolExecutor:
+    """This process's pool of pickle writers, started once: starting threads anew for every batch of ``thepayne
+    run`` cost about 5 ms each. A forked child starts its own (the parent's threads do not exist there)."""
+    global _WRITERS
+    pid, pool = _WRITERS
+    if pid != os.getpid():
+        pool = ThreadPoolExecutor(PICKLE_WRITERS, thread_name_prefix="thepayne-pickle")
+        _WRITERS = os.getpid(), pool
+    return pool
+
+
+def _write_pickle(path, continuum, rectified_model_flux, owner):
+    """Write one intermediate pickle (in a writer thread); returns ``(absolute path, seconds it took)``."""
+    from ..io.intermediate import write_intermediate
+
+    started = time.perf_counter()
+    path = write_intermediate(path, continuum, rectified_model_flux, owner=owner).resolve()
+    return path, time.perf_counter() - started
+
+
+def _written(held, model, keep):
+    """Yield the rows at the head of ``held`` whose pickles are on disk (or that have none), in order, waiting for
+    the oldest write while more than ``keep`` rows are held. A failed write raises its error here, as the write
+    itself did before, so that neither its row nor any after it is yielded."""
+    while held:
+        row, seconds, write = held[0]
+        if write is not None and not write.done() and len(held) <= keep:
+            return
+        held.popleft()
+        if write is not None:
+            path, writing = write.result()  # waits for the write; raises its error (OSError: disk full, ...)
+            if "intermediate_file" in model._meta.fields:
+                row.intermediate_file = str(path)
+            if seconds is not None:
+                seconds += writing  # the row's own write, though writes overlap each other and the fits
+        if seconds is not None:
+            row.t_elapsed = seconds
         yield row
 
 

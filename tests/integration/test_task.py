@@ -192,3 +192,116 @@ def test_every_row_of_an_unreadable_file_fails_with_the_files_reason(tmp_path, s
     assert len(reasons) == 3 and all("apStar-A.fits" in m and "SpectrumFileError" in m for m in reasons)
     assert all(len(m.splitlines()) == 1 for m in reasons)
     database.close()
+
+
+class _CopyingFitter:
+    """A fitter whose results are copies of one real result with arrays scaled by the spectrum's S/N (its key
+    here), so that a thousand rows cost no fits and each pickle says which row it belongs to."""
+
+    def __init__(self, fitter, spectrum):
+        self.emulator = fitter.emulator
+        (self._result,) = fitter.fit_many([spectrum])
+
+    def fit_many(self, spectra, processes=1, initial_labels=None):
+        import copy
+
+        for spectrum in spectra:
+            result = copy.copy(self._result)
+            result.continuum = self._result.continuum * spectrum.snr
+            result.rectified_model_flux = self._result.rectified_model_flux * spectrum.snr
+            yield result
+
+
+@pytest.fixture()
+def copying_task(tmp_path, monkeypatch, toy_emulator):
+    """``(fitter, inputs)``: a :class:`_CopyingFitter` and 200 Astra-like spectrum rows, primary keys 1..200 (so
+    each gets a pickle, in ``tmp_path/out``), results stored in a fresh SQLite database."""
+    from types import SimpleNamespace
+
+    from astra_thepayne.pipeline.task import load_fitter
+
+    monkeypatch.setenv("THEPAYNE_OUTPUT_DIR", str(tmp_path / "out"))
+    database = connect(f"sqlite:///{tmp_path / 'x.db'}")
+    upgrade(database)
+    spectrum = synthetic_spectrum(toy_emulator, (toy_emulator.x_min + toy_emulator.x_max) / 2, rng=1)
+    fitter = _CopyingFitter(load_fitter(toy_emulator), spectrum)
+    inputs = [SimpleNamespace(spectrum_pk=pk, source_pk=None, wavelength=spectrum.wavelength, flux=spectrum.flux,
+                              ivar=spectrum.ivar, snr=float(pk)) for pk in range(1, 201)]
+    yield fitter, inputs
+    database.close()
+
+
+def test_rows_come_in_order_each_after_its_own_pickle_is_on_disk(copying_task, monkeypatch):
+    import random
+    import time
+
+    from astra_thepayne.io import intermediate
+    from astra_thepayne.io.intermediate import read_intermediate
+    from astra_thepayne.pipeline.task import fit_rows
+
+    fitter, inputs = copying_task
+    on_disk = set()  # pickles renamed into place after their fsync
+    real_atomic_write = intermediate.atomic_write
+
+    def slow_atomic_write(path, write, fsync=False):
+        assert fsync
+
+        def slow(handle):  # writes finish out of order
+            time.sleep(random.uniform(0, 0.004))
+            write(handle)
+
+        path = real_atomic_write(path, slow, fsync=fsync)
+        on_disk.add(path.resolve())
+        return path
+
+    monkeypatch.setattr(intermediate, "atomic_write", slow_atomic_write)
+    keys = []
+    for row in fit_rows(inputs, ThePayne, fitter=fitter):
+        if row is Ellipsis:
+            continue
+        path = row.intermediate_path
+        assert path in on_disk, f"row {row.spectrum_pk_id} yielded before its pickle was written"
+        keys.append(row.spectrum_pk_id)
+        continuum, rectified = read_intermediate(path)
+        assert np.array_equal(continuum, row.continuum, equal_nan=True)
+        assert np.array_equal(rectified, row.rectified_model_flux, equal_nan=True)
+        assert np.allclose(continuum, fitter._result.continuum * row.spectrum_pk_id, equal_nan=True)
+        assert row.t_elapsed >= 0  # the task times its rows; its write is part of it
+    assert keys == list(range(1, 201))
+
+
+def test_a_failed_pickle_write_stops_the_rows_at_that_spectrum(copying_task, monkeypatch):
+    import errno
+
+    from astra_thepayne.io import intermediate
+    from astra_thepayne.pipeline.task import fit_rows
+
+    fitter, inputs = copying_task
+    real_write = intermediate.write_intermediate
+
+    def full_disk_at_40(path, *args, **kwargs):
+        if path.name == "40.pkl":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(intermediate, "write_intermediate", full_disk_at_40)
+    keys = []
+    with pytest.raises(OSError, match="No space left") as raised:
+        for row in fit_rows(inputs, ThePayne, fitter=fitter):
+            if row is not Ellipsis:
+                keys.append(row.spectrum_pk_id)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("40.pkl")
+    assert keys == list(range(1, 40))  # every row before it, in order, and none after it
+
+
+def test_a_forked_child_starts_its_own_pickle_writers(monkeypatch):
+    from astra_thepayne.pipeline import task
+
+    parent = task._pickle_writers()
+    assert task._pickle_writers() is parent  # one pool per process, not one per batch
+    monkeypatch.setattr(task, "_WRITERS", (-1, parent))  # what a forked child sees: a pool whose threads are gone
+    child = task._pickle_writers()
+    try:
+        assert child is not parent and child.submit(int, "42").result(timeout=30) == 42
+    finally:
+        child.shutdown()

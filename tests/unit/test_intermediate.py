@@ -1,7 +1,11 @@
 """Intermediate pickles: Astra's path layout, atomic writes, safe reads; and the integer version of Astra 0.8."""
 from __future__ import annotations
 
+import os
 import pickle
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -61,6 +65,34 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
         write_intermediate(path, np.zeros(8575), np.zeros(8575))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["1.pkl"]
+
+
+def test_pickles_written_from_many_threads_at_once_keep_the_umask_and_its_modes(tmp_path, monkeypatch):
+    # the task writes its pickles from a thread pool; os.umask reads the umask only by setting it to 0 for a moment,
+    # made longer here so that threads not kept apart would see each other's 0
+    arrays = np.ones(8575), np.full(8575, 0.5)
+    umask = os.umask
+
+    def slow_umask(mask):
+        old = umask(mask)
+        if mask == 0:
+            time.sleep(0.002)
+        return old
+
+    previous = umask(0o022)
+    monkeypatch.setattr(os, "umask", slow_umask)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            paths = list(pool.map(lambda pk: write_intermediate(intermediate_path(pk, root=tmp_path), *arrays),
+                                  range(1, 120)))
+        assert umask(0o022) == 0o022
+    finally:
+        umask(previous)
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert stat.S_IMODE(path.parent.stat().st_mode) == stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o755
+        assert np.array_equal(read_intermediate(path)[1], arrays[1])
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(p.name for p in paths)
 
 
 def test_reading_refuses_missing_wrong_and_unsafe_files(tmp_path):
