@@ -9,6 +9,7 @@ touched for :data:`STALE_SECONDS`. A live writer's temporary is never removed.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -81,16 +82,35 @@ def remove_stale_temporaries(folder, now: float | None = None) -> list[Path]:
     return removed
 
 
+def _fsync_folder(folder) -> None:
+    """Force a folder's entries (names created or renamed in it) to disk; where folders cannot be opened for that
+    (Windows), the file system's own ordering is all there is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot sync a folder: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write, fsync=False) -> Path:
     """Create ``path`` through ``write(fileobj)`` on a binary temporary file, then :func:`os.replace`.
 
     The file gets the permissions the umask gives new files (``mkstemp`` alone would leave it readable by its owner
-    only, which breaks shared survey folders and packaged models). ``fsync=True`` forces the bytes to disk before
-    the rename, for files that a database row will point at once committed. The first write of a process into a
-    folder removes the temporaries that killed writers left there (:func:`remove_stale_temporaries`). Threads of one
-    process may call it at once.
+    only, which breaks shared survey folders and packaged models). ``fsync=True`` is for files that a database row
+    will point at once committed: it forces the bytes to disk before the rename, and after it the folder (and the
+    folders above that this call created), so that the name survives a power cut too: a rename is recorded in its
+    folder, which a file's own fsync does not write. The first write of a process into a folder removes the
+    temporaries that killed writers left there (:func:`remove_stale_temporaries`). Threads of one process may call
+    it at once.
     """
     path = Path(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()] if fsync else []
     with _UMASK_LOCK:
         path.parent.mkdir(parents=True, exist_ok=True)
     key = (os.getpid(), str(path.parent))
@@ -109,6 +129,9 @@ def atomic_write(path, write, fsync=False) -> Path:
             os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        if fsync:
+            for folder in (path.parent, *(new.parent for new in created)):
+                _fsync_folder(folder)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exc.filename is None:  # a failed write names no file: name the one being written (disk full, ...)

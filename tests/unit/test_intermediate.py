@@ -116,3 +116,31 @@ def test_version_to_int_follows_astra_08():
     assert version_to_int("0.1.0") == 1000
     assert version_to_int("1.2.3") == 1_002_003
     assert version_to_int("0.6.0rc1") == 6000
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc (Linux)")
+def test_a_pickle_and_the_folders_that_name_it_are_forced_to_disk(tmp_path, monkeypatch):
+    """A row points at its pickle once committed: after a power cut the pickle must be there under its name. The
+    file's own fsync writes its bytes; the rename and the folders made for it are entries of their folders, which
+    are forced to disk too. Files written without fsync (plots, reports) sync nothing."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    path = tmp_path / "a" / "b" / "c" / "result.pkl"
+    write_intermediate(path, np.ones(8575), np.ones(8575))
+    names = [os.path.relpath(p, tmp_path) for p in synced]
+    assert names[0].startswith(os.path.join("a", "b", "c", ".result.pkl."))  # the bytes, before the rename
+    assert names[1:] == [os.path.join("a", "b", "c"), os.path.join("a", "b"), "a", "."]  # then the names
+    synced.clear()
+    write_intermediate(path.with_name("again.pkl"), np.ones(8575), np.ones(8575))  # the folders exist already
+    assert [os.path.relpath(p, tmp_path) for p in synced][1:] == [os.path.join("a", "b", "c")]
+    synced.clear()
+    from astra_thepayne.files import atomic_write
+
+    atomic_write(tmp_path / "d" / "plot.png", lambda handle: handle.write(b"png"))
+    assert synced == []
