@@ -83,8 +83,6 @@ class Candidate:
     weight: np.ndarray
     design_columns: np.ndarray | None
     start: np.ndarray
-    #: the output layer's approximate Gram matrix for these weights (shared by the starts of one prepared spectrum)
-    gram: np.ndarray | None = None
 
 
 @dataclass
@@ -280,9 +278,9 @@ class PayneFitter:
         if isinstance(candidates, FitResult):
             return candidates
         try:
-            best, floors = None, []
+            best, floors, grams = None, [], {}
             for candidate in candidates:
-                problem = self.problem(candidate)
+                problem = self.problem(candidate, grams)
                 # with several starts, each goes only as far as the basin's floor; the best is then finished
                 solution = yield from self._solve(problem, candidate.start, coarse=len(candidates) > 1)
                 if best is None or solution.chi2 < best[1].chi2:
@@ -468,7 +466,8 @@ class PayneFitter:
 
     def _candidate(self, prepared, start, shared=None):
         """A :class:`Candidate`; raises when the spectrum has too few usable pixels for the parameters. ``shared``
-        (a dict) keeps what depends on the prepared spectrum alone, for the other starts from it."""
+        (a dict) keeps what depends on the prepared spectrum alone, for the other starts from it: they then share
+        its arrays too (one copy when sent between processes)."""
         shared = {} if shared is None else shared
         if id(prepared) not in shared:
             y, weight = self._data(prepared)
@@ -479,25 +478,28 @@ class PayneFitter:
                 needed = 3 * (self.continuum_degree + 1)
                 columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
                                           if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
-            shared[id(prepared)] = (prepared, y, weight, columns, int(used.sum()), None)
-        _, y, weight, columns, n_used, gram = shared[id(prepared)]
+            shared[id(prepared)] = (prepared, y, weight, columns, int(used.sum()))  # prepared: keeps its id taken
+        _, y, weight, columns, n_used = shared[id(prepared)]
         n_params = len(start) + (0 if columns is None else len(columns))
         if n_used < _MIN_PIXELS_PER_PARAMETER * n_params:
             raise _NotEnoughPixels(f"only {n_used} usable pixels for {n_params} parameters")
-        if gram is None:
-            gram = self._layer.approximate_gram(weight**2)
-            shared[id(prepared)] = (prepared, y, weight, columns, n_used, gram)
-        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float), gram)
+        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float))
 
     @property
     def v_scale(self):
         """The scaled velocity is ``v / v_scale`` km/s, in [-0.5, 0.5] (None: velocity not fitted)."""
         return 2.0 * self.v_rad_tolerance if self.v_rad_tolerance > 0 else None
 
-    def problem(self, candidate):
-        """The :class:`~astra_thepayne.core.problem.PayneProblem` of a :class:`Candidate`."""
+    def problem(self, candidate, grams=None):
+        """The :class:`~astra_thepayne.core.problem.PayneProblem` of a :class:`Candidate`. ``grams`` (a dict) keeps
+        the approximate Gram matrix of each weight array for the other starts that share it (a product per
+        network pixel block, made here rather than with the candidates: the device engine has no use for it)."""
+        grams = {} if grams is None else grams
+        key = id(candidate.weight)
+        if key not in grams:
+            grams[key] = (candidate.weight, self._layer.approximate_gram(candidate.weight**2))
         return PayneProblem(self._layer, candidate.y, candidate.weight, self._segments, self.v_scale,
-                            candidate.design_columns, candidate.gram)
+                            candidate.design_columns, grams[key][1])
 
     def _solve(self, problem, start, coarse=False):
         """Scaled labels and velocity within [-0.5, 0.5] (``coarse``: see :func:`.solver.minimise`)."""
