@@ -11,8 +11,9 @@ tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both e
    excess; catastrophic fits of each engine (|v_rel - true| > 1 km/s, or chi2 more than 25 above the numpy engine's
    fit started at the true labels).
 2. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
-   second against the device batch size, and the ratio to the numpy engine in the same run, with the starts
-   (local fits) per spectrum and the winning start's iterations. The time to find the starts (CPU, per spectrum)
+   second against the device batch size, and the ratio to the numpy engine in the same run, with the candidate
+   starts per spectrum (``cands``: both engines try two, and more only where those disagree) and the winning
+   start's iterations. The time to find the starts (CPU, per spectrum)
    is printed too: on a GPU it is what is left on the CPU.
 3. With ``--processes 1,15``: the whole fit (starts and local fits, ``DeviceFitter.fit_many``) at the default
    device batch size, the starts found by that many worker processes while the device fits.
@@ -140,7 +141,7 @@ def main():
 
     print("\n## Speed of the local fit (starts shared), per spectrum")
     print(f"finding the starts (CPU, numpy engine's code, one process): {1e3 * starts_seconds:.1f} ms/spectrum")
-    print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'starts':>7} "
+    print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'cands':>7} "
           f"{'iterations':>11}")
     print(f"{'numpy':<17} {32:>6} {1e3 * numpy_local:>12.2f} {1 / numpy_local:>10.1f} {1.0:>9.2f} "
           f"{np.mean([len(s) for s in setups if isinstance(s, list)]):>7.2f} "

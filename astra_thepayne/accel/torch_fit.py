@@ -21,8 +21,9 @@ covariance marginalised over the continuum). It differs in the local solver:
   when its damping says it sits on a kink of the network (no step lowers chi2).
 - The shift has no banded solves at run time: the spline coefficients of the output layer, ``A^-1 W2`` and
   ``A^-1 b2`` per chip, are computed once, and the shifted flux and Jacobian are ``degree + 1`` gathers of them.
-- Each start is fitted to the end and the lowest chi2 wins (the numpy engine stops the starts early and finishes
-  the best).
+- Each start it tries is fitted to the end and the lowest chi2 wins (the numpy engine stops each start early and
+  finishes the best). It tries the starts as the numpy engine does: the first two of every spectrum in one stack,
+  then the next start of each spectrum whose starts have not yet agreed, one start per phase, at most four.
 
 On the ragged chi2 surface of a physical network, two solvers from one start can end in different local minima:
 the engines agree within 0.02 sigma for most spectra, not all (docs/scaling.md, "Fitting on a GPU", gives the
@@ -43,7 +44,7 @@ from collections import deque
 import numpy as np
 
 from ..core.emulator import LEAKY_SLOPE
-from ..core.fitting import BATCH_SIZE, Candidate, PayneFitter, batches
+from ..core.fitting import BATCH_SIZE, Candidate, PayneFitter, batches, floor_confirmed
 from ..core.problem import SHIFT_DEGREE, Shift, bspline_kernel
 from ..core.result import FitResult
 from ..core.wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
@@ -202,14 +203,10 @@ class DeviceFitter:
         results = [setup if isinstance(setup, FitResult) else
                    None if setup else fitter._failure(spectra[i], "no starting point for the fit", float("nan"))
                    for i, setup in enumerate(setups)]
-        members = [(i, candidate) for i, setup in enumerate(setups) if results[i] is None for candidate in setup]
-        if not members:
+        if all(result is not None for result in results):
             return results
-        spectra_fitted = sorted({i for i, _ in members})
-        group_of = {i: g for g, i in enumerate(spectra_fitted)}
         try:
-            outcome = self._device_network().solve([candidate for _, candidate in members],
-                                                   [group_of[i] for i, _ in members])
+            best, unfinished = self._solve_in_phases({i: setup for i, setup in enumerate(setups) if results[i] is None})
         except Exception as exc:  # the device failed (out of memory, say): halve the batch, down to one spectrum
             if len(spectra) > 1:
                 log.warning("device fit of %d spectra failed (%s: %s); fitting them in two halves", len(spectra),
@@ -220,21 +217,47 @@ class DeviceFitter:
             log.exception("device fit of %s failed", getattr(spectra[0], "label", "a spectrum"))
             return [fitter._failure(spectra[0], f"device fit failed: {type(exc).__name__}: {exc}",
                                     _snr(setups[0]))]
-        winners = iter(range(int(np.count_nonzero(outcome.best >= 0))))
-        for g, i in enumerate(spectra_fitted):
+        for i in (i for i, result in enumerate(results) if result is None):
             try:
-                if outcome.best[g] < 0:
-                    if outcome.unfinished[g]:  # as in the numpy engine, a start out of iterations is no answer
+                if i not in best:
+                    if unfinished.get(i):  # as in the numpy engine, a start out of iterations is no answer
                         raise _NoConvergence(f"optimiser stopped: no convergence after {_MAX_ITERATIONS} iterations")
                     raise FloatingPointError("chi2 is not finite at any start")
-                w = next(winners)
-                candidate = members[outcome.best[g]][1]
+                outcome, w, candidate = best[i]
                 results[i] = fitter.result(outcome.x[w], outcome.chi2[w], outcome.normal_matrix[w], candidate.weight,
                                            outcome.n_design[w], outcome.correction[w], outcome.rectified[w],
                                            candidate.prepared, outcome.n_iterations[w])
             except Exception as exc:  # one spectrum's surprise never stops the batch
                 results[i] = fitter._failure(spectra[i], f"{type(exc).__name__}: {exc}", _snr(setups[i]))
         return results
+
+    def _solve_in_phases(self, setups):
+        """Fit the starts of each spectrum (``setups``: index -> its candidates) as the numpy engine tries them:
+        the first two of every spectrum together, then, one phase per start, the next start of the spectra whose
+        starts have not yet agreed (:func:`~astra_thepayne.core.fitting.floor_confirmed` on their chi2). Returns,
+        per spectrum, ``(outcome, winner's index in it, candidate)`` of its lowest finished start, and whether a
+        start of it ran out of iterations."""
+        network = self._device_network()
+        best, unfinished, floors = {}, {}, {i: [] for i in setups}
+        tried = {i: 0 for i in setups}
+        batch = {i: 2 for i in setups}  # starts to try in this phase
+        while batch:
+            members = [(i, candidate) for i, n in batch.items() for candidate in setups[i][tried[i]:tried[i] + n]]
+            fitted = sorted({i for i, _ in members})
+            group_of = {i: g for g, i in enumerate(fitted)}
+            outcome = network.solve([candidate for _, candidate in members], [group_of[i] for i, _ in members])
+            winners = iter(range(int(np.count_nonzero(outcome.best >= 0))))
+            for m, (i, _) in enumerate(members):
+                floors[i].append(float(outcome.member_chi2[m]))
+            for g, i in enumerate(fitted):
+                tried[i] += batch[i]
+                unfinished[i] = unfinished.get(i, False) or bool(outcome.unfinished[g])
+                if outcome.best[g] >= 0:
+                    w = next(winners)
+                    if i not in best or outcome.chi2[w] < best[i][0].chi2[best[i][1]]:
+                        best[i] = (outcome, w, members[outcome.best[g]][1])
+            batch = {i: 1 for i in fitted if tried[i] < len(setups[i]) and not floor_confirmed(floors[i])}
+        return best, unfinished
 
 
 def _timed(results, start):
@@ -255,9 +278,9 @@ def _snr(setup):
 
 class _Outcome:
     """Per spectrum (group): ``best`` (its winning candidate, -1 for none) and ``unfinished`` (a start ran out of
-    iterations); per winner, in the order of the spectra that have one: scaled parameters (labels, velocity),
-    chi2, continuum coefficients fitted, profiled normal matrix, correction and rectified flux on the model pixels,
-    iterations (numpy arrays)."""
+    iterations); per candidate, ``member_chi2`` (infinite where it did not finish); per winner, in the order of the
+    spectra that have one: scaled parameters (labels, velocity), chi2, continuum coefficients fitted, profiled
+    normal matrix, correction and rectified flux on the model pixels, iterations (numpy arrays)."""
 
     def __init__(self, **arrays):
         self.__dict__.update(arrays)
@@ -525,7 +548,8 @@ class _DeviceNetwork:
             _, _, matrix, flux, correction = state(theta[chosen], chosen, double=True)
         n_design = np.asarray(n_design, dtype=int) if len(self.regions) else np.zeros(n_members, int)
         chosen = chosen.cpu().numpy()
-        return _Outcome(best=best.cpu().numpy(), unfinished=unfinished.cpu().numpy(), x=theta[chosen].cpu().numpy(),
+        return _Outcome(best=best.cpu().numpy(), unfinished=unfinished.cpu().numpy(), member_chi2=ranked.cpu().numpy(),
+                        x=theta[chosen].cpu().numpy(),
                         chi2=chi2[chosen].cpu().numpy(), n_design=n_design[chosen],
                         normal_matrix=None if matrix is None else matrix.cpu().numpy(),
                         correction=None if correction is None else correction.cpu().numpy(),

@@ -192,3 +192,30 @@ def test_a_fit_out_of_iterations_is_a_failure_as_in_the_numpy_engine(without_vel
     results = device_fitter(fitter, "cpu").fit_batch(spectra[:3])
     assert not any(r.success for r in results)
     assert all("no convergence after 1 iterations" in r.message and r.result_flags & 1 for r in results)
+
+
+def test_the_device_tries_further_starts_only_where_the_first_two_disagree(network):
+    """As the numpy engine: every spectrum's first two starts in one stack, then the third (and fourth) only for
+    the spectra whose starts have not reached the same floor; the line network is ragged enough to need them."""
+    from astra_thepayne.core.fitting import floor_confirmed
+
+    spectra = _draw(network, 16, 0.0, seed=31)
+    fitter = PayneFitter(network)
+    device = device_fitter(fitter, "cpu", batch_size=16)
+    solver, phases = device._device_network(), []
+    real = solver.solve
+
+    def recording(candidates, groups):
+        outcome = real(candidates, groups)
+        phases.append((list(groups), [float(c) for c in outcome.member_chi2]))
+        return outcome
+
+    solver.solve = recording
+    results = device.fit_batch(spectra)
+    assert all(r.success for r in results)
+    groups, chi2 = phases[0]
+    assert groups == sorted(list(range(len(spectra))) * 2)  # two starts of every spectrum
+    disagree = [g for g in range(len(spectra)) if not floor_confirmed(chi2[2 * g:2 * g + 2])]
+    assert 0 < len(disagree) < len(spectra)
+    assert len(phases) >= 2 and len(set(phases[1][0])) == len(disagree) == len(phases[1][0])  # one more start each
+    assert sum(len(g) for g, _ in phases) < 4 * len(spectra)
