@@ -110,7 +110,12 @@ def atomic_write(path, write, fsync=False) -> Path:
     it at once.
     """
     path = Path(path)
-    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()] if fsync else []
+    created = []  # the folders this call makes (their names are entries of their parents, synced below)
+    if fsync:
+        folder = path.parent
+        while folder != folder.parent and not folder.exists():  # up to the first that exists, not to the root
+            created.append(folder)
+            folder = folder.parent
     with _UMASK_LOCK:
         path.parent.mkdir(parents=True, exist_ok=True)
     key = (os.getpid(), str(path.parent))

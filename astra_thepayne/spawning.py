@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 
-__all__ = ["check_main_is_guarded"]
+__all__ = ["check_main_is_guarded", "spawn_context"]
 
 _GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__""")
 
@@ -42,3 +42,12 @@ def check_main_is_guarded(what: str = "worker processes") -> None:
     raise ConfigurationError(
         f"{what} are started with spawn and would run {path} again: put the code that starts them under "
         f"`if __name__ == \"__main__\":` (see the multiprocessing guide, 'Safe importing of main module')")
+
+
+def spawn_context(what: str = "worker processes"):
+    """The ``spawn`` multiprocessing context, once :func:`check_main_is_guarded` has passed: every pool of the
+    package starts its workers through this."""
+    import multiprocessing
+
+    check_main_is_guarded(what)
+    return multiprocessing.get_context("spawn")

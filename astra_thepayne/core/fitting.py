@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..spawning import check_main_is_guarded
+from ..spawning import spawn_context
 from ..threads import BLAS_THREAD_VARIABLES, blas_thread_environment
 from .continuum import ContinuumBasis, continuum_design, continuum_pixels_from_model
 from .labels import APOGEE_BAD_PIXEL_MASK, at_bound_flags, flag_result
@@ -601,14 +601,12 @@ class PayneFitter:
             self._pool = None
 
     def _start_pool(self, processes):
-        import multiprocessing
         from multiprocessing import resource_tracker
 
-        check_main_is_guarded("fit_many's worker processes")  # a script without the guard would hang here
+        context = spawn_context("fit_many's worker processes")  # a script without the guard would hang here
         saved = {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES}
         os.environ.update(blas_thread_environment(1))  # read by the spawned workers' BLAS at import
         try:
-            context = multiprocessing.get_context("spawn")
             # started first: starting it later unblocks SIGINT (its own start blocks and then unblocks the signal)
             resource_tracker.ensure_running()
             with _ctrl_c_held():  # workers inherit the blocked SIGINT: Ctrl-C reaches this process alone

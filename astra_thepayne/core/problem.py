@@ -257,13 +257,14 @@ class OutputLayer:
         self.block_starts = np.linspace(0, n_pixels, min(n_blocks, n_pixels) + 1).astype(int)[:-1]
         self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
         self._grams = self._cross = self._spline_layer = None
+        self._design_columns = {}  # design[:, columns] per set of columns (design_columns)
         self.bank = None  # set by a fitter that matches spectra to a model bank
         self.segments = None  # the chip segments of a shifted model (use_segments)
 
     def __getstate__(self):  # worker processes rebuild the block sums rather than receive them
         state = dict(self.__dict__)
         state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
-        state.pop("_design_columns", None)
+        state["_design_columns"] = {}
         state["_spline_layer"] = None
         return state
 
@@ -366,7 +367,7 @@ class OutputLayer:
     def design_columns(self, columns):
         """``design[:, columns]`` (read only), kept per set of columns: nearly every spectrum fits the same ones."""
         key = tuple(int(c) for c in columns)
-        kept = self.__dict__.setdefault("_design_columns", {})
+        kept = self._design_columns
         if key not in kept:
             if len(kept) >= 16:
                 kept.clear()

@@ -577,12 +577,9 @@ def write_products(directory, tag: str = "", model_sha256: str | None = None, pr
     shared = _shared_sdss_ids()
     pool = None
     if processes > 1:
-        import multiprocessing
+        from ..spawning import spawn_context
 
-        from ..spawning import check_main_is_guarded
-
-        check_main_is_guarded("the products' worker processes")
-        pool = multiprocessing.get_context("spawn").Pool(processes)
+        pool = spawn_context("the products' worker processes").Pool(processes)
     try:
         bar = None
         if progress:
