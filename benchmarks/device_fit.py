@@ -10,13 +10,17 @@ tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both e
    share where the device engine ends lower in chi2 (by more than 0.01) and where higher, with the largest
    excess; catastrophic fits of each engine (|v_rel - true| > 1 km/s, or chi2 more than 25 above the numpy engine's
    fit started at the true labels).
-2. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
+2. The global start on the device (``torch_starts``): from spectra prepared on the CPU (the time to prepare one
+   is printed: in a run, worker processes do it), the starts of a batch found on the device, per spectrum against
+   the device batch size, the ratio to the numpy engine's starts (one spectrum at a time, the bank's products
+   batched), and the share of spectra given exactly the numpy engine's starts (bank members that tie to float32
+   rounding may come in another order).
+3. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
    second against the device batch size, and the ratio to the numpy engine in the same run, with the candidate
    starts per spectrum (``cands``: both engines try two, and more only where those disagree) and the winning
-   start's iterations. The time to find the starts (CPU, per spectrum)
-   is printed too: on a GPU it is what is left on the CPU.
-3. With ``--processes 1,15``: the whole fit (starts and local fits, ``DeviceFitter.fit_many``) at the default
-   device batch size, the starts found by that many worker processes while the device fits.
+   start's iterations.
+4. With ``--processes 1,15``: the whole fit (``DeviceFitter.fit_many``) at the default device batch size, the
+   spectra prepared by that many worker processes while the device finds the starts and fits.
 
 ``--tf32`` adds rows (agreement and speed) for each CUDA device with TensorFloat-32 matrix products allowed
 (``torch.set_float32_matmul_precision("high")``): faster on a GPU, with 10 bits of mantissa in the products.
@@ -139,6 +143,34 @@ def main():
                   flush=True)
         precision(torch, False)
 
+    start = time.perf_counter()
+    prepared = [fitter.checked_preparation(s) for s in spectra]
+    prepare_seconds = (time.perf_counter() - start) / len(spectra)
+    numpy_starts = max(starts_seconds - prepare_seconds, 1e-9)
+    print("\n## The global start on the device (from prepared spectra), per spectrum")
+    print(f"preparing a spectrum (CPU, worker processes in a run): {1e3 * prepare_seconds:.2f} ms/spectrum")
+    print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'same starts':>12}")
+    print(f"{'numpy':<17} {len(spectra):>6} {1e3 * numpy_starts:>12.2f} {1 / numpy_starts:>10.1f} {1.0:>9.2f} {'':>12}")
+    many_prepared = prepared * ARGS.repeat
+    for name, device, tf32 in variants(devices):
+        precision(torch, tf32)
+        engine = device_fitter(fitter, device)
+        found = engine._setups(spectra, prepared)
+        same = np.mean([isinstance(f, list) and isinstance(s, list) and len(f) == len(s)
+                        and all(np.allclose(a.start, b.start, rtol=0, atol=1e-9) for a, b in zip(f, s, strict=True))
+                        for f, s in zip(found, setups, strict=True)])
+        for batch in (int(b) for b in ARGS.batch_sizes.split(",")):
+            engine._setups(many_spectra_of(spectra)[:batch], many_prepared[:batch])  # warm-up
+            synchronise(torch, device)
+            start = time.perf_counter()
+            for done in range(0, len(many_prepared), batch):
+                engine._setups(many_spectra_of(spectra)[done:done + batch], many_prepared[done:done + batch])
+            synchronise(torch, device)
+            seconds = (time.perf_counter() - start) / len(many_prepared)
+            print(f"{name:<17} {batch:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} {numpy_starts / seconds:>9.2f} "
+                  f"{same:>12.1%}", flush=True)
+    precision(torch, False)
+
     print("\n## Speed of the local fit (starts shared), per spectrum")
     print(f"finding the starts (CPU, numpy engine's code, one process): {1e3 * starts_seconds:.1f} ms/spectrum")
     print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'cands':>7} "
@@ -166,7 +198,8 @@ def main():
     precision(torch, False)
 
     if ARGS.processes:
-        print("\n## The whole fit (starts in worker processes, local fits on the device), per spectrum")
+        print("\n## The whole fit (spectra prepared in worker processes, starts and local fits on the device), per "
+              "spectrum")
         print(f"{'engine':<17} {'processes':>9} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9}")
         print(f"{'numpy':<17} {1:>9} {32:>6} {1e3 * numpy_seconds:>12.2f} {1 / numpy_seconds:>10.1f} {1.0:>9.2f}")
         for name, device, tf32 in variants(devices):
@@ -183,6 +216,10 @@ def main():
                 print(f"{name:<17} {processes:>9} {engine.batch_size:>6} {1e3 * seconds:>12.2f} {1 / seconds:>10.1f} "
                       f"{numpy_seconds / seconds:>9.2f}", flush=True)
         precision(torch, False)
+
+
+def many_spectra_of(spectra):
+    return spectra * ARGS.repeat
 
 
 def synchronise(torch, device):

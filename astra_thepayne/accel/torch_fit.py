@@ -1,8 +1,10 @@
 """The local fits of a batch of spectra as tensor operations on one PyTorch device, every spectrum in lockstep.
 
 The numpy engine (:mod:`astra_thepayne.core.fitting`) prepares each spectrum, finds its starts (the model bank and
-the velocity scan) and makes its result row; this engine shares all three (:meth:`PayneFitter.candidates`,
-:meth:`PayneFitter.result`) and replaces only the local solver, which is where nearly all the arithmetic is. Every
+the velocity scan) and makes its result row. This engine prepares spectra with the same code (on the CPU, in worker
+processes when there are some: :meth:`PayneFitter.checked_preparation`), finds the starts of the whole batch on the
+device (:mod:`.torch_starts`, the same steps as the numpy engine's), makes rows with the same code
+(:meth:`PayneFitter.result`), and replaces the local solver, which is where nearly all the arithmetic is. Every
 start of every spectrum of a batch is one member of a stack; one iteration is a few batched matrix products for
 the whole stack, and no Python runs per spectrum per iteration.
 
@@ -117,7 +119,7 @@ class DeviceFitter:
         self.batch_size = int(batch_size or DEFAULT_DEVICE_BATCH.get(kind, 64))
         if self.batch_size < 1:
             raise ConfigurationError(f"device batch size must be at least 1, not {batch_size}")
-        self._network = None
+        self._network = self._starts = None
         self.setup = getattr(fitter, "setup", "") + f"; engine: torch on {self.device_name}"
         self.engine = f"torch:{self.device.type}"  # stored with each row (results may differ by device type)
 
@@ -137,9 +139,34 @@ class DeviceFitter:
         """Fit spectra together: starts found here (the model bank's scores on the device), local fits on the
         device. Each result's ``seconds`` is its share of the batch's time."""
         start = time.perf_counter()
-        setups = self.fitter._layer.run([_setup(self.fitter, s, initial_labels) for s in spectra],
-                                        serve=self._serve_bank)
+        if initial_labels is None:
+            setups = self._setups(spectra, [_prepared(self.fitter, s) for s in spectra])
+        else:  # one start at the given labels: the numpy engine's code, with the bank's scores on the device
+            setups = self.fitter._layer.run([_setup(self.fitter, s, initial_labels) for s in spectra],
+                                            serve=self._serve_bank)
         return _timed(self._fit_setups(spectra, setups), start)
+
+    def _setups(self, spectra, prepared):
+        """Per spectrum, its candidates (:class:`~astra_thepayne.core.fitting.Candidate`) or a failure result,
+        from its :meth:`PayneFitter.checked_preparation` (a prepared spectrum or a failure): the starts of the
+        whole batch found on the device (:mod:`.torch_starts`), on the CPU should the device fail."""
+        fitter = self.fitter
+        setups = list(prepared)
+        todo = [i for i, p in enumerate(prepared) if not isinstance(p, FitResult)]
+        if not todo:
+            return setups
+        try:
+            found = self._device_starts().find([prepared[i] for i in todo])
+        except Exception as exc:  # out of device memory, say: the numpy engine's starts, one spectrum at a time
+            log.warning("finding the starts of %d spectra on the device failed (%s: %s); finding them on the CPU",
+                        len(todo), type(exc).__name__, exc)
+            found = fitter._layer.run([fitter.candidates_of_prepared(spectra[i], prepared[i]) for i in todo])
+            for i, setup in zip(todo, found, strict=True):
+                setups[i] = setup
+            return setups
+        for i, (moved, starts) in zip(todo, found, strict=True):
+            setups[i] = fitter.candidates_at(spectra[i], moved, starts)
+        return setups
 
     @contextlib.contextmanager
     def workers(self, processes):
@@ -169,7 +196,7 @@ class DeviceFitter:
                     if chunk is None:
                         exhausted = True
                         break
-                    waiting.append((chunk, pool.apply_async(_candidates_in_worker, ((chunk, initial_labels),))))
+                    waiting.append((chunk, pool.apply_async(_prepared_in_worker, ((chunk, initial_labels),))))
                 if not waiting:
                     break
                 chunk, pending = waiting.popleft()
@@ -179,6 +206,8 @@ class DeviceFitter:
                 ready_seconds += [seconds] * len(chunk)
                 if len(ready_spectra) >= batch_size or (exhausted and not waiting):
                     start = time.perf_counter()
+                    if initial_labels is None:  # the workers prepared the spectra: the starts are found here
+                        ready_setups = self._setups(ready_spectra, ready_setups)
                     results = _timed(self._fit_setups(ready_spectra, ready_setups), start)
                     for result, seconds in zip(results, ready_seconds, strict=True):
                         result.seconds += seconds  # the worker's time on it, as fit_batch's time includes it
@@ -191,6 +220,13 @@ class DeviceFitter:
         if kind != "bank":
             return None
         return list(self._device_network().bank_scores(np.stack(arrays)))
+
+    def _device_starts(self):
+        if self._starts is None:
+            from .torch_starts import DeviceStarts
+
+            self._starts = DeviceStarts(self.fitter, self._device_network())
+        return self._starts
 
     def _device_network(self):
         if self._network is None:
@@ -340,16 +376,50 @@ class _DeviceNetwork:
             bank = self._fitter._bank()
             self.bank = (torch.as_tensor(np.array(bank.flux), device=self.device),
                          torch.as_tensor(np.asarray(bank.flux_squared), device=self.device))
-        flux, squared = self.bank
         data = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.float32), device=self.device)
-        total = torch.zeros((len(stacked), flux.shape[0]), dtype=torch.float64, device=self.device)
+        return self.bank_scores_on_device(data[:, 0], data[:, 1], *self.bank).cpu().numpy()
+
+    def bank_scores_on_device(self, weighted_flux, weight_squared, flux, squared):
+        """:meth:`ModelBank.scores` of float32 tensors ``w^2 y`` and ``w^2`` ``(B, P)`` against a bank's flux and
+        its squares: ``(B, size)`` in float64."""
+        torch = self.torch
+        total = torch.zeros((len(weighted_flux), flux.shape[0]), dtype=torch.float64, device=self.device)
         for start, stop in self.segments:
-            cross = (data[:, 0, start:stop] @ flux[:, start:stop].T).double()
-            norm = (data[:, 1, start:stop] @ squared[:, start:stop].T).double()
+            cross = (weighted_flux[:, start:stop] @ flux[:, start:stop].T).double()
+            norm = (weight_squared[:, start:stop] @ squared[:, start:stop].T).double()
             total += torch.where(norm > 0, cross**2 / torch.where(norm > 0, norm, 1.0), 0.0)
-        return total.cpu().numpy()
+        return total
 
     # -- the model ----------------------------------------------------------------------------------------------
+    def _taps(self, shift, derivative=False):
+        """For rows moved by ``shift`` pixels ``(N,)``: the B-spline weights of their taps ``(N, taps)``, their
+        derivatives with respect to the shift (None unless ``derivative``), and the pixel each tap offset is
+        counted from ``(N, P)`` (:class:`~astra_thepayne.core.problem.Shift`)."""
+        whole = self.torch.floor(shift)
+        at = -(shift - whole)[:, None] - self.offsets  # (N, taps): point minus coefficient position
+        slopes = -self._bspline(at, derivative=True) if derivative else None
+        return self._bspline(at), slopes, self.pixel[None, :] - whole.long()[:, None]
+
+    def shifted_by(self, coefficients, shift: float):
+        """Rows of values whose spline coefficients are ``coefficients`` ``(N, P)``, all moved by ``shift`` pixels
+        (:meth:`Shift.apply_to_coefficients`): per chip, a correlation with the taps' weights of the coefficients
+        padded with their end values (the taps' clamping)."""
+        torch = self.torch
+        from torch.nn import functional
+
+        weights, _, _ = self._taps(torch.tensor([shift], dtype=torch.float64, device=self.device))
+        whole = math.floor(shift)
+        offsets = [int(o) for o in self.tap_offsets.tolist()]  # from the highest down
+        kernel = weights[0].flip(0)[None, None, :]  # weight of the lowest offset first
+        pad = abs(whole) + len(offsets)
+        out = torch.empty_like(coefficients)
+        for start, stop in self.segments:
+            padded = functional.pad(coefficients[:, None, start:stop], (pad, pad), mode="replicate")
+            begin = pad - whole + offsets[-1]
+            window = padded[:, :, begin:begin + stop - start + len(offsets) - 1]
+            out[:, start:stop] = functional.conv1d(window, kernel)[:, 0]
+        return out
+
     def _bspline(self, x, derivative=False):
         power = SHIFT_DEGREE - 1 if derivative else SHIFT_DEGREE
         shifted = (x[..., None] + self.knots).clamp(min=0.0)
@@ -376,11 +446,8 @@ class _DeviceNetwork:
         if self.fit_v:
             v = theta[:, k] * self.v_scale
             shift = torch.log10(1.0 + v / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
-            whole = torch.floor(shift)
-            at = -(shift - whole)[:, None] - self.offsets  # (N, taps): point minus coefficient position
-            weights, slopes = self._bspline(at), -self._bspline(at, derivative=True)
+            weights, slopes, base = self._taps(shift, derivative=True)
             weights32 = weights.float()
-            base = self.pixel[None, :] - whole.long()[:, None]
             flux, d_flux = torch.zeros_like(values), torch.zeros_like(values)
             shifted = torch.zeros_like(products) if jacobian else None
             # rows of all members as one table: a row gather copies K contiguous values (torch.gather along the
@@ -390,7 +457,7 @@ class _DeviceNetwork:
             value_rows = values.reshape(-1)
             product_rows = products.reshape(-1, k) if jacobian else None
             for t in range(len(self.tap_offsets)):
-                index = torch.maximum(torch.minimum(base + self.tap_offsets[t], self.upper), self.lower) + first_row
+                index = torch_clamp(torch, base + self.tap_offsets[t], self.lower, self.upper) + first_row
                 gathered = value_rows[index]
                 flux += weights[:, t, None] * gathered
                 if jacobian:
@@ -557,32 +624,55 @@ class _DeviceNetwork:
                         n_iterations=iterations[chosen].cpu().numpy())
 
 
+def torch_clamp(torch, index, lower, upper):
+    """``index`` clamped between per-pixel bounds (a chip's first and last pixel)."""
+    return torch.maximum(torch.minimum(index, upper), lower)
+
+
 def _cholesky_solve(torch, matrix, rhs):
     """``matrix^-1 rhs`` for a stack of symmetric positive matrices, and per member 0 or the failure's info."""
     factor, info = torch.linalg.cholesky_ex(matrix)
     return torch.cholesky_solve(rhs[:, :, None], factor)[..., 0], info
 
 
-def _setup(fitter, element, initial_labels):
-    """:meth:`PayneFitter.candidates` of a spectrum, or of a file address (``read()``) read here first: an
-    unreadable one is a failure result, as the pipeline makes for a file it cannot read."""
+def _read(fitter, element):
+    """A spectrum, or a file address (``read()``) read here: an unreadable one is a failure result, as the
+    pipeline makes for a file it cannot read."""
     if hasattr(element, "read"):
         try:
-            element = element.read()
+            return element.read()
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             log.warning("%s: cannot fit: %s", element.label, message)
             return FitResult.failure(fitter.emulator.label_names, message)
-    return (yield from fitter.candidates(element, initial_labels))
+    return element
 
 
-def _candidates_in_worker(args):
-    """The setups of a chunk of spectra, and the worker's seconds per spectrum spent on them (reading, preparing,
-    the starts), which belong to each row's time as much as its share of the device's."""
+def _prepared(fitter, element):
+    """:meth:`PayneFitter.checked_preparation` of a spectrum or a file address (a failure result for either)."""
+    spectrum = _read(fitter, element)
+    return spectrum if isinstance(spectrum, FitResult) else fitter.checked_preparation(spectrum)
+
+
+def _setup(fitter, element, initial_labels):
+    """:meth:`PayneFitter.candidates` of a spectrum or a file address, all on the CPU (a generator of requests)."""
+    spectrum = _read(fitter, element)
+    if isinstance(spectrum, FitResult):
+        return spectrum
+    return (yield from fitter.candidates(spectrum, initial_labels))
+
+
+def _prepared_in_worker(args):
+    """What a worker process does for a chunk of spectra, and its seconds per spectrum (reading, preparing), which
+    belong to each row's time as much as its share of the device's: each spectrum's
+    :meth:`PayneFitter.checked_preparation`, or, with given initial labels, its whole setup on the CPU."""
     from ..core import fitting
 
     batch, initial_labels = args
     fitter = fitting._WORKER_FITTER
     start = time.perf_counter()
-    setups = fitter._layer.run([_setup(fitter, element, initial_labels) for element in batch])
-    return setups, (time.perf_counter() - start) / max(len(batch), 1)
+    if initial_labels is None:
+        done = [_prepared(fitter, element) for element in batch]
+    else:
+        done = fitter._layer.run([_setup(fitter, element, initial_labels) for element in batch])
+    return done, (time.perf_counter() - start) / max(len(batch), 1)

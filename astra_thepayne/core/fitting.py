@@ -301,16 +301,13 @@ class PayneFitter:
         requests (the model bank's scores) returning a list of :class:`Candidate` (one per start, the spectrum
         prepared for it), or a failure :class:`FitResult` when the spectrum cannot be fitted. Shared by this engine
         and the batched one (:mod:`astra_thepayne.accel`)."""
-        try:
-            coverage = model_grid_coverage(spectrum, self.model_to_apstar)
-            prepared = self.prepare(spectrum)
-        except Exception as exc:
-            return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
-        if coverage < MIN_MODEL_COVERAGE:
-            # a spectrum cut short would be fitted on the pixels it has and look clean
-            return self._failure(spectrum, f"the spectrum samples {coverage:.0%} of the network's pixels (at least "
-                                 f"{MIN_MODEL_COVERAGE:.0%} needed): cut short or on another wavelength grid",
-                                 prepared.snr, prepared)
+        prepared = self.checked_preparation(spectrum)
+        if isinstance(prepared, FitResult):
+            return prepared
+        return (yield from self.candidates_of_prepared(spectrum, prepared, initial_labels))
+
+    def candidates_of_prepared(self, spectrum, prepared, initial_labels=None):
+        """:meth:`candidates` of a spectrum already through :meth:`checked_preparation`."""
         try:
             by_shift = {0: prepared}  # the spectrum normalised with its continuum pixels moved by whole pixels
             candidates, shared = [], {}
@@ -323,6 +320,32 @@ class PayneFitter:
             return candidates
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
+
+    def candidates_at(self, spectrum, prepared, starts):
+        """The :class:`Candidate` of each of ``starts`` (scaled parameters, best first) of a spectrum prepared for
+        them, or a failure :class:`FitResult` (too few usable pixels): the end of :meth:`candidates`, for starts
+        found elsewhere (the batched engine's, :mod:`astra_thepayne.accel.torch_starts`)."""
+        try:
+            shared = {}
+            return [self._candidate(prepared, start, shared) for start in starts]
+        except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
+            return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
+
+    def checked_preparation(self, spectrum):
+        """:meth:`prepare` of a spectrum that covers the network's pixels, or a failure :class:`FitResult` (one that
+        cannot be prepared, or one cut short). The first step of :meth:`candidates`, which the batched engine takes
+        in its worker processes (:mod:`astra_thepayne.accel`)."""
+        try:
+            coverage = model_grid_coverage(spectrum, self.model_to_apstar)
+            prepared = self.prepare(spectrum)
+        except Exception as exc:
+            return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
+        if coverage < MIN_MODEL_COVERAGE:
+            # a spectrum cut short would be fitted on the pixels it has and look clean
+            return self._failure(spectrum, f"the spectrum samples {coverage:.0%} of the network's pixels (at least "
+                                 f"{MIN_MODEL_COVERAGE:.0%} needed): cut short or on another wavelength grid",
+                                 prepared.snr, prepared)
+        return prepared
 
     # -- the global start -------------------------------------------------------------------------------------
     def _bank(self):
@@ -452,7 +475,10 @@ class PayneFitter:
         log.warning("%s: fit failed: %s", getattr(spectrum, "label", "spectrum"), message)
         result = FitResult.failure(self.emulator.label_names, message, snr=snr)
         result.result_flags = flag_result({}, snr, failed=True)
-        result.starflag, result.vscatter = _file_quality(spectrum)
+        # the prepared spectrum carries the file's quality where the spectrum itself is only an address (a worker
+        # process of the batched engine read it)
+        result.starflag, result.vscatter = ((prepared.starflag, prepared.vscatter) if prepared is not None
+                                            else _file_quality(spectrum))
         return result
 
     def _data(self, prepared):

@@ -1,0 +1,108 @@
+"""The global start on a PyTorch device (``astra_thepayne.accel.torch_starts``) against the numpy engine's: the same
+starts, velocities and moved continua for a whole batch, and each step (the continuum's clipping, the spline shift)
+equal to its numpy counterpart; on the CPU always and on a GPU when there is one."""
+import numpy as np
+import pytest
+
+from astra_thepayne.core.continuum import ContinuumBasis
+from astra_thepayne.core.fitting import PayneFitter
+from astra_thepayne.core.problem import Shift
+from astra_thepayne.core.synthetic import line_network, synthetic_spectrum
+from astra_thepayne.core.wavelength import apstar_wavelength
+
+torch = pytest.importorskip("torch", reason="the device engine needs PyTorch (pip install torch)")
+
+from astra_thepayne.accel import device_fitter  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device here (GPU test)"))]
+
+
+@pytest.fixture(scope="module")
+def network():
+    return line_network()
+
+
+def _spectra(network, n, v_tolerance, seed):
+    rng = np.random.default_rng(seed)
+    return [synthetic_spectrum(network, network.unscale(rng.uniform(-0.48, 0.48, network.n_labels)),
+                               snr=rng.uniform(20, 200), v_rel=rng.uniform(-v_tolerance, v_tolerance), rng=rng)
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("v_tolerance", [0.0, 10.0])
+def test_the_device_finds_the_numpy_engines_starts(network, device, v_tolerance):
+    spectra = _spectra(network, 24, v_tolerance, seed=41)
+    fitter = PayneFitter(network, v_rad_tolerance=v_tolerance)
+    expected = fitter._layer.run([fitter.candidates(s) for s in spectra])
+    starts = device_fitter(fitter, device)._device_starts()
+    found = starts.find([fitter.checked_preparation(s) for s in spectra])
+    moved = 0
+    for spectrum, candidates, (prepared, start) in zip(spectra, expected, found, strict=True):
+        # the bank's float32 products may order two members that tie to rounding differently; none do here
+        np.testing.assert_allclose(start, [c.start for c in candidates], rtol=0, atol=1e-9)
+        reference = candidates[0].prepared
+        np.testing.assert_allclose(prepared.continuum, reference.continuum, rtol=1e-10, equal_nan=True)
+        np.testing.assert_allclose(prepared.norm_ivar, reference.norm_ivar, rtol=1e-10)
+        moved += not np.array_equal(prepared.continuum, fitter.prepare(spectrum).continuum, equal_nan=True)
+    if v_tolerance:  # the continuum pixels moved with the star for the stars more than half a pixel away
+        assert 5 < moved < len(spectra)
+    else:
+        assert moved == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_continuum_is_clipped_as_in_numpy(network, device):
+    """Cosmic rays on continuum pixels (clipped away), a region left with too few pixels (no continuum), and
+    masks moved by different shifts per row."""
+    fitter = PayneFitter(network, v_rad_tolerance=10.0)
+    starts = device_fitter(fitter, device)._device_starts()
+    basis = ContinuumBasis(apstar_wavelength(), fitter.continuum_degree)
+    rng = np.random.default_rng(3)
+    size = len(fitter.continuum_pixels)
+    flux = 1000 * (1 + 0.1 * np.sin(np.arange(size) / 900))[None, :] * (1 + 0.01 * rng.standard_normal((6, size)))
+    ivar = np.full((6, size), 1e-2)
+    flux[1, rng.choice(size, 300, replace=False)] += 80  # cosmic rays, 8 sigma
+    flux[2, 500:700] *= 0.94  # a dip of 6 sigma that clipping removes round by round
+    ivar[3, basis.pixels[basis.slices[1]]] = 0  # the second region has no usable pixel
+    ivar[4, basis.pixels[basis.slices[0]][12:]] = 0  # the first keeps fewer pixels than its polynomial needs
+    shifts = np.array([0, 1, -2, 3, -1, 2])
+    device_values = starts._continuum(torch.as_tensor(flux, device=starts.device),
+                                      torch.as_tensor(ivar, device=starts.device),
+                                      starts._roll_mask(torch.as_tensor(shifts, device=starts.device))).cpu().numpy()
+    for row, shift in enumerate(shifts):
+        expected = basis.fit(flux[row], ivar[row], np.roll(fitter.continuum_pixels, shift))
+        np.testing.assert_allclose(device_values[row], expected, rtol=1e-10, equal_nan=True)
+    assert np.isnan(device_values[3, basis.pixels[basis.slices[1]]]).all()
+    assert np.isnan(device_values[4, basis.pixels[basis.slices[0]]]).all()
+    assert np.isfinite(device_values[1, basis.pixels]).sum() > 0.6 * len(basis.pixels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_spline_shift_is_numpys(network, device):
+    fitter = PayneFitter(network, v_rad_tolerance=10.0)
+    engine = device_fitter(fitter, device)
+    shifts_network = engine._device_network()
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((3, network.n_pixels))
+    coefficients = Shift.coefficients(values.T, fitter._segments).T
+    tensor = torch.as_tensor(np.ascontiguousarray(coefficients), device=engine.device)
+    for shift in (-2.44, -1.25, -0.5, 0.125, 0.75, 1.5, 2.44):
+        moved = shifts_network.shifted_by(tensor, shift).cpu().numpy()
+        expected = [Shift(fitter._segments, shift).apply_to_coefficients(row) for row in coefficients]
+        np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-10)  # sums in another order
+
+
+def test_a_device_failure_while_finding_starts_falls_back_to_the_cpu(network, monkeypatch):
+    spectra = _spectra(network, 6, 10.0, seed=42)
+    fitter = PayneFitter(network, v_rad_tolerance=10.0)
+    engine = device_fitter(fitter, "cpu")
+    expected = engine.fit_batch(spectra)
+
+    def broken(prepared):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine._device_starts(), "find", broken)
+    results = engine.fit_batch(spectra)
+    assert [r.chi2 for r in results] == pytest.approx([r.chi2 for r in expected], abs=1e-6)
