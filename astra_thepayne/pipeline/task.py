@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..db.models import SpectrumRecord, ThePayne, row_to_fields
+from ..db.models import SpectrumRecord, ThePayne, new_row, row_to_fields
 from ..errors import ConfigurationError
 from .fitter import ASTRA_CONTINUUM_FILE, ASTRA_MASK_FILE, load_fitter  # re-exported: this was their home
 
@@ -248,7 +248,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
             fields = row_to_fields(result.as_row(), model)
             if not np.isfinite(result.snr) and spectrum is not None and np.isfinite(spectrum.snr):
                 fields["snr"] = float(spectrum.snr)
-            row = model(spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance, **fields)
+            row = new_row(model, fields, spectrum_pk=spectrum_pk, source_pk=source_pk, **provenance)
             if result.message:
                 row.message = result.message
             write = None

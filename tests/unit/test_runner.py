@@ -71,3 +71,42 @@ def test_saved_rows_carry_the_mean_overhead_known_when_they_are_saved(clock):
     # the first batch knows only the leading overhead; the last one, saved after the task ended, the trailing too
     assert [row.t_overhead for row in rows] == [OVERHEAD / 3] * 3 + [2 * OVERHEAD / 4]
     assert [row.t_elapsed for row in rows] == [WORK + OVERHEAD / 3] * 3 + [WORK + 2 * OVERHEAD / 4]
+
+
+def test_a_row_made_in_bulk_is_the_row_peewee_makes():
+    """``new_row`` puts the fields into the instance's data in one update instead of through peewee's descriptors:
+    the instance must be the one ``ThePayne(**fields)`` makes (data, dirty fields, defaults), or peewee has changed
+    how it keeps them."""
+    import math
+
+    import numpy as np
+
+    from astra_thepayne.core.result import FitResult
+    from astra_thepayne.db.models import new_row, row_to_fields
+
+    names = ("teff", "logg", "fe_h")
+    result = FitResult(label_names=names, labels=np.array([5000.0, np.nan, np.float32(-0.5)]),
+                       raw_e=np.array([50.0, 0.1, 0.05]), covariance=np.diag([2500.0, 0.01, 0.0025]),
+                       v_rel=math.nan, e_v_rel=math.nan, chi2=123.0, dof=100, reduced_chi2=1.23, snr=80.0,
+                       result_flags=0, continuum=np.ones(3), rectified_model_flux=np.ones(3), n_iterations=3,
+                       at_bound_flags=0, starflag=np.int64(4), vscatter=0.2)
+    fields = row_to_fields(result.as_row())
+    assert fields["logg"] is None and fields["v_rel"] is None  # NaN is NULL
+    assert type(fields["starflag"]) is int and type(fields["fe_h"]) is float
+    more = {"spectrum_pk": 7, "source_pk": 3, "tag": "t", "model_sha256": "x"}
+    made, expected = new_row(ThePayne, fields, **more), ThePayne(**fields, **more)
+    made_data, expected_data = dict(made.__data__), dict(expected.__data__)
+    assert abs((made_data.pop("created") - expected_data.pop("created")).total_seconds()) < 5  # a default: now
+    assert made_data == expected_data and made._dirty == expected._dirty
+    assert made.teff == 5000.0 and made.spectrum_pk == 7 and made.logg is None
+
+
+def test_unknown_result_keys_are_refused_every_time():
+    import pytest
+
+    from astra_thepayne.db.models import row_to_fields
+
+    assert row_to_fields({"teff": 1.0, "flag_bad": False}) == {"teff": 1.0}
+    for _ in range(2):  # the keys checked once are remembered; a row with another key is checked again
+        with pytest.raises(KeyError, match="tef"):
+            row_to_fields({"teff": 1.0, "tef": 2.0})
