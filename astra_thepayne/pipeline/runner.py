@@ -14,7 +14,7 @@ import datetime
 import io
 import time
 
-from peewee import Entity, chunked
+from peewee import Entity, FloatField, chunked
 
 from ..db.database import is_postgres, is_sqlite
 
@@ -84,7 +84,6 @@ def insert_rows(rows, database=None) -> None:
     meta = model._meta
     database = database or meta.database
     fields = [f for f in meta.sorted_fields if f is not meta.primary_key]
-    values = [[f.db_value(row.__data__.get(f.name)) for f in fields] for row in rows]
     quote = database.get_sql_context
     table = quote().sql(Entity(*filter(None, (meta.schema, meta.table_name)))).query()[0]
     columns = ", ".join(quote().sql(Entity(f.column_name)).query()[0] for f in fields)
@@ -94,11 +93,12 @@ def insert_rows(rows, database=None) -> None:
             # COPY into a staging table, then one INSERT ... ON CONFLICT DO NOTHING from it (COPY cannot skip
             # conflicts); the staging table has the columns' types and nothing else
             cursor.execute(f"CREATE TEMPORARY TABLE {_STAGING} AS SELECT {columns} FROM {table} WITH NO DATA")
-            cursor.copy_expert(f"COPY {_STAGING} ({columns}) FROM STDIN", io.StringIO(_copy_text(values)))
+            cursor.copy_expert(f"COPY {_STAGING} ({columns}) FROM STDIN", io.StringIO(_copy_rows(rows, fields)))
             cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_STAGING} "
                            f"ON CONFLICT DO NOTHING")
             cursor.execute(f"DROP TABLE {_STAGING}")
         elif is_sqlite(database):
+            values = [[f.db_value(row.__data__.get(f.name)) for f in fields] for row in rows]
             marks = ", ".join("?" * len(fields))
             cursor.executemany(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", values)
         else:
@@ -137,17 +137,48 @@ _STAGING = "thepayne_staging_rows"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(values) -> str:
-    """Rows of database values in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL)."""
-    def text(value):
-        if value is None:
-            return "\\N"
-        if isinstance(value, bool):
-            return "t" if value else "f"
-        if isinstance(value, float):
-            return repr(value)  # nan, inf and -inf are read by PostgreSQL as NaN and +-Infinity
-        if isinstance(value, (datetime.datetime, datetime.date)):
-            return value.isoformat()
-        return str(value).translate(_COPY_ESCAPES)
+def _copy_rows(rows, fields) -> str:
+    """The rows' values of ``fields`` in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL), each passed
+    through its field's ``db_value`` as peewee would: a plain float column (most of a result row's 400) by a
+    quicker path to the same text."""
+    names = [f.name for f in fields]
+    converters = [_float_text if _plain_float(f) else _via(f) for f in fields]
+    lines = []
+    for row in rows:
+        data = row.__data__
+        lines.append("\t".join([convert(data.get(name)) for convert, name in zip(converters, names, strict=True)]))
+    return "\n".join(lines) + "\n"
 
-    return "".join("\t".join(map(text, row)) + "\n" for row in values)
+
+def _plain_float(field) -> bool:
+    """Whether the field converts values as peewee's own FloatField does (a subclass may change that)."""
+    kind = type(field)
+    return (issubclass(kind, FloatField) and kind.db_value is FloatField.db_value
+            and kind.adapt is FloatField.adapt)
+
+
+def _float_text(value) -> str:
+    if value is None:
+        return "\\N"
+    if type(value) is not float:
+        value = FloatField.adapt(None, value)  # what FloatField.db_value makes of it (float(), or the value itself)
+        if not isinstance(value, float):
+            return _text(value)
+    return repr(value)  # nan, inf and -inf are read by PostgreSQL as NaN and +-Infinity
+
+
+def _via(field):
+    db_value = field.db_value
+    return lambda value: _text(db_value(value))
+
+
+def _text(value) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, float):
+        return repr(value)  # nan, inf and -inf are read by PostgreSQL as NaN and +-Infinity
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    return str(value).translate(_COPY_ESCAPES)

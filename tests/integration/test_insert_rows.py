@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import math
 
+import numpy as np
 import pytest
 
 from astra_thepayne import connect
@@ -41,7 +42,7 @@ def test_rows_are_stored_as_peewee_stores_them(database_url):
     def rows(prefix):
         made = [_row(spectrum, f"{prefix}{i}", model_path=text, teff=value, e_teff=None, logg=0.1 + 0.2,
                      v_rel=-1.5e-30, chi2=1.2345678e30, demonstration=i % 2 == 0, dof=7214 - i, starflag=2**40 + i,
-                     created=created)
+                     created=created, fe_h=np.float32(0.1), mg_h=3, si_h=np.float64(-1.25), al_h="2.5")
                 for i, (text, value) in enumerate(zip(AWKWARD_TEXT, [math.nan, math.inf, -math.inf, 0.0, -0.0,
                                                                      5777.123456789, None], strict=True))]
         # defaults and NULLs throughout
