@@ -129,11 +129,13 @@ def _check_device(device, gres, procs_per_node) -> str:
             raise ConfigurationError(f"device {name}: the jobs ask for no GPU; add --gres gpu:N (N >= "
                                      f"procs-per-node) on the command line or in the profile")
         if name != "cuda" and procs_per_node > 1:
-            raise ConfigurationError(f"device {name}: with {procs_per_node} processes per node each needs its own "
-                                     f"GPU; use --device cuda (process i gets cuda:i)")
-        if name == "cuda" and gpus < procs_per_node:
-            raise ConfigurationError(f"device cuda: {procs_per_node} processes per node need {procs_per_node} GPUs, "
-                                     f"but --gres {gres} asks for {gpus}")
+            raise ConfigurationError(f"device {name}: with {procs_per_node} processes per node the GPUs are shared "
+                                     f"out among them; use --device cuda (process i gets cuda:i, modulo the GPUs)")
+        if name == "cuda" and gpus < procs_per_node and procs_per_node % gpus:
+            # several processes may share a GPU (one process's CPU work per row bounds it), evenly
+            raise ConfigurationError(f"device cuda: {procs_per_node} processes per node cannot share {gpus} GPUs "
+                                     f"(--gres {gres}) evenly; use a multiple of {gpus} processes, or as many GPUs "
+                                     f"as processes")
     return name
 
 
@@ -176,9 +178,11 @@ class SlurmOptions:
     workdir
         Working folder of the jobs (default: where ``thepayne slurm`` ran).
     device, processes
-        ``thepayne run --device`` and ``--processes`` of every process (None: its defaults). On a GPU node: a
-        ``cuda`` device is one GPU per process (process ``i`` of a job gets ``cuda:i``; ``gres`` must give at least
-        ``procs_per_node`` GPUs), and ``processes`` worker processes of each read and prepare its spectra.
+        ``thepayne run --device`` and ``--processes`` of every process (None: its defaults). On a GPU node: with a
+        ``cuda`` device, process ``i`` of a job gets ``cuda:i`` modulo the GPUs that ``gres`` asks for, so
+        ``procs_per_node`` is the number of GPUs or a multiple of it (a few processes sharing each GPU, whose
+        memory holds their device batches), and ``processes`` worker processes of each read and prepare its
+        spectra.
     """
 
     nodes: int = 1
@@ -243,9 +247,10 @@ class SlurmOptions:
             self.device = _check_device(self.device, self.gres, self.procs_per_node)
 
     def device_of(self, index: int) -> str | None:
-        """``--device`` of process ``index`` of a job: its own GPU for a plain ``cuda``."""
+        """``--device`` of process ``index`` of a job: for a plain ``cuda``, GPU ``index`` modulo the job's GPUs
+        (one process per GPU, or a few sharing each)."""
         if self.device == "cuda" and self.procs_per_node > 1:
-            return f"cuda:{index}"
+            return f"cuda:{index % _gpu_count(self.gres)}"
         return self.device
 
     @property

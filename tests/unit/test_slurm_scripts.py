@@ -246,12 +246,17 @@ def test_job_status_reads_scontrol_and_tells_silence_from_absence(tmp_path, monk
     assert status.state == "UNREACHABLE" and not status.finished  # asked again, not counted as a failure
 
 
-def test_gpu_jobs_need_a_gpu_per_process():
+def test_gpu_jobs_share_their_gpus_out_evenly():
     assert [SlurmOptions(device="cuda", gres="gpu:h200:2", procs_per_node=2).device_of(i) for i in (0, 1)] == [
         "cuda:0", "cuda:1"]
+    # a few processes per GPU: one process's CPU work per row bounds what a GPU is fed
+    assert [SlurmOptions(device="cuda", gres="gpu:2", procs_per_node=4).device_of(i) for i in range(4)] == [
+        "cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert [SlurmOptions(device="cuda", gres="gpu:1", procs_per_node=2).device_of(i) for i in (0, 1)] == [
+        "cuda:0", "cuda:0"]
     assert SlurmOptions(device="cuda", gres="gpu").device_of(0) == "cuda"  # one process, its GPU
     assert SlurmOptions(device="cpu", processes=4, threads=2).cpus_per_process == 4
-    for settings in ({"device": "cuda"}, {"device": "cuda", "gres": "gpu:1", "procs_per_node": 2},
+    for settings in ({"device": "cuda"}, {"device": "cuda", "gres": "gpu:2", "procs_per_node": 3},
                      {"device": "cuda:1", "gres": "gpu:2", "procs_per_node": 2}, {"device": "cuda; rm -rf /"},
                      {"device": "cuda\n", "gres": "gpu:1"}, {"processes": 0}):
         with pytest.raises(ConfigurationError):
