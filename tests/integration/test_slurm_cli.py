@@ -73,7 +73,7 @@ def test_dry_run_scripts_run_to_completion_with_bash(tmp_path, sqlite_setup):
     assert sorted(pk for pk, _flags, _tag in rows) == registered_keys(url)  # each once
 
 
-def test_gpu_jobs_give_each_process_its_own_gpu_and_workers(tmp_path, sqlite_setup):
+def test_gpu_jobs_share_out_their_gpus_and_give_each_process_workers(tmp_path, sqlite_setup):
     url, model, env = sqlite_setup
     (tmp_path / "config.toml").write_text('[slurm.profiles.gpu]\ngres = "gpu:h200:2"\nprocs_per_node = 2\n'
                                           'device = "cuda"\nprocesses = 3\n')
@@ -85,8 +85,14 @@ def test_gpu_jobs_give_each_process_its_own_gpu_and_workers(tmp_path, sqlite_set
     assert len(commands) == 2
     for i, command in enumerate(commands):
         assert f"--device cuda:{i}" in command and "--processes 3" in command
-    # a GPU device without GPUs asked for, or too few, is refused before anything is submitted
-    for extra in (["--gres", "gpu:1"], ["--procs-per-node", "1", "--gres", "mps:1"]):
+    # two processes may share one GPU
+    proc = thepayne(url, "slurm", "--profile", "gpu", "--gres", "gpu:1", "--model", model, "--dry-run", env=env,
+                    cwd=tmp_path)
+    (script,) = _scripts(proc.stdout)
+    assert [line.count("--device cuda:0") for line in script.splitlines() if " run --pk-min" in line] == [1, 1]
+    # a GPU device without GPUs asked for, or processes that cannot share them evenly, is refused before anything
+    # is submitted
+    for extra in (["--procs-per-node", "3"], ["--procs-per-node", "1", "--gres", "mps:1"]):
         proc = thepayne(url, "slurm", "--profile", "gpu", *extra, "--model", model, "--dry-run", env=env,
                         cwd=tmp_path, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "GPU" in proc.stderr, proc.stderr
