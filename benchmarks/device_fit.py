@@ -10,11 +10,11 @@ tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both e
    share where the device engine ends lower in chi2 (by more than 0.01) and where higher, with the largest
    excess; catastrophic fits of each engine (|v_rel - true| > 1 km/s, or chi2 more than 25 above the numpy engine's
    fit started at the true labels).
-2. The global start on the device (``torch_starts``): from spectra prepared on the CPU (the time to prepare one
-   is printed: in a run, worker processes do it), the starts of a batch found on the device, per spectrum against
-   the device batch size, the ratio to the numpy engine's starts (one spectrum at a time, the bank's products
-   batched), and the share of spectra given exactly the numpy engine's starts (bank members that tie to float32
-   rounding may come in another order).
+2. The global start on the device (``torch_starts``): from spectra prepared on the CPU up to their continuum
+   (the time to prepare one is printed: in a run, worker processes do it), the continuum and the starts of a batch
+   found on the device, per spectrum against the device batch size, the ratio to the numpy engine's continuum and
+   starts (one spectrum at a time, the bank's products batched), and the share of spectra given exactly the numpy
+   engine's starts (bank members that tie to float32 rounding may come in another order).
 3. Speed of the local fit alone (the starts are found once, by the numpy engine's code, and shared): spectra per
    second against the device batch size, and the ratio to the numpy engine in the same run, with the candidate
    starts per spectrum (``cands``: both engines try two, and more only where those disagree) and the winning
@@ -144,11 +144,12 @@ def main():
         precision(torch, False)
 
     start = time.perf_counter()
-    prepared = [fitter.checked_preparation(s) for s in spectra]
+    prepared = [fitter.checked_preparation(s, normalise=False) for s in spectra]  # as a device run's workers do
     prepare_seconds = (time.perf_counter() - start) / len(spectra)
     numpy_starts = max(starts_seconds - prepare_seconds, 1e-9)
     print("\n## The global start on the device (from prepared spectra), per spectrum")
-    print(f"preparing a spectrum (CPU, worker processes in a run): {1e3 * prepare_seconds:.2f} ms/spectrum")
+    print(f"preparing a spectrum up to its continuum (CPU, worker processes in a run): {1e3 * prepare_seconds:.2f} "
+          f"ms/spectrum")
     print(f"{'engine':<17} {'batch':>6} {'ms/spectrum':>12} {'spectra/s':>10} {'vs numpy':>9} {'same starts':>12}")
     print(f"{'numpy':<17} {len(spectra):>6} {1e3 * numpy_starts:>12.2f} {1 / numpy_starts:>10.1f} {1.0:>9.2f} {'':>12}")
     many_prepared = prepared * ARGS.repeat

@@ -160,12 +160,14 @@ class DeviceFitter:
         except Exception as exc:  # out of device memory, say: the numpy engine's starts, one spectrum at a time
             log.warning("finding the starts of %d spectra on the device failed (%s: %s); finding them on the CPU",
                         len(todo), type(exc).__name__, exc)
-            found = fitter._layer.run([fitter.candidates_of_prepared(spectra[i], prepared[i]) for i in todo])
+            found = fitter._layer.run([fitter.candidates_of_prepared(spectra[i], _normalised(fitter, prepared[i]))
+                                       for i in todo])
             for i, setup in zip(todo, found, strict=True):
                 setups[i] = setup
             return setups
-        for i, (moved, starts) in zip(todo, found, strict=True):
-            setups[i] = fitter.candidates_at(spectra[i], moved, starts)
+        for k, i in enumerate(todo):
+            setups[i] = fitter.candidates_at(spectra[i], found.prepared[k], found.starts[k], found.y[k],
+                                             found.weight[k], found.region_counts[k], found.n_used[k])
         return setups
 
     @contextlib.contextmanager
@@ -260,7 +262,7 @@ class DeviceFitter:
                         raise _NoConvergence(f"optimiser stopped: no convergence after {_MAX_ITERATIONS} iterations")
                     raise FloatingPointError("chi2 is not finite at any start")
                 outcome, w, candidate = best[i]
-                results[i] = fitter.result(outcome.x[w], outcome.chi2[w], outcome.normal_matrix[w], candidate.weight,
+                results[i] = fitter.result(outcome.x[w], outcome.chi2[w], outcome.normal_matrix[w], candidate.n_used,
                                            outcome.n_design[w], outcome.correction[w], outcome.rectified[w],
                                            candidate.prepared, outcome.n_iterations[w])
             except Exception as exc:  # one spectrum's surprise never stops the batch
@@ -526,8 +528,7 @@ class _DeviceNetwork:
         device = self.device
         n_members = len(candidates)
         q = self.design.shape[1]
-        weight = torch.as_tensor(np.stack([c.weight for c in candidates]), dtype=torch.float64, device=device)
-        y = torch.as_tensor(np.stack([c.y for c in candidates]), dtype=torch.float64, device=device)
+        weight, y = (_stacked(torch, [getattr(c, name) for c in candidates], device) for name in ("weight", "y"))
         fitted = np.zeros((n_members, q), dtype=bool)
         for m, c in enumerate(candidates):
             if c.design_columns is not None:
@@ -649,9 +650,22 @@ def _read(fitter, element):
 
 
 def _prepared(fitter, element):
-    """:meth:`PayneFitter.checked_preparation` of a spectrum or a file address (a failure result for either)."""
+    """:meth:`PayneFitter.checked_preparation` of a spectrum or a file address (a failure result for either),
+    without the continuum, which the device fits."""
     spectrum = _read(fitter, element)
-    return spectrum if isinstance(spectrum, FitResult) else fitter.checked_preparation(spectrum)
+    return spectrum if isinstance(spectrum, FitResult) else fitter.checked_preparation(spectrum, normalise=False)
+
+
+def _normalised(fitter, prepared):
+    return prepared if prepared.norm_flux is not None else fitter.normalised(prepared)
+
+
+def _stacked(torch, rows, device):
+    """Rows (numpy arrays, or tensors the device's starts left there) as one float64 tensor on ``device``."""
+    if all(isinstance(row, torch.Tensor) for row in rows):
+        return torch.stack(rows).to(device=device, dtype=torch.float64)
+    return torch.as_tensor(np.stack([row.cpu().numpy() if isinstance(row, torch.Tensor) else row for row in rows]),
+                           dtype=torch.float64, device=device)
 
 
 def _setup(fitter, element, initial_labels):

@@ -15,7 +15,7 @@ pixels (:meth:`PayneFitter._candidate`, on arrays made here).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,9 +23,25 @@ from ..core.fitting import _DISTINCT, PayneFitter
 from ..core.problem import pixel_shift
 from ..core.wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
 
-__all__ = ["DeviceStarts"]
+__all__ = ["DeviceStarts", "FoundStarts"]
 
 _TOP = 64  # best bank matches searched for distinct starts, as in the numpy engine
+
+
+@dataclass
+class FoundStarts:
+    """The starts of a batch: per spectrum, the spectrum prepared for its fits (its continuum, moved with the star,
+    on the CPU; the normalised arrays stay on the device) and its scaled starting parameters ``(n, K [+ 1])``, best
+    match first; for the batch, the normalised flux and weights on the model pixels ``(B, P)`` (tensors on the
+    device, for its solver), and per spectrum the pixels with weight in each continuum region ``(B, R)`` and in all
+    (numpy)."""
+
+    prepared: list
+    starts: list
+    y: object
+    weight: object
+    region_counts: np.ndarray
+    n_used: np.ndarray
 
 
 class DeviceStarts:
@@ -68,48 +84,57 @@ class DeviceStarts:
         self.error_floor = float(fitter.pixel_weights.error_floor)
 
     # -- the steps ----------------------------------------------------------------------------------------------
-    def find(self, prepared_spectra):
-        """Per prepared spectrum, ``(prepared, starts)``: the spectrum prepared for its fits (its continuum pixels
-        moved with the star) and the scaled starting parameters ``(n, K [+ 1])``, best match first, as
-        :meth:`PayneFitter._global_start` and :meth:`PayneFitter.candidates` make them."""
+    def find(self, prepared_spectra) -> FoundStarts:
+        """The starts of a batch of prepared spectra (:meth:`PayneFitter.checked_preparation`, normalised or not:
+        without a continuum, the first one is fitted here), as :meth:`PayneFitter._global_start` and
+        :meth:`PayneFitter.candidates` make them; see :class:`FoundStarts`."""
         torch = self.torch
-        first = [self._upload(p) for p in zip(*[(p.flux, p.ivar, p.norm_flux, p.norm_ivar)
-                                                 for p in prepared_spectra], strict=True)]
-        flux, ivar, norm_flux, norm_ivar = first
-        y, weight = self._data(norm_flux, norm_ivar)
+        flux = self._upload([p.flux for p in prepared_spectra])
+        ivar = self._upload([p.ivar for p in prepared_spectra])
+        no_shift = torch.zeros(len(prepared_spectra), dtype=torch.long, device=self.device)
+        if all(p.norm_flux is not None for p in prepared_spectra):
+            first = [self._upload([p.continuum for p in prepared_spectra]),
+                     self._upload([p.norm_flux for p in prepared_spectra]),
+                     self._upload([p.norm_ivar for p in prepared_spectra])]
+            downloaded = False  # the spectra keep their own continuum where no shift moves it
+        else:
+            first = self._normalise(flux, ivar, no_shift)
+            downloaded = True
+        y, weight = self._data(*first[1:])
         chosen = self._bank_match(y, weight)
-        if not self.fit_v:
-            return [(p, self._starts(c)) for p, c in zip(prepared_spectra, chosen.cpu().numpy(), strict=True)]
-        v = self._velocity_scan(chosen[:, 0], y, weight)
-        shift = torch.round(self._pixel_shift(v)).long()
-        moved = self._moved(flux, ivar, norm_flux, norm_ivar, shift)
-        y, weight = self._data(*moved[1:])
-        chosen = self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
-        v = self._velocity_scan(chosen[:, 0], y, weight)
-        # the fits start with this velocity, from the spectrum prepared for it (numpy: _moved with it)
-        final = torch.round(self._pixel_shift(v)).long()
-        again = final != shift
-        if again.any():
-            redone = self._moved(flux[again], ivar[again], norm_flux[again], norm_ivar[again], final[again])
-            for array, new in zip(moved, redone, strict=True):
-                array[again] = new
-        continuum, norm_flux, norm_ivar = (a.cpu().numpy() for a in moved)
-        final, v, chosen = final.cpu().numpy(), v.cpu().numpy(), chosen.cpu().numpy()
-        v_scaled = v / (2.0 * self.fitter.v_rad_tolerance)
-        found = []
+        prepared, final = first, no_shift
+        if self.fit_v:
+            v = self._velocity_scan(chosen[:, 0], y, weight)
+            shift = torch.round(self._pixel_shift(v)).long()
+            prepared = self._moved(flux, ivar, first, first, shift, no_shift)
+            y, weight = self._data(*prepared[1:])
+            chosen = self._bank_match(self._roll(y, -shift), self._roll(weight, -shift))
+            v = self._velocity_scan(chosen[:, 0], y, weight)
+            # the fits start with this velocity, from the spectrum prepared for it (numpy: _moved with it)
+            final = torch.round(self._pixel_shift(v)).long()
+            prepared = self._moved(flux, ivar, first, prepared, final, shift)
+            y, weight = self._data(*prepared[1:])
+            v_scaled = (v / (2.0 * self.fitter.v_rad_tolerance)).cpu().numpy()
+        moved = (final != 0).cpu().numpy() | downloaded  # the rows whose continuum the CPU does not have
+        continuum = prepared[0][torch.as_tensor(moved, device=self.device)].cpu().numpy()
+        position = np.cumsum(moved) - 1
+        points = self.points[chosen.clamp(min=0)].cpu().numpy()  # (B, n_starts, K), one copy for the batch
+        found = (chosen >= 0).cpu().numpy()
+        spectra, starts = [], []
         for i, p in enumerate(prepared_spectra):
-            if final[i]:
-                p = replace(p, continuum=continuum[i], norm_flux=norm_flux[i], norm_ivar=norm_ivar[i])
-            starts = self._starts(chosen[i])
-            found.append((p, np.column_stack([starts, np.full(len(starts), v_scaled[i])])))
-        return found
+            if moved[i]:
+                p = replace(p, continuum=continuum[position[i]], norm_flux=None, norm_ivar=None)
+            spectra.append(p)
+            mine = points[i][found[i]]
+            starts.append(np.column_stack([mine, np.full(len(mine), v_scaled[i])]) if self.fit_v else mine)
+        used = weight > 0
+        regions = self.fitter._layer.design_regions()
+        counts = (torch.stack([used[:, rows].sum(1) for rows, _, _, _ in regions], 1) if regions
+                  else torch.zeros((len(used), 0), dtype=torch.long, device=self.device))
+        return FoundStarts(spectra, starts, y, weight, counts.cpu().numpy(), used.sum(1).cpu().numpy())
 
     def _upload(self, arrays):
         return self.torch.as_tensor(np.stack(arrays), dtype=self.torch.float64, device=self.device)
-
-    def _starts(self, chosen):
-        index = chosen[chosen >= 0]
-        return self.points[self.torch.as_tensor(index, device=self.device)].cpu().numpy()
 
     def _data(self, norm_flux, norm_ivar):
         """:meth:`PayneFitter._data` of a batch: flux and weights on the model pixels."""
@@ -213,25 +238,34 @@ class DeviceStarts:
                 values[rows, column] -= torch.where(mm > 0, md * md / torch.where(mm > 0, mm, 1.0), 0.0)
         return values
 
-    def _moved(self, flux, ivar, norm_flux, norm_ivar, shift):
-        """Continuum, normalised flux and ivar with the continuum pixels moved by ``shift`` whole pixels; rows with
-        no shift keep their first preparation (:meth:`PayneFitter._moved`)."""
+    def _moved(self, flux, ivar, first, prepared, shift, previous):
+        """The continuum, normalised flux and ivar of each row with its continuum pixels moved by ``shift`` whole
+        pixels: ``prepared`` (those at ``previous``) where the shift is the same, ``first`` (no shift) where it is 0,
+        fitted again otherwise (:meth:`PayneFitter._moved`, which keeps each shift's)."""
+        back, again = (shift != previous) & (shift == 0), (shift != previous) & (shift != 0)
+        if not (back.any() or again.any()):
+            return prepared
+        out = [array.clone() for array in prepared]
+        if back.any():
+            for array, kept in zip(out, first, strict=True):
+                array[back] = kept[back]
+        if again.any():
+            for array, new in zip(out, self._normalise(flux[again], ivar[again], shift[again]), strict=True):
+                array[again] = new
+        return out
+
+    def _normalise(self, flux, ivar, shift):
+        """Continuum, normalised flux and ivar with the continuum pixels moved by ``shift`` whole pixels
+        (:meth:`PayneFitter._normalisation`)."""
         torch = self.torch
-        continuum = torch.full_like(flux, math.nan)
-        out_flux, out_ivar = norm_flux.clone(), norm_ivar.clone()
-        moving = shift != 0
-        if moving.any():
-            f, v = flux[moving], ivar[moving]
-            c = self._continuum(f, v, self._roll_mask(shift[moving]))
-            c[:, ~self.on_model] = math.nan
-            usable = self.on_model & torch.isfinite(c) & (c > 0) & (v > 0)
-            out_flux[moving] = torch.where(usable, f / torch.where(usable, c, 1.0), 0.0)
-            normalised = torch.where(usable, v * c * c, 0.0)
-            if self.error_floor > 0:
-                normalised = normalised.clamp(max=1.0 / self.error_floor**2)
-            out_ivar[moving] = normalised
-            continuum[moving] = c
-        return [continuum, out_flux, out_ivar]
+        continuum = self._continuum(flux, ivar, self._roll_mask(shift))
+        continuum[:, ~self.on_model] = math.nan
+        usable = self.on_model & torch.isfinite(continuum) & (continuum > 0) & (ivar > 0)
+        norm_flux = torch.where(usable, flux / torch.where(usable, continuum, 1.0), 0.0)
+        norm_ivar = torch.where(usable, ivar * continuum * continuum, 0.0)
+        if self.error_floor > 0:
+            norm_ivar = norm_ivar.clamp(max=1.0 / self.error_floor**2)
+        return [continuum, norm_flux, norm_ivar]
 
     def _roll_mask(self, shift):
         """The continuum-pixel mask moved by each row's shift over the whole grid (``np.roll``)."""

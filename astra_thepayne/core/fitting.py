@@ -75,27 +75,31 @@ BATCH_SIZE = 32
 @dataclass
 class Candidate:
     """One start of the local fit of one spectrum: the spectrum prepared for it (its continuum pixels moved with
-    the start's velocity), the normalised flux and weights on the model pixels, the continuum-correction columns
-    fitted (None: no joint continuum) and the scaled starting parameters (labels, then velocity)."""
+    the start's velocity), the normalised flux and weights on the model pixels (numpy arrays, or rows of tensors
+    already on the batched engine's device), the continuum-correction columns fitted (None: no joint continuum),
+    the scaled starting parameters (labels, then velocity) and the number of pixels with weight."""
 
     prepared: PreparedSpectrum
     y: np.ndarray
     weight: np.ndarray
     design_columns: np.ndarray | None
     start: np.ndarray
+    n_used: int
 
 
 @dataclass
 class PreparedSpectrum:
     """A spectrum ready for fitting, all on the apStar grid (8575): flux and ivar after masking, continuum,
     and the continuum-normalised flux and ivar (0 where a pixel is not used); the fraction of each chip's model
-    pixels the data leave without weight, and the file's STARFLAG and VSCATTER (carried into the result)."""
+    pixels the data leave without weight, and the file's STARFLAG and VSCATTER (carried into the result). The
+    continuum and the normalised arrays are None where the batched engine normalises on its device
+    (:meth:`PayneFitter.prepare` with ``normalise=False``)."""
 
     flux: np.ndarray
     ivar: np.ndarray
-    continuum: np.ndarray
-    norm_flux: np.ndarray
-    norm_ivar: np.ndarray
+    continuum: np.ndarray | None
+    norm_flux: np.ndarray | None
+    norm_ivar: np.ndarray | None
     snr: float
     bad_pixel_fractions: tuple = ()
     starflag: int | None = None
@@ -229,19 +233,25 @@ class PayneFitter:
         return list(zip(edges[:-1], edges[1:], strict=True))
 
     # -- preprocessing ------------------------------------------------------------------------------------------
-    def prepare(self, spectrum, continuum_shift=0) -> PreparedSpectrum:
+    def prepare(self, spectrum, continuum_shift=0, normalise=True) -> PreparedSpectrum:
         """Mask, resample and continuum-normalise a spectrum.
 
         ``continuum_shift`` (whole pixels) moves the continuum pixels with a star whose velocity is being fitted:
-        they are chosen in the model's rest frame, and lines would otherwise slide onto them.
+        they are chosen in the model's rest frame, and lines would otherwise slide onto them. ``normalise=False``
+        stops before the continuum (:meth:`normalised` finishes it): the batched engine normalises on its device.
         """
         flux, ivar_data = to_apstar_grid(spectrum, self.pixel_flag_mask, weights=self.pixel_weights)
         ivar = np.where(self.ignore, 0.0, ivar_data)
         snr = spectrum_snr(spectrum, self.pixel_flag_mask)  # one definition for every spectrum type
         bad_fractions = tuple(float(np.mean(ivar_data[a:b] <= 0)) for a, b in MODEL_SEGMENTS)
         starflag, vscatter = _file_quality(spectrum)
-        continuum, norm_flux, norm_ivar = self._normalisation(flux, ivar, continuum_shift)
-        return PreparedSpectrum(flux, ivar, continuum, norm_flux, norm_ivar, snr, bad_fractions, starflag, vscatter)
+        prepared = PreparedSpectrum(flux, ivar, None, None, None, snr, bad_fractions, starflag, vscatter)
+        return self.normalised(prepared, continuum_shift) if normalise else prepared
+
+    def normalised(self, prepared, continuum_shift=0) -> PreparedSpectrum:
+        """``prepared`` with its continuum and normalised flux and ivar (see :meth:`prepare`)."""
+        continuum, norm_flux, norm_ivar = self._normalisation(prepared.flux, prepared.ivar, continuum_shift)
+        return replace(prepared, continuum=continuum, norm_flux=norm_flux, norm_ivar=norm_ivar)
 
     def _normalisation(self, flux, ivar, continuum_shift=0):
         """The continuum (fitted on the continuum pixels moved by ``continuum_shift``) and the normalised flux and
@@ -321,23 +331,25 @@ class PayneFitter:
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
 
-    def candidates_at(self, spectrum, prepared, starts):
+    def candidates_at(self, spectrum, prepared, starts, y, weight, region_counts, n_used):
         """The :class:`Candidate` of each of ``starts`` (scaled parameters, best first) of a spectrum prepared for
-        them, or a failure :class:`FitResult` (too few usable pixels): the end of :meth:`candidates`, for starts
-        found elsewhere (the batched engine's, :mod:`astra_thepayne.accel.torch_starts`)."""
+        them, whose normalised flux and weights on the model pixels are ``y`` and ``weight``, with ``n_used``
+        pixels of weight, ``region_counts[r]`` of them in continuum region ``r`` (:meth:`OutputLayer.design_regions`),
+        or a failure :class:`FitResult` (too few usable pixels): the end of :meth:`candidates`, for starts found
+        elsewhere (the batched engine's, :mod:`astra_thepayne.accel.torch_starts`)."""
         try:
-            shared = {}
-            return [self._candidate(prepared, start, shared) for start in starts]
+            columns = self._continuum_columns(region_counts)
+            return [self._candidate_of(prepared, y, weight, columns, int(n_used), start) for start in starts]
         except Exception as exc:  # a numerical surprise in one spectrum must not stop a batch
             return self._failure(spectrum, f"{type(exc).__name__}: {exc}", prepared.snr, prepared)
 
-    def checked_preparation(self, spectrum):
+    def checked_preparation(self, spectrum, normalise=True):
         """:meth:`prepare` of a spectrum that covers the network's pixels, or a failure :class:`FitResult` (one that
         cannot be prepared, or one cut short). The first step of :meth:`candidates`, which the batched engine takes
-        in its worker processes (:mod:`astra_thepayne.accel`)."""
+        in its worker processes (:mod:`astra_thepayne.accel`) without the continuum (``normalise=False``)."""
         try:
             coverage = model_grid_coverage(spectrum, self.model_to_apstar)
-            prepared = self.prepare(spectrum)
+            prepared = self.prepare(spectrum, normalise=normalise)
         except Exception as exc:
             return self._failure(spectrum, f"cannot prepare spectrum: {exc}", float(getattr(spectrum, "snr", np.nan)))
         if coverage < MIN_MODEL_COVERAGE:
@@ -498,18 +510,29 @@ class PayneFitter:
         if id(prepared) not in shared:
             y, weight = self._data(prepared)
             used = weight > 0
-            columns = None
-            if self.joint_continuum:
-                # a region's correction needs as many usable pixels as its continuum fit; with fewer it stays at 1
-                needed = 3 * (self.continuum_degree + 1)
-                columns = np.concatenate([c for rows, c, _, _ in self._layer.design_regions()
-                                          if np.count_nonzero(used[rows]) >= needed] or [np.zeros(0, dtype=int)])
+            columns = self._continuum_columns([np.count_nonzero(used[rows])
+                                               for rows, _, _, _ in self._layer.design_regions()])
             shared[id(prepared)] = (prepared, y, weight, columns, int(used.sum()))  # prepared: keeps its id taken
         _, y, weight, columns, n_used = shared[id(prepared)]
+        return self._candidate_of(prepared, y, weight, columns, n_used, start)
+
+    def _continuum_columns(self, region_counts):
+        """The continuum-correction columns fitted, given the pixels with weight in each region (None: no joint
+        continuum). A region's correction needs as many usable pixels as its continuum fit; with fewer it stays
+        at 1."""
+        if not self.joint_continuum:
+            return None
+        needed = 3 * (self.continuum_degree + 1)
+        return np.concatenate([c for (_, c, _, _), count in zip(self._layer.design_regions(), region_counts,
+                                                                  strict=True)
+                               if count >= needed] or [np.zeros(0, dtype=int)])
+
+    @staticmethod
+    def _candidate_of(prepared, y, weight, columns, n_used, start):
         n_params = len(start) + (0 if columns is None else len(columns))
         if n_used < _MIN_PIXELS_PER_PARAMETER * n_params:
             raise _NotEnoughPixels(f"only {n_used} usable pixels for {n_params} parameters")
-        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float))
+        return Candidate(prepared, y, weight, columns, np.asarray(start, dtype=float), n_used)
 
     @property
     def v_scale(self):
@@ -544,13 +567,14 @@ class PayneFitter:
         coefficients profiled out, so its inverse is the covariance marginalised over them."""
         correction = yield from problem.correction(solution.x)
         rectified = yield from problem.rectified_model(solution.x)
-        return self.result(solution.x, solution.chi2, solution.normal_matrix, problem.weight, problem.n_design,
+        return self.result(solution.x, solution.chi2, solution.normal_matrix, int(np.count_nonzero(problem.weight)),
+                           problem.n_design,
                            correction, rectified, prepared, solution.n_evaluations)
 
-    def result(self, x, chi2, normal_matrix, weight, n_design, correction, rectified, prepared, n_evaluations):
+    def result(self, x, chi2, normal_matrix, n_used, n_design, correction, rectified, prepared, n_evaluations):
         """The :class:`FitResult` of a fit ended at scaled parameters ``x`` (labels, then the scaled velocity when
         it is fitted) with ``chi2``, the normal matrix of those parameters with the ``n_design`` continuum
-        coefficients profiled out (its inverse is the covariance marginalised over them), the pixel weights, and
+        coefficients profiled out (its inverse is the covariance marginalised over them), the pixels with weight, and
         the continuum correction and rectified model flux on the model pixels. Both engines end here, so their
         rows are made alike."""
         emulator = self.emulator
@@ -563,8 +587,7 @@ class PayneFitter:
         covariance = _covariance(np.asarray(normal_matrix, dtype=float))[:n, :n] * np.outer(scale, scale)
         sigma = np.sqrt(np.diag(covariance))
         labels = emulator.unscale(x[:k])
-        n_used = int(np.count_nonzero(weight))
-        dof = n_used - len(x) - n_design
+        dof = int(n_used) - len(x) - n_design
         at_bound = [name for name, value in zip(emulator.label_names, x[:k], strict=True) if abs(value) >= _AT_BOUND]
         reduced_chi2 = chi2 / dof if dof > 0 else float("nan")
         bounds = {name: (lo, hi) for name, lo, hi in zip(emulator.label_names, emulator.x_min, emulator.x_max,

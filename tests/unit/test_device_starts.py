@@ -32,20 +32,30 @@ def _spectra(network, n, v_tolerance, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("v_tolerance", [0.0, 10.0])
-def test_the_device_finds_the_numpy_engines_starts(network, device, v_tolerance):
+@pytest.mark.parametrize("normalised", [False, True], ids=["prepared-without-continuum", "normalised-on-cpu"])
+def test_the_device_finds_the_numpy_engines_starts(network, device, v_tolerance, normalised):
+    """From spectra prepared as a device run's workers prepare them (no continuum: the device fits the first one
+    too) or normalised on the CPU: the numpy engine's starts, and the arrays its local fits would start from."""
     spectra = _spectra(network, 24, v_tolerance, seed=41)
     fitter = PayneFitter(network, v_rad_tolerance=v_tolerance)
     expected = fitter._layer.run([fitter.candidates(s) for s in spectra])
     starts = device_fitter(fitter, device)._device_starts()
-    found = starts.find([fitter.checked_preparation(s) for s in spectra])
+    found = starts.find([fitter.checked_preparation(s, normalise=normalised) for s in spectra])
     moved = 0
-    for spectrum, candidates, (prepared, start) in zip(spectra, expected, found, strict=True):
+    for i, (spectrum, candidates) in enumerate(zip(spectra, expected, strict=True)):
         # the bank's float32 products may order two members that tie to rounding differently; none do here
-        np.testing.assert_allclose(start, [c.start for c in candidates], rtol=0, atol=1e-9)
-        reference = candidates[0].prepared
-        np.testing.assert_allclose(prepared.continuum, reference.continuum, rtol=1e-10, equal_nan=True)
-        np.testing.assert_allclose(prepared.norm_ivar, reference.norm_ivar, rtol=1e-10)
-        moved += not np.array_equal(prepared.continuum, fitter.prepare(spectrum).continuum, equal_nan=True)
+        np.testing.assert_allclose(found.starts[i], [c.start for c in candidates], rtol=0, atol=1e-9)
+        reference = candidates[0]
+        np.testing.assert_allclose(found.prepared[i].continuum, reference.prepared.continuum, rtol=1e-10,
+                                   equal_nan=True)
+        np.testing.assert_allclose(found.y[i].cpu().numpy(), reference.y, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(found.weight[i].cpu().numpy(), reference.weight, rtol=1e-10, atol=1e-12)
+        assert found.n_used[i] == reference.n_used
+        setup = fitter.candidates_at(spectrum, found.prepared[i], found.starts[i], found.y[i], found.weight[i],
+                                     found.region_counts[i], found.n_used[i])
+        assert [list(c.design_columns) for c in setup] == [list(c.design_columns) for c in candidates]
+        moved += not np.allclose(found.prepared[i].continuum, fitter.prepare(spectrum).continuum, rtol=1e-10,
+                                 equal_nan=True)
     if v_tolerance:  # the continuum pixels moved with the star for the stars more than half a pixel away
         assert 5 < moved < len(spectra)
     else:
