@@ -29,9 +29,13 @@ The numbers:
   (what the network allows); ``off bound`` is the mean without the fits that ended with that label on its bound
   (``at_bound_flags``): where the mean moves towards 0 there, it comes from the box truncating the likelihood;
   ``right`` is the mean without the catastrophic fits, whose pulls in a wrong minimum can be tens of sigma and
-  move the plain mean by more than the bias of the rest.
+  move the plain mean by more than the bias of the rest; ``at truth`` is the mean of ``(fit - truth) / sigma``
+  with each spectrum's sigma at its true labels (the profiled Gauss-Newton covariance there) instead of at the
+  fit: where ``fit`` is off 0 and ``at truth`` is not, the labels are unbiased and the pull's mean comes from the
+  fitted error growing and shrinking with the fitted label (a weak line's abundance is better measured the
+  stronger the line).
 
-Uses only PayneFitter's public API, so it runs before and after engine changes.
+Uses only PayneFitter's public API (and the lockstep driver of its output layer for the sigma at the truth).
 
     python benchmarks/recovery.py --network line --spectra 1000
     python benchmarks/recovery.py --network kurucz5,kurucz25 --spectra 200 --processes 2
@@ -106,6 +110,9 @@ def run_mode(emulator, tolerance, args, rng):
     at_bound = np.array([[bool(r.at_bound_flags & AT_BOUND_BITS.get(name, 0)) for name in emulator.label_names]
                          for r in results])
     ref_pulls, _ = arrays(reference)
+    truth_sigma = sigma_at_truth(fitter, spectra, truths, velocities)
+    truth_pulls = np.column_stack([np.array([r.labels for r in results]) - truths]
+                                  + ([v - velocities] if tolerance else [])) / truth_sigma
     chi2 = np.array([r.chi2 for r in results])
     chi2_ref = np.array([r.chi2 for r in reference])
     failed = ~np.array([r.success for r in results])
@@ -123,7 +130,30 @@ def run_mode(emulator, tolerance, args, rng):
         ref_mean=np.nanmean(ref_pulls[good_snr], axis=0), ref_width=[robust_width(p) for p in ref_pulls[good_snr].T],
         off_bound_mean=[np.nanmean(pulls[good_snr & ~at_bound[:, i], i]) for i in range(emulator.n_labels)],
         right_mean=np.nanmean(pulls[good_snr & ~bad], axis=0),
+        truth_mean=np.nanmean(truth_pulls[good_snr], axis=0),
     )
+
+
+def sigma_at_truth(fitter, spectra, truths, velocities):
+    """Per spectrum, the errors of the labels (then v_rel) from the profiled Gauss-Newton matrix at the true
+    labels and velocity, for the spectrum as the fit started at the truth prepares it."""
+    emulator = fitter.emulator
+    scale = emulator.x_max - emulator.x_min
+    if fitter.v_scale:
+        scale = np.append(scale, fitter.v_scale)
+
+    def one(spectrum, truth, v):
+        candidates = yield from fitter.candidates(spectrum, initial_labels=truth)
+        problem = fitter.problem(candidates[0])
+        x = np.clip(emulator.scale(truth), -0.5, 0.5)
+        if fitter.v_scale:
+            x = np.append(x, v / fitter.v_scale)
+        yield from problem.chi2(x)
+        values, vectors = np.linalg.eigh((yield from problem.normal_matrix(x, True)))
+        covariance = (vectors / values) @ vectors.T
+        return np.sqrt(np.diag(covariance)[:len(scale)]) * scale
+
+    return np.array(fitter._layer.run([one(s, t, v) for s, t, v in zip(spectra, truths, velocities, strict=True)]))
 
 
 def main():
@@ -155,7 +185,8 @@ def main():
                   f"{m['flagged_right']:>4d}/{m['n_flagged']:<4d} {m['evals']:>6.0f} {m['seconds']:>10.4f}")
         names = list(emulator.label_names) + ["v_rel"]
         print(f"\npulls at S/N >= 30: mean / robust width{'':<6}"
-              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}{'off bound':>10}{'right':>7}" for mode in modes))
+              + "".join(f"{mode + ' fit':>16}{mode + ' ref':>16}{'off bound':>10}{'right':>7}{'at truth':>9}"
+                        for mode in modes))
         for i, label in enumerate(names):
             cells = []
             for m in modes.values():
@@ -164,9 +195,10 @@ def main():
                         cells.append(f"{m[key + 'mean'][i]:+7.2f} / {m[key + 'width'][i]:5.2f}".rjust(16))
                     else:
                         cells.append("-".rjust(16))
-                off, right = m["off_bound_mean"], m["right_mean"]
+                off, right, truth = m["off_bound_mean"], m["right_mean"], m["truth_mean"]
                 cells.append((f"{off[i]:+7.2f}" if i < len(off) else "-").rjust(10))
                 cells.append((f"{right[i]:+6.2f}" if i < len(right) else "-").rjust(7))
+                cells.append((f"{truth[i]:+6.2f}" if i < len(truth) else "-").rjust(9))
             print(f"  {label:<41}" + "".join(cells))
 
 

@@ -3,14 +3,15 @@
 The numpy engine finds each fit's starts one spectrum at a time (:meth:`PayneFitter.candidates`): the model bank
 matched to the spectrum, a chi2 scan over velocities against the best match, the continuum fitted again with its
 pixels moved with the star, the bank matched again in the star's rest frame and the velocity scanned again against
-the new best match. Here each of those steps is a few tensor operations over the whole batch, from the spectra as
-:meth:`PayneFitter.checked_preparation` leaves them (the work a CPU does per file: resampling, masking, the first
-continuum). The same steps in the same order with the same numbers, in float64 where the numpy engine uses it (the
-bank's products are float32 in both): a spectrum gets the numpy engine's starts unless two bank members or two
-trial shifts tie to rounding.
+the new best match. Here each of those steps, and the first continuum before them, is a few tensor operations over
+the whole batch, from the spectra as :meth:`PayneFitter.checked_preparation` leaves them with ``normalise=False``
+(the work a CPU does per file: resampling, masks, pixel weights). The same steps in the same order with the same
+numbers, in float64 where the numpy engine uses it (the bank's products are float32 in both): a spectrum gets the
+numpy engine's starts unless two bank members or two trial shifts tie to rounding.
 
-What stays on the CPU per spectrum is small: choosing the continuum-correction regions and counting the usable
-pixels (:meth:`PayneFitter._candidate`, on arrays made here).
+The normalised spectra stay on the device for the solver; what comes back per spectrum is its continuum (for its
+row), its starts and its pixel counts, from which the CPU chooses the continuum-correction columns
+(:meth:`PayneFitter.candidates_at`).
 """
 from __future__ import annotations
 
@@ -19,13 +20,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..core.fitting import _DISTINCT, PayneFitter
+from ..core.fitting import _DISTINCT, _TOP_MATCHES, PayneFitter
 from ..core.problem import pixel_shift
 from ..core.wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
 
 __all__ = ["DeviceStarts", "FoundStarts"]
-
-_TOP = 64  # best bank matches searched for distinct starts, as in the numpy engine
 
 
 @dataclass
@@ -146,11 +145,11 @@ class DeviceStarts:
 
     def _bank_match(self, y, weight):
         """Indices ``(B, n_starts)`` of each spectrum's best bank members at least ``_DISTINCT`` apart (scaled),
-        best first, -1 where fewer were found among the best :data:`_TOP` (:meth:`PayneFitter._bank_match`)."""
+        best first, -1 where fewer were found among the best ``_TOP_MATCHES`` (:meth:`PayneFitter._bank_match`)."""
         torch = self.torch
         w2 = weight * weight
         scores = self.network.bank_scores_on_device((w2 * y).float(), w2.float(), self.flux, self.flux_squared)
-        top = torch.topk(scores, min(_TOP, scores.shape[1]), dim=1).indices  # best first
+        top = torch.topk(scores, min(_TOP_MATCHES, scores.shape[1]), dim=1).indices  # best first
         n_starts = self.fitter.n_starts
         chosen = torch.full((len(y), n_starts), -1, dtype=torch.long, device=self.device)
         chosen_points = torch.full((len(y), n_starts, self.points.shape[1]), math.inf, dtype=torch.float64,

@@ -57,6 +57,7 @@ _MIN_PIXELS_PER_PARAMETER = 5
 #: Fraction of the network's pixels a spectrum must sample (see ``preprocess.model_grid_coverage``).
 MIN_MODEL_COVERAGE = 0.9
 _DISTINCT = 0.25  # scaled-label distance between the bank matches that start separate local fits
+_TOP_MATCHES = 64  # best bank matches searched for distinct starts
 _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apStar pixel, about 4.1
 #: A fit whose model misses the spectrum by more than this rms fraction of the continuum (:func:`misfit`) has not
 #: found the star (``star_not_found``): a network that covers a star fits it to about 1-2% (2M19485057+5005279, a K
@@ -406,7 +407,7 @@ class PayneFitter:
         w2 = weight**2
         scores = yield ("bank", np.stack([w2 * y, w2]))
         chosen = []
-        for index in np.argsort(scores)[::-1][:64]:
+        for index in np.argsort(scores)[::-1][:_TOP_MATCHES]:
             point = bank.points[index]
             if all(np.linalg.norm(point - other) > _DISTINCT for other, *_ in chosen):
                 chosen.append((point.copy(), np.asarray(bank.flux[index], dtype=np.float64), int(index)))
