@@ -5,31 +5,19 @@ import time
 
 import numpy as np
 import pytest
+from _device_engine import DEVICES, torch  # skips this module without PyTorch
+from _device_engine import draw as _draw
 
+from astra_thepayne.accel import DeviceFitter, device_fitter, parse_device
 from astra_thepayne.core.fitting import PayneFitter
 from astra_thepayne.core.spectrum import Spectrum
-from astra_thepayne.core.synthetic import line_network, synthetic_spectrum
+from astra_thepayne.core.synthetic import line_network
 from astra_thepayne.errors import ConfigurationError
-
-torch = pytest.importorskip("torch", reason="the device engine needs PyTorch (pip install torch)")
-
-from astra_thepayne.accel import DeviceFitter, device_fitter, parse_device  # noqa: E402
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device here (GPU test)"))]
 
 
 @pytest.fixture(scope="module")
 def network():
     return line_network()
-
-
-def _draw(network, n, v_tolerance, seed):
-    rng = np.random.default_rng(seed)
-    truths = network.unscale(rng.uniform(-0.48, 0.48, (n, network.n_labels)))
-    velocities = rng.uniform(-v_tolerance, v_tolerance, n) if v_tolerance else np.zeros(n)
-    return [synthetic_spectrum(network, t, snr=rng.uniform(30, 200), v_rel=v, rng=rng)
-            for t, v in zip(truths, velocities, strict=True)]
 
 
 def _compare(reference, results):

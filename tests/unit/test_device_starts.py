@@ -3,31 +3,19 @@ starts, velocities and moved continua for a whole batch, and each step (the cont
 equal to its numpy counterpart; on the CPU always and on a GPU when there is one."""
 import numpy as np
 import pytest
+from _device_engine import DEVICES, draw, torch  # skips this module without PyTorch
 
+from astra_thepayne.accel import device_fitter
 from astra_thepayne.core.continuum import ContinuumBasis
 from astra_thepayne.core.fitting import PayneFitter
 from astra_thepayne.core.problem import Shift
-from astra_thepayne.core.synthetic import line_network, synthetic_spectrum
+from astra_thepayne.core.synthetic import line_network
 from astra_thepayne.core.wavelength import apstar_wavelength
-
-torch = pytest.importorskip("torch", reason="the device engine needs PyTorch (pip install torch)")
-
-from astra_thepayne.accel import device_fitter  # noqa: E402
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device here (GPU test)"))]
 
 
 @pytest.fixture(scope="module")
 def network():
     return line_network()
-
-
-def _spectra(network, n, v_tolerance, seed):
-    rng = np.random.default_rng(seed)
-    return [synthetic_spectrum(network, network.unscale(rng.uniform(-0.48, 0.48, network.n_labels)),
-                               snr=rng.uniform(20, 200), v_rel=rng.uniform(-v_tolerance, v_tolerance), rng=rng)
-            for _ in range(n)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -36,7 +24,7 @@ def _spectra(network, n, v_tolerance, seed):
 def test_the_device_finds_the_numpy_engines_starts(network, device, v_tolerance, normalised):
     """From spectra prepared as a device run's workers prepare them (no continuum: the device fits the first one
     too) or normalised on the CPU: the numpy engine's starts, and the arrays its local fits would start from."""
-    spectra = _spectra(network, 24, v_tolerance, seed=41)
+    spectra = draw(network, 24, v_tolerance, seed=41)
     fitter = PayneFitter(network, v_rad_tolerance=v_tolerance)
     expected = fitter._layer.run([fitter.candidates(s) for s in spectra])
     starts = device_fitter(fitter, device)._device_starts()
@@ -105,7 +93,7 @@ def test_the_spline_shift_is_numpys(network, device):
 
 
 def test_a_device_failure_while_finding_starts_falls_back_to_the_cpu(network, monkeypatch):
-    spectra = _spectra(network, 6, 10.0, seed=42)
+    spectra = draw(network, 6, 10.0, seed=42)
     fitter = PayneFitter(network, v_rad_tolerance=10.0)
     engine = device_fitter(fitter, "cpu")
     expected = engine.fit_batch(spectra)
