@@ -362,6 +362,7 @@ class _DeviceNetwork:
             self.upper = torch.as_tensor(upper, device=device)
             self.tap_offsets = torch.as_tensor(np.array(offsets, dtype=np.int64), device=device)
         self.w2, self.b2 = f32(w2), f64(b2)
+        self.w2_t = self.w2.T.contiguous()
         self.design = f64(fitter._layer.design)
         self.regions = [(rows, torch.as_tensor(np.asarray(columns), device=device), f64(basis), f64(outer))
                         for rows, columns, basis, outer in fitter._layer.design_regions()]
@@ -401,6 +402,31 @@ class _DeviceNetwork:
         at = -(shift - whole)[:, None] - self.offsets  # (N, taps): point minus coefficient position
         slopes = -self._bspline(at, derivative=True) if derivative else None
         return self._bspline(at), slopes, self.pixel[None, :] - whole.long()[:, None]
+
+    def _shift_rows(self, rows, weights, whole):
+        """Rows ``(N, C, P)`` of spline coefficients moved by each member's shift: ``whole`` ``(N,)`` pixels and the
+        taps' ``weights`` ``(N, taps)`` of its fraction (:meth:`_taps`), clamped at each chip's ends as
+        :class:`~astra_thepayne.core.problem.Shift` clamps. One depthwise correlation per chip, each member's taps
+        placed in a kernel that spans every member's whole shift: the rows are read once, where a gather per tap
+        read them once per tap."""
+        torch = self.torch
+        from torch.nn import functional
+
+        n_members, channels, _ = rows.shape
+        offsets = self.tap_offsets  # from the highest down
+        low, high = int(offsets.min()), int(offsets.max())
+        reach = int(whole.abs().max()) if n_members else 0
+        # kernel position j reads the pixel at p + j - (reach - low): tap t of member n sits at off_t - whole_n
+        position = offsets[None, :] - whole[:, None] + (reach - low)
+        kernel = torch.zeros((n_members, high - low + 1 + 2 * reach), dtype=rows.dtype, device=self.device)
+        kernel.scatter_(1, position, weights)
+        kernel = kernel.repeat_interleave(channels, 0)[:, None, :]  # (N C, 1, length): one per row
+        out = torch.empty_like(rows)
+        for start, stop in self.segments:
+            padded = functional.pad(rows[:, :, start:stop], (reach - low, reach + high), mode="replicate")
+            out[:, :, start:stop] = functional.conv1d(padded.reshape(1, n_members * channels, -1), kernel,
+                                                      groups=n_members * channels).reshape(n_members, channels, -1)
+        return out
 
     def shifted_by(self, coefficients, shift: float):
         """Rows of values whose spline coefficients are ``coefficients`` ``(N, P)``, all moved by ``shift`` pixels
@@ -444,28 +470,25 @@ class _DeviceNetwork:
         if jacobian:
             hidden_jacobian = s1[:, :, None] * torch.matmul(self.w1, s0[:, :, None] * self.w0)  # (N, H, K)
         values = ((s1 * z1) @ self.w2.T).double() + self.b2  # (N, P): flux, or its spline coefficients
-        products = torch.matmul(self.w2, hidden_jacobian) if jacobian else None  # (N, P, K) float32
+        # the label columns of the Jacobian, pixels last (N, K, P) float32: the shift is then a correlation along
+        # contiguous rows, and the products below run on contiguous matrices
+        products = torch.matmul(hidden_jacobian.transpose(1, 2), self.w2_t) if jacobian else None
         if self.fit_v:
             v = theta[:, k] * self.v_scale
             shift = torch.log10(1.0 + v / SPEED_OF_LIGHT_KMS) / APSTAR_CDELT1
             weights, slopes, base = self._taps(shift, derivative=True)
-            weights32 = weights.float()
             flux, d_flux = torch.zeros_like(values), torch.zeros_like(values)
-            shifted = torch.zeros_like(products) if jacobian else None
-            # rows of all members as one table: a row gather copies K contiguous values (torch.gather along the
-            # pixels of a (N, P, K) stack is several times slower on a CPU)
             n_members, n_pixels = values.shape
             first_row = (torch.arange(n_members, device=self.device) * n_pixels)[:, None]
             value_rows = values.reshape(-1)
-            product_rows = products.reshape(-1, k) if jacobian else None
             for t in range(len(self.tap_offsets)):
                 index = torch_clamp(torch, base + self.tap_offsets[t], self.lower, self.upper) + first_row
                 gathered = value_rows[index]
                 flux += weights[:, t, None] * gathered
                 if jacobian:
                     d_flux += slopes[:, t, None] * gathered
-                    shifted += weights32[:, t, None, None] * product_rows[index]
-            products = shifted
+            if jacobian:
+                products = self._shift_rows(products, weights.float(), torch.floor(shift).long())
             d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
         else:
             flux = values
@@ -495,11 +518,10 @@ class _DeviceNetwork:
             return chi2
         dtype = float64 if double else torch.float32
         label_weight = weight * correction
-        labels = label_weight.to(dtype)[:, :, None] * products.to(dtype)  # (N, P, K): d r / d x
-        labels_t = labels.transpose(1, 2)
+        labels_t = products.to(dtype) * label_weight.to(dtype)[:, None, :]  # (N, K, P): d r / d x, transposed
         matrix = torch.zeros((n_members, n, n), dtype=float64, device=self.device)
         gradient = torch.zeros((n_members, n), dtype=float64, device=self.device)
-        matrix[:, :k, :k] = (labels_t @ labels).double()
+        matrix[:, :k, :k] = (labels_t @ labels_t.transpose(1, 2)).double()
         # the gradient of chi2 over the labels alone: that over g is zero, g being at its best
         gradient[:, :k] = (labels_t @ residuals.to(dtype)[:, :, None])[..., 0].double()
         if self.fit_v:

@@ -92,6 +92,26 @@ def test_the_spline_shift_is_numpys(network, device):
         np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-10)  # sums in another order
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_jacobians_shift_is_numpys(network, device):
+    """The solver moves each member's Jacobian columns by its own shift in one correlation per chip
+    (``_shift_rows``): the same as numpy's spline shift of every column, members with opposite and zero shifts
+    in one stack."""
+    fitter = PayneFitter(network, v_rad_tolerance=10.0)
+    engine = device_fitter(fitter, device)
+    solver = engine._device_network()
+    rng = np.random.default_rng(6)
+    shifts = np.array([-2.44, -1.0, -0.3, 0.0, 0.6, 1.75, 2.44])
+    coefficients = rng.standard_normal((len(shifts), 3, network.n_pixels)).astype(np.float32)
+    shift = torch.as_tensor(shifts, device=engine.device)
+    weights, _, _ = solver._taps(shift)
+    moved = solver._shift_rows(torch.as_tensor(coefficients, device=engine.device), weights.float(),
+                               torch.floor(shift).long()).cpu().numpy()
+    for member, value in enumerate(shifts):
+        expected = Shift(fitter._segments, value).apply_to_coefficients(coefficients[member].T.astype(float)).T
+        np.testing.assert_allclose(moved[member], expected, rtol=0, atol=2e-5)  # float32 sums
+
+
 def test_a_device_failure_while_finding_starts_falls_back_to_the_cpu(network, monkeypatch):
     spectra = draw(network, 6, 10.0, seed=42)
     fitter = PayneFitter(network, v_rad_tolerance=10.0)
