@@ -430,23 +430,12 @@ class _DeviceNetwork:
 
     def shifted_by(self, coefficients, shift: float):
         """Rows of values whose spline coefficients are ``coefficients`` ``(N, P)``, all moved by ``shift`` pixels
-        (:meth:`Shift.apply_to_coefficients`): per chip, a correlation with the taps' weights of the coefficients
-        padded with their end values (the taps' clamping)."""
+        (:meth:`Shift.apply_to_coefficients`)."""
         torch = self.torch
-        from torch.nn import functional
-
-        weights, _, _ = self._taps(torch.tensor([shift], dtype=torch.float64, device=self.device))
-        whole = math.floor(shift)
-        offsets = [int(o) for o in self.tap_offsets.tolist()]  # from the highest down
-        kernel = weights[0].flip(0)[None, None, :]  # weight of the lowest offset first
-        pad = abs(whole) + len(offsets)
-        out = torch.empty_like(coefficients)
-        for start, stop in self.segments:
-            padded = functional.pad(coefficients[:, None, start:stop], (pad, pad), mode="replicate")
-            begin = pad - whole + offsets[-1]
-            window = padded[:, :, begin:begin + stop - start + len(offsets) - 1]
-            out[:, start:stop] = functional.conv1d(window, kernel)[:, 0]
-        return out
+        shifts = torch.full((len(coefficients),), float(shift), dtype=torch.float64, device=self.device)
+        weights, _, _ = self._taps(shifts)
+        return self._shift_rows(coefficients[:, None, :], weights.to(coefficients.dtype),
+                                torch.floor(shifts).long())[:, 0]
 
     def _bspline(self, x, derivative=False):
         power = SHIFT_DEGREE - 1 if derivative else SHIFT_DEGREE
