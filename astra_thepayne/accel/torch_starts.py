@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..core.fitting import _DISTINCT, _TOP_MATCHES, PayneFitter
+from ..core.fitting import DISTINCT_STARTS, TOP_MATCHES, PayneFitter
 from ..core.problem import pixel_shift
 from ..core.wavelength import APSTAR_CDELT1, SPEED_OF_LIGHT_KMS
 
@@ -144,12 +144,12 @@ class DeviceStarts:
         return y, weight
 
     def _bank_match(self, y, weight):
-        """Indices ``(B, n_starts)`` of each spectrum's best bank members at least ``_DISTINCT`` apart (scaled),
-        best first, -1 where fewer were found among the best ``_TOP_MATCHES`` (:meth:`PayneFitter._bank_match`)."""
+        """Indices ``(B, n_starts)`` of each spectrum's best bank members at least ``DISTINCT_STARTS`` apart (scaled),
+        best first, -1 where fewer were found among the best ``TOP_MATCHES`` (:meth:`PayneFitter._bank_match`)."""
         torch = self.torch
         w2 = weight * weight
         scores = self.network.bank_scores_on_device((w2 * y).float(), w2.float(), self.flux, self.flux_squared)
-        top = torch.topk(scores, min(_TOP_MATCHES, scores.shape[1]), dim=1).indices  # best first
+        top = torch.topk(scores, min(TOP_MATCHES, scores.shape[1]), dim=1).indices  # best first
         n_starts = self.fitter.n_starts
         chosen = torch.full((len(y), n_starts), -1, dtype=torch.long, device=self.device)
         chosen_points = torch.full((len(y), n_starts, self.points.shape[1]), math.inf, dtype=torch.float64,
@@ -159,7 +159,7 @@ class DeviceStarts:
         for j in range(top.shape[1]):
             point = self.points[top[:, j]]
             distance = ((point[:, None, :] - chosen_points) ** 2).sum(-1).sqrt()  # inf to an empty slot
-            take = (count < n_starts) & (distance > _DISTINCT).all(1)
+            take = (count < n_starts) & (distance > DISTINCT_STARTS).all(1)
             slot = count.clamp(max=n_starts - 1)
             chosen[rows[take], slot[take]] = top[take, j]
             chosen_points[rows[take], slot[take]] = point[take]

@@ -46,8 +46,8 @@ from .wavelength import (
 _KEPT_TEMPLATES = 256  # bank members whose spline coefficients the velocity scan keeps (59 kB each)
 _KEPT_SHIFTS = 64  # Shift operators the velocity scan keeps
 
-__all__ = ["BATCH_SIZE", "Candidate", "PayneFitter", "PreparedSpectrum", "SAME_FLOOR", "STAR_NOT_FOUND_MISFIT",
-           "batches", "floor_confirmed", "load_pixel_array", "misfit"]
+__all__ = ["BATCH_SIZE", "Candidate", "DISTINCT_STARTS", "PayneFitter", "PreparedSpectrum", "SAME_FLOOR",
+           "STAR_NOT_FOUND_MISFIT", "TOP_MATCHES", "batches", "floor_confirmed", "load_pixel_array", "misfit"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ _AT_BOUND = 0.5 - 1e-3  # scaled-label distance from the bound that counts as "o
 _MIN_PIXELS_PER_PARAMETER = 5
 #: Fraction of the network's pixels a spectrum must sample (see ``preprocess.model_grid_coverage``).
 MIN_MODEL_COVERAGE = 0.9
-_DISTINCT = 0.25  # scaled-label distance between the bank matches that start separate local fits
-_TOP_MATCHES = 64  # best bank matches searched for distinct starts
+#: Scaled-label distance between the bank matches that start separate local fits (both engines).
+DISTINCT_STARTS = 0.25
+#: Best bank matches searched for distinct starts (both engines).
+TOP_MATCHES = 64
 _PIXEL_VELOCITY = SPEED_OF_LIGHT_KMS * (10**APSTAR_CDELT1 - 1)  # km/s per apStar pixel, about 4.1
 #: A fit whose model misses the spectrum by more than this rms fraction of the continuum (:func:`misfit`) has not
 #: found the star (``star_not_found``): a network that covers a star fits it to about 1-2% (2M19485057+5005279, a K
@@ -401,15 +403,15 @@ class PayneFitter:
         return [(x0, v) for x0, *_ in starts]
 
     def _bank_match(self, y, weight):
-        """The ``n_starts`` best bank members, each at least ``_DISTINCT`` (scaled) from the better ones, as
+        """The ``n_starts`` best bank members, each at least ``DISTINCT_STARTS`` (scaled) from the better ones, as
         ``(scaled labels, model flux, index in the bank)``."""
         bank = self._bank()  # loaded before the request: the driver serves it from the layer's bank
         w2 = weight**2
         scores = yield ("bank", np.stack([w2 * y, w2]))
         chosen = []
-        for index in np.argsort(scores)[::-1][:_TOP_MATCHES]:
+        for index in np.argsort(scores)[::-1][:TOP_MATCHES]:
             point = bank.points[index]
-            if all(np.linalg.norm(point - other) > _DISTINCT for other, *_ in chosen):
+            if all(np.linalg.norm(point - other) > DISTINCT_STARTS for other, *_ in chosen):
                 chosen.append((point.copy(), np.asarray(bank.flux[index], dtype=np.float64), int(index)))
                 if len(chosen) == self.n_starts:
                     break
