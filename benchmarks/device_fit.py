@@ -22,6 +22,9 @@ tolerance, shifted by a windowed sinc as the DRP resamples) and fitted by both e
 4. With ``--processes 1,15``: the whole fit (``DeviceFitter.fit_many``) at the default device batch size, the
    spectra prepared by that many worker processes while the device finds the starts and fits.
 
+``--shift-methods correlation,gather`` adds rows to the local-fit table with the solver's Jacobian shifted by a
+gather per tap (0.6.0's way) instead of one correlation per chip, to choose between them on a GPU.
+
 ``--tf32`` adds rows (agreement and speed) for each CUDA device with TensorFloat-32 matrix products allowed
 (``torch.set_float32_matmul_precision("high")``): faster on a GPU, with 10 bits of mantissa in the products.
 
@@ -46,6 +49,8 @@ _parser.add_argument("--threads", type=int, default=1)
 _parser.add_argument("--seed", type=int, default=0)
 _parser.add_argument("--skip-agreement", action="store_true", help="speed only")
 _parser.add_argument("--tf32", action="store_true", help="also CUDA rows with TensorFloat-32 products")
+_parser.add_argument("--shift-methods", default="correlation",
+                     help="how the solver shifts the Jacobian, for the local-fit speed table: correlation, gather")
 _parser.add_argument("--processes", default="", help="whole-fit rows with this many worker processes (e.g. 1,15)")
 _parser.add_argument("--repeat", type=int, default=1,
                      help="the speed table fits the spectra this many times over (batches larger than --spectra)")
@@ -180,9 +185,12 @@ def main():
           f"{np.mean([len(s) for s in setups if isinstance(s, list)]):>7.2f} "
           f"{'':>11}")
     many_spectra, many_setups = spectra * ARGS.repeat, setups * ARGS.repeat
-    for name, device, tf32 in variants(devices):
+    methods = [m.strip() for m in ARGS.shift_methods.split(",") if m.strip()]
+    for (name, device, tf32), method in ((v, m) for v in variants(devices) for m in methods):
         precision(torch, tf32)
         engine = device_fitter(fitter, device)
+        engine._device_network().shift_method = method
+        name = name if method == "correlation" else f"{name} {method}"
         for batch in (int(b) for b in ARGS.batch_sizes.split(",")):
             engine._fit_setups(many_spectra[:batch], many_setups[:batch])  # warm-up (kernels, the device's copy)
             synchronise(torch, device)

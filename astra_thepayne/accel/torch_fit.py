@@ -363,6 +363,10 @@ class _DeviceNetwork:
             self.tap_offsets = torch.as_tensor(np.array(offsets, dtype=np.int64), device=device)
         self.w2, self.b2 = f32(w2), f64(b2)
         self.w2_t = self.w2.T.contiguous()
+        #: how the solver moves the Jacobian's columns with each member's velocity: "correlation" (one depthwise
+        #: correlation per chip) or "gather" (a gather per tap, as up to 0.6.0), kept so that one GPU run can time
+        #: both (``benchmarks/device_fit.py --shift-methods``); they agree to float32 rounding
+        self.shift_method = "correlation"
         self.design = f64(fitter._layer.design)
         self.regions = [(rows, torch.as_tensor(np.asarray(columns), device=device), f64(basis), f64(outer))
                         for rows, columns, basis, outer in fitter._layer.design_regions()]
@@ -428,6 +432,17 @@ class _DeviceNetwork:
                                                       groups=n_members * channels).reshape(n_members, channels, -1)
         return out
 
+    def _gather_rows(self, rows, weights, whole):
+        """:meth:`_shift_rows` by one gather along the pixels per tap."""
+        torch = self.torch
+        n_members, channels, n_pixels = rows.shape
+        base = self.pixel[None, :] - whole[:, None]
+        out = torch.zeros_like(rows)
+        for t in range(len(self.tap_offsets)):
+            index = torch_clamp(torch, base + self.tap_offsets[t], self.lower, self.upper)
+            out += weights[:, t, None, None] * torch.gather(rows, 2, index[:, None, :].expand(-1, channels, -1))
+        return out
+
     def shifted_by(self, coefficients, shift: float):
         """Rows of values whose spline coefficients are ``coefficients`` ``(N, P)``, all moved by ``shift`` pixels
         (:meth:`Shift.apply_to_coefficients`)."""
@@ -477,7 +492,8 @@ class _DeviceNetwork:
                 if jacobian:
                     d_flux += slopes[:, t, None] * gathered
             if jacobian:
-                products = self._shift_rows(products, weights.float(), torch.floor(shift).long())
+                move = self._shift_rows if self.shift_method == "correlation" else self._gather_rows
+                products = move(products, weights.float(), torch.floor(shift).long())
             d_shift = self.v_scale / (math.log(10) * APSTAR_CDELT1 * (SPEED_OF_LIGHT_KMS + v))
         else:
             flux = values
