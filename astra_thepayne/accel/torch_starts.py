@@ -84,24 +84,17 @@ class DeviceStarts:
 
     # -- the steps ----------------------------------------------------------------------------------------------
     def find(self, prepared_spectra) -> FoundStarts:
-        """The starts of a batch of prepared spectra (:meth:`PayneFitter.checked_preparation`, normalised or not:
-        without a continuum, the first one is fitted here), as :meth:`PayneFitter._global_start` and
+        """The starts of a batch of prepared spectra (:meth:`PayneFitter.checked_preparation`; a continuum fitted on
+        the CPU, if any, is replaced by the one fitted here), as :meth:`PayneFitter._global_start` and
         :meth:`PayneFitter.candidates` make them; see :class:`FoundStarts`."""
         torch = self.torch
         flux = self._upload([p.flux for p in prepared_spectra])
         ivar = self._upload([p.ivar for p in prepared_spectra])
         no_shift = torch.zeros(len(prepared_spectra), dtype=torch.long, device=self.device)
-        if all(p.norm_flux is not None for p in prepared_spectra):
-            first = [self._upload([p.continuum for p in prepared_spectra]),
-                     self._upload([p.norm_flux for p in prepared_spectra]),
-                     self._upload([p.norm_ivar for p in prepared_spectra])]
-            downloaded = False  # the spectra keep their own continuum where no shift moves it
-        else:
-            first = self._normalise(flux, ivar, no_shift)
-            downloaded = True
+        first = self._normalise(flux, ivar, no_shift)
         y, weight = self._data(*first[1:])
         chosen = self._bank_match(y, weight)
-        prepared, final = first, no_shift
+        prepared = first
         if self.fit_v:
             v = self._velocity_scan(chosen[:, 0], y, weight)
             shift = torch.round(self._pixel_shift(v)).long()
@@ -114,16 +107,12 @@ class DeviceStarts:
             prepared = self._moved(flux, ivar, first, prepared, final, shift)
             y, weight = self._data(*prepared[1:])
             v_scaled = (v / (2.0 * self.fitter.v_rad_tolerance)).cpu().numpy()
-        moved = (final != 0).cpu().numpy() | downloaded  # the rows whose continuum the CPU does not have
-        continuum = prepared[0][torch.as_tensor(moved, device=self.device)].cpu().numpy()
-        position = np.cumsum(moved) - 1
+        continuum = prepared[0].cpu().numpy()
         points = self.points[chosen.clamp(min=0)].cpu().numpy()  # (B, n_starts, K), one copy for the batch
         found = (chosen >= 0).cpu().numpy()
         spectra, starts = [], []
         for i, p in enumerate(prepared_spectra):
-            if moved[i]:
-                p = replace(p, continuum=continuum[position[i]], norm_flux=None, norm_ivar=None)
-            spectra.append(p)
+            spectra.append(replace(p, continuum=continuum[i], norm_flux=None, norm_ivar=None))
             mine = points[i][found[i]]
             starts.append(np.column_stack([mine, np.full(len(mine), v_scaled[i])]) if self.fit_v else mine)
         used = weight > 0
