@@ -126,8 +126,8 @@ def _check_device(device, gres, procs_per_node) -> str:
     if name.startswith("cuda"):
         gpus = _gpu_count(gres)
         if not gpus:
-            raise ConfigurationError(f"device {name}: the jobs ask for no GPU; add --gres gpu:N (N >= "
-                                     f"procs-per-node) on the command line or in the profile")
+            raise ConfigurationError(f"device {name}: the jobs ask for no GPU; add --gres gpu:N (N = procs-per-node "
+                                     f"or a divisor of it) on the command line or in the profile")
         if name != "cuda" and procs_per_node > 1:
             raise ConfigurationError(f"device {name}: with {procs_per_node} processes per node the GPUs are shared "
                                      f"out among them; use --device cuda (process i gets cuda:i, modulo the GPUs)")
