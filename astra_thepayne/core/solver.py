@@ -8,8 +8,9 @@ matrix ``J^T J`` instead of ``J``, so that it may supply an approximation of it.
 
 Every step uses the exact chi2 and the exact gradient ``J^T r``; the Gauss-Newton matrix may be approximate while
 the fit is far from the minimum, which changes how fast the iteration gets there but not where it ends (where the
-gradient vanishes). Convergence is declared only with the exact matrix, which is returned and gives the
-covariance directly.
+gradient vanishes). Once the exact matrix is in use, the last one made serves as the model of the steps after it
+(near the minimum it changes little), and a new one is made where convergence is to be confirmed: convergence is
+declared only with the exact matrix at the solution, which is returned and gives the covariance directly.
 
 Pure numpy. The problem's three functions (see :class:`LeastSquaresProblem`) and :func:`minimise` itself are
 generators: whatever expensive product a problem needs it may yield as a request to its driver and receive the
@@ -87,10 +88,14 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
     radius = max(float(np.linalg.norm(x)), 1.0)  # initial trust region: at least unit size (SciPy: |x0|, or 1 at 0)
     onto_bounds = _ONTO_BOUNDS_TRIES
     finished = None  # why a fit with the exact matrix stopped, when a step test (not the decrement) stopped it
+    stale = False  # the model is the exact matrix of an earlier point (see below)
 
     while True:
         matrix = model.matrix
         if exact and (finished or model.decrement(gradient, x, lower, upper) < tolerance):
+            if stale:  # converged by the last exact matrix: confirm (or go on) with the one at x
+                model, stale = _Model((yield from problem.normal_matrix(x, True))), False
+                continue
             if not coarse and onto_bounds:
                 onto_bounds -= 1
                 moved = yield from _onto_bounds(problem, x, cost, gradient, matrix, lower, upper)
@@ -160,10 +165,15 @@ def minimise(problem: LeastSquaresProblem, x0, lower, upper, tolerance: float = 
             if coarse:
                 return Solution(x, 2 * cost, None, evaluations, stop)
             if step_from_exact:  # ends at the top of the loop, with the exact matrix at x
-                model, finished = _Model((yield from problem.normal_matrix(x, True))), stop
+                model, finished, stale = _Model((yield from problem.normal_matrix(x, True))), stop, False
                 continue
             exact = True  # near the minimum: from here on only the exact matrix
-        model = _Model((yield from problem.normal_matrix(x, exact)))
+        if step_from_exact and reduction > 0:
+            # near the minimum the exact matrix changes little from step to step: the last one is the model for the
+            # next step too, and the one at x is made only to confirm convergence (or when a step stops the fit)
+            stale = True
+            continue
+        model, stale = _Model((yield from problem.normal_matrix(x, exact))), False
         if not exact and model.decrement(gradient, x, lower, upper) < tolerance:
             if coarse:
                 return Solution(x, 2 * cost, None, evaluations, "near a minimum (coarse)")

@@ -73,6 +73,31 @@ def test_reaches_scipys_minimum_with_an_exact_or_a_poor_matrix(data, distorted):
     assert solution.chi2 == pytest.approx(np.sum(problem.residuals(expected) ** 2), rel=1e-9)
 
 
+def test_near_the_minimum_the_last_exact_matrix_serves_until_convergence_is_confirmed(data):
+    """Exact matrices are the dear part of a finish: once the fit uses them, each accepted step keeps the last one
+    as its model, and a new one is made only at the point where convergence is to be confirmed. With the poor
+    approximate matrix, the fit here makes the exact matrix at two points (0.7.0, one at each point it moved to:
+    four), and the matrix it returns is the exact one at its solution."""
+    distort = np.array([[1.3, 0.1, 0.0], [0.1, 0.8, 0.05], [0.0, 0.05, 1.1]])
+    problem = Exponential(*data, distort=distort)
+    exact_at, normal_matrix = [], problem.normal_matrix
+
+    def counting(x, exact):
+        if exact:
+            exact_at.append(tuple(x))
+        return (yield from normal_matrix(x, exact))
+
+    problem.normal_matrix = counting
+    lower, upper = np.array([0.0, 0.0, -1.0]), np.array([5.0, 5.0, 1.0])
+    solution = run(minimise(problem, np.zeros(3), lower, upper, tolerance=1e-8, x_tolerance=1e-10))
+    assert len(set(exact_at)) == 2
+    assert exact_at[-1] == tuple(solution.x)
+    np.testing.assert_allclose(solution.normal_matrix, problem.jac(solution.x).T @ problem.jac(solution.x))
+    expected = scipy_solution(problem, np.full(3, 0.1), lower, upper)
+    covariance = np.linalg.inv(problem.jac(expected).T @ problem.jac(expected))
+    assert np.all(np.abs(solution.x - expected) < 1e-3 * np.sqrt(np.diag(covariance)))
+
+
 def test_a_minimum_beyond_a_bound_ends_on_that_bound(data):
     problem = Exponential(*data)
     lower, upper = np.array([0.0, 0.0, -1.0]), np.array([5.0, 5.0, 0.2])  # the offset wants 0.5
