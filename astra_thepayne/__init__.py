@@ -11,7 +11,7 @@ runners, ingest, catalogues, products, report, SLURM), :mod:`.cli` (the ``thepay
 from . import _moved
 
 _moved.install()
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 __all__ = ["__version__", "connect", "the_payne", "ThePayne", "PayneEmulator", "Spectrum", "read_spectra"]
 
