@@ -51,7 +51,7 @@ def remove_stale_temporaries(folder, now: float | None = None) -> list[Path]:
     """Remove the temporary files of :func:`atomic_write` in ``folder`` whose writer is gone; returns them."""
     folder = Path(folder)
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:

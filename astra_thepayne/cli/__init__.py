@@ -97,7 +97,7 @@ _RESUME = {
 def _interrupted_message(argv) -> str:
     """One line after Ctrl-C: what was kept and how to resume."""
     command = next((arg for arg in argv if arg in _COMMANDS), None)
-    how = _RESUME.get(command, "run the command again")
+    how = _RESUME.get(command or "", "run the command again")
     return f"thepayne{' ' + command if command else ''}: interrupted (Ctrl-C), workers stopped; {how}"
 
 

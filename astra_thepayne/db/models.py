@@ -156,7 +156,7 @@ class _ThePayneMixin:
         """Any bit of ``result_flags`` is set."""
         return bool(is_flagged(self.result_flags or 0))
 
-    @flag_warn.expression
+    @flag_warn.expression  # type: ignore[no-redef]  # peewee's hybrid: the SQL side under the same name
     def flag_warn(cls):
         return cls.result_flags > 0
 
@@ -165,7 +165,7 @@ class _ThePayneMixin:
         """A bad bit (the fitting failure) is set: the labels are not usable."""
         return bool(is_bad(self.result_flags or 0))
 
-    @flag_bad.expression
+    @flag_bad.expression  # type: ignore[no-redef]  # peewee's hybrid: the SQL side under the same name
     def flag_bad(cls):
         return cls.result_flags.bin_and(BAD_RESULT_FLAGS) != 0  # is_bad, in SQL
 

@@ -88,7 +88,9 @@ def hdu_bytes(cards: list, data: bytes = b"", checksum_at: int | None = None, da
     CHECKSUM and DATASUM cards of this HDU; ``cards`` is not changed.
     """
     data = data + b"\0" * (-len(data) % BLOCK)
-    if checksum_at is None:
+    if checksum_at is None or datasum_at is None:
+        if checksum_at is not None or datasum_at is not None:
+            raise ValueError("give both checksum_at and datasum_at, or neither")
         return _padded("".join(cards) + _END) + data
     stamp = stamp or checksum_stamp()
     datasum = ones_complement_sum(data)
@@ -114,7 +116,8 @@ def header_keywords(content: bytes, keywords=()) -> list:
 
     if not content:
         raise ValueError("an empty file")
-    hdus, offset = [], 0
+    hdus: list[dict] = []
+    offset = 0
     while offset < len(content):
         first = content[offset:offset + 8]
         if first != (b"SIMPLE  " if offset == 0 else b"XTENSION"):

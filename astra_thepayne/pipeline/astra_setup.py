@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peewee import sort_models
+from peewee import sort_models  # type: ignore[attr-defined]  # in peewee, not in its type hints
 
 from ..errors import ConfigurationError
 

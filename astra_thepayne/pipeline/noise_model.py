@@ -34,6 +34,7 @@ import hashlib
 import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -513,7 +514,7 @@ def apply_corrections_to_database(corrections: dict, sha256: str | None = None, 
                 condition = usable if where is None else (where & usable)
             else:
                 value = corrected(raw, float(entry["scale"]), float(entry["offset"]), form)
-            values = {e: value}
+            values: dict[Any, Any] = {e: value}  # the column's new value and the model's hash (a text column)
             if sha256:
                 values[ThePayne.noise_model_sha256] = sha256
             query = ThePayne.update(values)
@@ -611,6 +612,7 @@ def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None
             continue
         edges = snr_edges
         if edges is None:
+            assert snr_bins is not None  # by_snr: edges or a number of bins
             edges = quantile_snr_edges(np.concatenate([snr1[usable], snr2[usable]]), snr_bins)
         if edges:
             entry, info = _for_label(label, calibrate_pair_errors_by_snr, x1, e1, snr1, x2, e2, snr2, edges, form,
@@ -623,8 +625,9 @@ def calibrate_from_database(labels=None, tag: str = "", model_sha256: str | None
         info["bins"] = snr_bin_names(entry["snr_edges"]) if "snr_edges" in entry else ["all"]
         corrections[label], snr_info[label] = entry, info
     variance = ("(s e1 + o)^2 + (s e2 + o)^2" if form == "linear" else "(s e1)^2 + (s e2)^2 + 2 o^2")
-    reference = {"method": f"repeat visit pairs (one per exposure), Gaussian likelihood of dx with variance {variance}",
-                 "form": form, "n_pairs": n_pairs, "tag": tag, "model_sha256": model_sha256 or ""}
+    reference: dict[str, Any] = {
+        "method": f"repeat visit pairs (one per exposure), Gaussian likelihood of dx with variance {variance}",
+        "form": form, "n_pairs": n_pairs, "tag": tag, "model_sha256": model_sha256 or ""}
     if by_snr:
         reference["method"] += ("; (s, o) per S/N bin, each visit with the bin of its own S/N (the_payne.snr), "
                                 "piecewise constant in S/N")

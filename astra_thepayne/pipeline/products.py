@@ -45,8 +45,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -191,7 +193,7 @@ def _shared_sdss_ids() -> frozenset:
 
     query = (Source.select(Source.sdss_id).where(Source.sdss_id.is_null(False))
              .group_by(Source.sdss_id).having(fn.COUNT(Source.pk) > 1).tuples())
-    return frozenset(int(sdss_id) for (sdss_id,) in query)
+    return frozenset(int(sdss_id) for (sdss_id,) in cast("Iterable[tuple[int]]", query))  # rows as tuples
 
 
 def _jobs_for(source_pks, directory, tag, model_sha256, shared, version):
@@ -347,7 +349,8 @@ def _primary_cards(job, created, n_missing) -> list:
     from .. import __version__
 
     source = job["source"]
-    cards = [("V_ASTRA", job["version"], "Version of the software that wrote this file"),
+    cards: list[tuple[str, Any, str | None]] = [
+        ("V_ASTRA", job["version"], "Version of the software that wrote this file"),
              ("CREATED", created, f"File creation time (UTC {_DATETIME_FMT})"),
              # unknown values get Astra's fill values (-1, '', 'NaN'): a null card value is legal FITS but
              # fitsverify warns about it, and FITS headers cannot hold a float NaN
@@ -449,7 +452,7 @@ def _templates() -> dict:
     buffer = io.BytesIO()
     hdul.writeto(buffer, checksum=True)
     buffer.seek(0)
-    templates = {}
+    templates: dict[str, Any] = {}  # PRIMARY: its card images; each table: a _TableTemplate
     with fits.open(buffer) as written:
         header = written[0].header  # SIMPLE, BITPIX, NAXIS, EXTEND
         templates["PRIMARY"] = [c.image for c in header.cards[:header.index("V_ASTRA")]]
@@ -521,8 +524,7 @@ def _product_bytes(job, created, stamp=None) -> tuple:
     # CHECKSUM and DATASUM go where astropy's add_checksum puts them: after the last keyword card
     cards = [*templates["PRIMARY"], *keywords, "", "", *comments]
     start = len(templates["PRIMARY"]) + len(keywords)
-    primary = hdu_bytes(cards, b"", start, start + 1, stamp)
-    return b"".join([primary, *parts]), missing
+    return b"".join([hdu_bytes(cards, b"", start, start + 1, stamp), *parts]), missing
 
 
 def write_product(job, force: bool = False) -> dict:

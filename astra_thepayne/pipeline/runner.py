@@ -134,6 +134,7 @@ def execute(results, batch_size: int = 1000, seconds: float = 300.0) -> list:
 
 
 _STAGING = "thepayne_staging_rows"
+_FLOAT_FIELD = FloatField()  # its adapt(): what peewee stores for a float column's value
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -161,7 +162,7 @@ def _float_text(value) -> str:
     if value is None:
         return "\\N"
     if type(value) is not float:
-        value = FloatField.adapt(None, value)  # what FloatField.db_value makes of it (float(), or the value itself)
+        value = _FLOAT_FIELD.adapt(value)  # what FloatField.db_value makes of it (float(), or the value itself)
         if not isinstance(value, float):
             return _text(value)
     return repr(value)  # nan, inf and -inf are read by PostgreSQL as NaN and +-Infinity

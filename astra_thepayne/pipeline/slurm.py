@@ -476,7 +476,7 @@ def _load_toml(path: Path) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         try:
-            import tomli as tomllib
+            import tomli as tomllib  # type: ignore[no-redef]  # the same API, before Python 3.11
         except ModuleNotFoundError:
             raise ConfigurationError(f"reading {path} needs Python >= 3.11 or `pip install tomli`") from None
     try:

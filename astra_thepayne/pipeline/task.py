@@ -277,7 +277,7 @@ def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum
 PICKLE_WRITERS = 4
 #: Rows :func:`fit_rows` holds back at most while their pickles are being written; past this it waits for the oldest.
 PICKLES_IN_FLIGHT = 32
-_WRITERS = (None, None)  # (process id, its pool of pickle writers)
+_WRITERS: tuple[int | None, ThreadPoolExecutor | None] = (None, None)  # (process id, its pool of pickle writers)
 
 
 def _pickle_writers() -> ThreadPoolExecutor:
@@ -285,7 +285,7 @@ def _pickle_writers() -> ThreadPoolExecutor:
     run`` cost about 5 ms each. A forked child starts its own (the parent's threads do not exist there)."""
     global _WRITERS
     pid, pool = _WRITERS
-    if pid != os.getpid():
+    if pool is None or pid != os.getpid():
         pool = ThreadPoolExecutor(PICKLE_WRITERS, thread_name_prefix="thepayne-pickle")
         _WRITERS = os.getpid(), pool
     return pool
@@ -322,7 +322,7 @@ def _written(held, model, keep):
 
 def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
               v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, sky_lines="inflate", persistence=True,
-              littrow_ghost=True, error_floor=0.005, device="numpy") -> Iterable[ThePayne]:
+              littrow_ghost=True, error_floor=0.005, device="numpy") -> Iterable[ThePayne]:  # type: ignore[valid-type]
     """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
 
     Parameters
@@ -371,4 +371,4 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
 
 # `from __future__ import annotations` makes annotations strings; Astra's `execute` reads the output model from
 # the return annotation object (``annotations["return"].__args__[0]``), so give it the real one.
-the_payne.__annotations__["return"] = Iterable[ThePayne]
+the_payne.__annotations__["return"] = Iterable[ThePayne]  # type: ignore[valid-type]  # a model class made at import

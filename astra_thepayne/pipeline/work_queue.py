@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
+from typing import Any, cast
 
 from peewee import fn
 
@@ -213,7 +215,8 @@ def release_dead_claims(stale_seconds: float | None = None) -> int:
     stale_seconds = STALE_SECONDS if stale_seconds is None else stale_seconds
     now = utc_now()
     dead = []
-    for owner, claimed in Claim.select(Claim.owner, fn.MAX(Claim.claimed)).group_by(Claim.owner).tuples():
+    last_claims = Claim.select(Claim.owner, fn.MAX(Claim.claimed)).group_by(Claim.owner).tuples()
+    for owner, claimed in cast("Iterable[tuple[str, Any]]", last_claims):  # (owner, its latest claim) per owner
         host, _, pid = owner.rpartition("-")
         if host == _HOST and pid.isdigit():
             gone = int(pid) != os.getpid() and not _alive(int(pid))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -190,7 +191,7 @@ def save_grid(grid: TrainingGrid, path) -> Path:
         hdus[-1].name = "LABELS"
         fits.HDUList(hdus).writeto(path, overwrite=True)
         return path
-    extra = {}
+    extra: dict[str, Any] = {}
     if grid.x_min is not None:
         extra["x_min"] = grid.x_min
     if grid.x_max is not None:

@@ -161,12 +161,12 @@ class ToyLineModel:
 
         # Line-free continuum windows, evenly spread over each chip: line centres stay far enough away that neither
         # wings (cut at _WING_CUTOFF) nor the widest broadening (v_macro 30 km/s and the LSF) reach the window core.
-        centres = []
+        per_chip = []
         for lo, hi in wl_edges:
             spacing = (hi - lo) / _N_WINDOWS_PER_CHIP
-            centres.append(lo + spacing * (np.arange(_N_WINDOWS_PER_CHIP) + 0.5 + rng.uniform(-0.2, 0.2,
+            per_chip.append(lo + spacing * (np.arange(_N_WINDOWS_PER_CHIP) + 0.5 + rng.uniform(-0.2, 0.2,
                                                                                                _N_WINDOWS_PER_CHIP)))
-        centres = np.concatenate(centres)
+        centres = np.concatenate(per_chip)
         # ... and keep clear of the cores of the Brackett lines
         offset = centres[:, None] - _brackett_wavelengths()[None, :]
         nearest = np.argmin(np.abs(offset), axis=1)

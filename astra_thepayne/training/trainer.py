@@ -257,6 +257,7 @@ def train_network(grid: TrainingGrid, hidden: int = 300, epochs: int = 1000, bat
     x_valid, y_valid = scaled[valid_idx], flux[valid_idx]
     params = _initial_parameters(rng, grid.labels.shape[1], hidden, grid.flux.shape[1], y_train.mean(axis=0))
 
+    engine: _TorchBackend | _NumpyBackend
     if backend == "torch":
         engine = _TorchBackend(params, device)
         x_train_d, y_train_d = engine.to_device(x_train), engine.to_device(y_train)
@@ -273,7 +274,7 @@ def train_network(grid: TrainingGrid, hidden: int = 300, epochs: int = 1000, bat
         losses, weights = [], []
         for i in range(0, len(perm), batch_size):
             batch = np.sort(perm[i:i + batch_size])
-            if backend == "torch":
+            if isinstance(engine, _TorchBackend):
                 batch = engine.to_device(batch)
             losses.append(engine.step(x_train_d[batch], y_train_d[batch], lr))
             weights.append(len(batch))

@@ -1,4 +1,4 @@
-"""The science core's type hints hold: mypy, configured in pyproject.toml ([tool.mypy]), finds no error."""
+"""The package's type hints hold: mypy, configured in pyproject.toml ([tool.mypy]), finds no error."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def test_mypy_finds_no_error_in_the_core():
+def test_mypy_finds_no_error_in_the_package():
     try:
         import mypy  # noqa: F401
     except ImportError:
