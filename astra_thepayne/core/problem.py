@@ -253,6 +253,7 @@ class OutputLayer:
         state = dict(self.__dict__)
         state["_grams"] = state["_cross"] = state["_regions"] = state["bank"] = None  # the bank: from its cache
         state["_design_columns"] = {}
+        state["_continuum_solves"] = {}
         state["_spline_layer"] = None
         return state
 
@@ -310,6 +311,8 @@ class OutputLayer:
         if kind == "transpose":
             out = np.ascontiguousarray((w2.T @ np.stack(arrays, axis=1).astype(np.float32)).T)
             return list(out)
+        if kind == "continuum":
+            return ContinuumSolve.serve(arrays)
         if kind == "bank":
             # a (2, P) request: w^2 y and w^2 of one spectrum, matched against every bank member at once
             stacked = np.stack(arrays)
@@ -352,6 +355,17 @@ class OutputLayer:
                 self._regions.append((rows, columns, basis, products))
         return self._regions
 
+    def continuum_solve(self, columns):
+        """The :class:`ContinuumSolve` of the design ``columns`` (kept per set of columns, like
+        :meth:`design_columns`: the problems that share it are solved together)."""
+        key = tuple(int(c) for c in columns)
+        kept = self.__dict__.setdefault("_continuum_solves", {})
+        if key not in kept:
+            if len(kept) >= 16:
+                kept.clear()
+            kept[key] = ContinuumSolve(self.design_regions(), key)
+        return kept[key]
+
     def design_columns(self, columns):
         """``design[:, columns]`` (read only), kept per set of columns: nearly every spectrum fits the same ones."""
         key = tuple(int(c) for c in columns)
@@ -374,6 +388,59 @@ class OutputLayer:
             self._cross[key] = np.stack([(w2[b].T @ self.design[b][:, columns]).ravel()
                                          for b in self._blocks()]).astype(np.float32)
         return (self._block_means(weights) @ self._cross[key]).reshape(self.w2.shape[1], -1)
+
+
+class ContinuumSolve:
+    """The least-squares continuum correction of a set of design columns, for many spectra at once.
+
+    With residuals ``r = w f c - w y`` and ``c = 1 + D g``, ``r`` is linear in ``g``; each chip region's basis is zero
+    outside it, so the normal matrix ``(w f D)^T (w f D)`` is block diagonal and each region's coefficients are
+    solved alone (a ``q x q`` system, ``q`` = 5 for degree 4). A region is fitted only if all its columns are among
+    ``columns``. :meth:`serve` answers the ``("continuum", (solve, w f, w y))`` requests of a lockstep round: the
+    products of all the spectra that share a solve are matrix products, and their systems one stacked solve per
+    region, instead of a dozen small numpy calls per spectrum.
+    """
+
+    def __init__(self, design_regions, columns):
+        position = {c: i for i, c in enumerate(columns)}
+        self.n_design = len(columns)
+        self.regions = [(rows, np.array([position[int(c)] for c in region_columns]), basis, products)
+                        for rows, region_columns, basis, products in design_regions
+                        if all(int(c) in position for c in region_columns)]
+
+    @staticmethod
+    def serve(requests):
+        """``(g, c, (w f D)^T (w f D))`` for each request ``(solve, w f, w y)``, in order."""
+        answers = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for i, (solve, _, _) in enumerate(requests):
+            groups.setdefault(id(solve), []).append(i)
+        for members in groups.values():
+            solve = requests[members[0]][0]
+            weighted = np.stack([requests[i][1] for i in members])
+            weighted_y = np.stack([requests[i][2] for i in members])
+            for i, answer in zip(members, solve._solve(weighted, weighted_y), strict=True):
+                answers[i] = answer
+        return answers
+
+    def _solve(self, weighted, weighted_y):
+        n, n_pixels = weighted.shape
+        g = np.zeros((n, self.n_design))
+        matrices = np.zeros((n, self.n_design, self.n_design))
+        c = np.ones((n, n_pixels))
+        for rows, positions, basis, products in self.regions:
+            w_f = weighted[:, rows]
+            q = len(positions)
+            blocks = ((w_f * w_f) @ products).reshape(n, q, q)
+            sides = (w_f * (weighted_y[:, rows] - w_f)) @ basis
+            scale = np.trace(blocks, axis1=1, axis2=2) / q  # a relative ridge keeps an empty region solvable
+            blocks[:, np.arange(q), np.arange(q)] += 1e-12 * np.where(scale != 0, scale, 1.0)[:, None]
+            coefficients = np.linalg.solve(blocks, sides[..., None])[..., 0]
+            g[:, positions] = coefficients
+            matrices[:, positions[:, None], positions[None, :]] = blocks
+            c[:, rows] = 1.0 + coefficients @ basis.T
+        # c copied row by row: a view would keep the whole batch's array alive as long as one evaluation is kept
+        return [(g_i, c_i.copy(), m_i) for g_i, c_i, m_i in zip(g, c, matrices, strict=True)]
 
 
 def _column_groups(design):
@@ -450,21 +517,8 @@ class PayneProblem:
         self._p = self._previous = None  # evaluated states: the current point and the one before
         self._pattern = self._hidden_jacobian = self._product = self._pattern_matrix = None
         self._hidden_cross = self._approximate_blocks = None
-        # the continuum basis by region, with each region's columns placed among the problem's coefficients
-        position = {int(c): i for i, c in enumerate(design_columns)} if design_columns is not None else {}
-        self._regions = [(rows, np.array([position[int(c)] for c in columns]), basis, products)
-                         for rows, columns, basis, products in (layer.design_regions() if self.n_design else [])
-                         if all(int(c) in position for c in columns)]
+        self._continuum = layer.continuum_solve(design_columns) if self.n_design else None
         self._weighted_y = weight * y
-        # where the regions' blocks go in the continuum normal matrix, and whether they can be solved as one stack
-        sizes = {len(positions) for _, positions, _, _ in self._regions}
-        self._stacked = len(sizes) == 1 and sizes != {0}
-        if self._regions:
-            self._block_index = (np.concatenate([np.repeat(positions, len(positions))
-                                                 for _, positions, _, _ in self._regions]),
-                                 np.concatenate([np.tile(positions, len(positions))
-                                                 for _, positions, _, _ in self._regions]))
-            self._region_positions = np.concatenate([positions for _, positions, _, _ in self._regions])
 
     # -- parameters --------------------------------------------------------------------------------------------
     def velocity(self, theta):
@@ -494,32 +548,8 @@ class PayneProblem:
             p.flux = yield ("flux", p.a1)
         weighted = self.weight * p.flux
         if self.n_design:
-            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly, region by region (each
-            # region's basis is zero outside it, so the normal matrix is block diagonal)
-            p.g, p.c = np.zeros(self.n_design), np.ones_like(weighted)
-            p.continuum_matrix = np.zeros((self.n_design, self.n_design))
-            blocks, sides = [], []
-            for rows, positions, basis, products in self._regions:
-                w_f = weighted[rows]
-                blocks.append(((w_f * w_f) @ products).reshape(len(positions), -1))
-                sides.append(basis.T @ (w_f * (self._weighted_y[rows] - w_f)))
-            if blocks:
-                if self._stacked:  # one call for all regions: the per-call overhead is most of a 5 x 5 solve
-                    stack = np.stack(blocks)
-                    q = stack.shape[1]
-                    scale = np.trace(stack, axis1=1, axis2=2) / q
-                    stack[:, np.arange(q), np.arange(q)] += 1e-12 * np.where(scale != 0, scale, 1.0)[:, None]
-                    g = np.linalg.solve(stack, np.stack(sides)[..., None])[..., 0]
-                    blocks = list(stack)
-                else:
-                    g = []
-                    for block, side in zip(blocks, sides, strict=True):
-                        block += 1e-12 * (np.mean(np.diag(block)) or 1.0) * np.eye(len(block))
-                        g.append(np.linalg.solve(block, side))
-                p.g[self._region_positions] = np.concatenate([np.ravel(x) for x in g])
-                p.continuum_matrix[self._block_index] = np.concatenate([b.ravel() for b in blocks])
-                for rows, positions, basis, _ in self._regions:
-                    p.c[rows] = 1.0 + basis @ p.g[positions]
+            # r = w f + (w f D) g - w y is linear in g: its least-squares g, exactly (ContinuumSolve)
+            p.g, p.c, p.continuum_matrix = yield ("continuum", (self._continuum, weighted, self._weighted_y))
             p.r = weighted * p.c - self._weighted_y
         else:
             p.c = None

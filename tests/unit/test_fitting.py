@@ -190,6 +190,35 @@ def _run(problem, method, *args):
     return problem.layer.run_one(getattr(problem, method)(*args))
 
 
+def test_continuum_solves_of_a_lockstep_round_are_each_spectrums_least_squares_solution(toy_emulator):
+    """A round's continuum requests are solved together, grouped by design columns: each answer must be that
+    spectrum's own least-squares correction over the regions its columns cover (1 elsewhere), whatever else is in
+    the round, and its normal matrix ``(w f D)^T (w f D)``."""
+    from astra_thepayne.core.continuum import continuum_design
+    from astra_thepayne.core.problem import ContinuumSolve, OutputLayer
+    from astra_thepayne.core.wavelength import MODEL_TO_APSTAR, apstar_wavelength
+
+    rng = np.random.default_rng(8)
+    design = continuum_design(apstar_wavelength()[MODEL_TO_APSTAR])
+    layer = OutputLayer(toy_emulator, design)
+    every = np.arange(design.shape[1])
+    first_region = layer.design_regions()[0][1]
+    without_first = np.setdiff1d(every, first_region)  # a spectrum with no usable pixels in the first region
+    requests, expected = [], []
+    for columns in (every, without_first, every, without_first, every):
+        weighted = rng.uniform(20, 200, len(design)) * np.where(rng.random(len(design)) < 0.1, 0.0, 1.0)
+        weighted_y = weighted * rng.uniform(0.9, 1.1, len(design))
+        requests.append((layer.continuum_solve(columns), weighted, weighted_y))
+        columns_matrix = weighted[:, None] * design[:, columns]
+        g = np.linalg.lstsq(columns_matrix, weighted_y - weighted, rcond=None)[0]
+        expected.append((g, 1.0 + design[:, columns] @ g, columns_matrix.T @ columns_matrix))
+    assert layer.continuum_solve(every) is requests[0][0]  # one solve per set of columns, shared
+    for (g, c, matrix), (g_true, c_true, matrix_true) in zip(ContinuumSolve.serve(requests), expected, strict=True):
+        np.testing.assert_allclose(g, g_true, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(c, c_true, rtol=1e-9)
+        np.testing.assert_allclose(matrix, matrix_true, rtol=1e-9, atol=1e-9 * np.abs(matrix_true).max())
+
+
 def test_problem_chi2_gradient_and_normal_matrix_match_the_pixel_space_jacobian(toy_emulator):
     from astra_thepayne.core.continuum import continuum_design
     from astra_thepayne.core.problem import OutputLayer, PayneProblem
