@@ -265,8 +265,9 @@ class OutputLayer:
 
         Each generator yields requests for products with the output layer, ``("flux", a)`` for ``W2 a + b2``,
         ``("transpose", u)`` for ``W2^T u`` and ``("times", m)`` for ``W2 m``, the same three prefixed ``spline``
-        for the layer's spline coefficients per chip segment (:meth:`spline_layer`), and ``("bank", ...)`` for the
-        model bank's scores, and receives the product. Whatever the generators ask for at the same moment is computed as
+        for the layer's spline coefficients per chip segment (:meth:`spline_layer`), ``("continuum", ...)`` for the
+        continuum correction (:class:`ContinuumSolve`) and ``("bank", ...)`` for the model bank's scores, and
+        receives the product. Whatever the generators ask for at the same moment is computed as
         one matrix-matrix product, so the output layer (8.7 MB of float32 in production) streams through memory
         once for all of them instead of once each, and the products run at matrix-matrix speed.
         """
