@@ -246,6 +246,7 @@ class OutputLayer:
         self.block_sizes = np.diff(np.append(self.block_starts, n_pixels))
         self._grams = self._cross = self._spline_layer = None
         self._design_columns = {}  # design[:, columns] per set of columns (design_columns)
+        self._continuum_solves = {}  # a ContinuumSolve per set of columns (continuum_solve)
         self.bank = None  # set by a fitter that matches spectra to a model bank
         self.segments = None  # the chip segments of a shifted model (use_segments)
 
@@ -360,7 +361,7 @@ class OutputLayer:
         """The :class:`ContinuumSolve` of the design ``columns`` (kept per set of columns, like
         :meth:`design_columns`: the problems that share it are solved together)."""
         key = tuple(int(c) for c in columns)
-        kept = self.__dict__.setdefault("_continuum_solves", {})
+        kept = self._continuum_solves
         if key not in kept:
             if len(kept) >= 16:
                 kept.clear()
