@@ -12,7 +12,8 @@ __all__ = [
     "Label", "LABELS", "LABEL_NAMES", "label_pairs", "rho_name", "ResultFlag", "RESULT_FLAGS",
     "flag_result", "flag_names", "describe_flags", "is_bad", "is_flagged",
     "BAD_RESULT_FLAGS", "APOGEE_BAD_PIXEL_MASK", "LOW_SNR_THRESHOLD",
-    "AT_BOUND_BITS", "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS",
+    "AT_BOUND_BITS", "at_bound_flags", "CHIPS", "BAD_PIXEL_FRACTION", "WARN_MARGINS", "STARFLAG_BITS",
+    "starflag_names",
 ]
 
 
@@ -134,6 +135,23 @@ AT_BOUND_BITS = {label.name: 1 << index for index, label in enumerate(LABELS)}
 def at_bound_flags(names) -> int:
     """``at_bound_flags`` for the labels ``names`` at their bound (labels outside :data:`LABELS` have no bit)."""
     return sum(AT_BOUND_BITS.get(name, 0) for name in set(names))
+
+
+#: The APOGEE DRP's STARFLAG bits (APOGEE_STARFLAG; their meanings are the DRP's), which the result carries from the
+#: file as ``starflag``, by the names Astra 0.8 gives them (``flag_<name>`` on its spectrum models'
+#: ``spectrum_flags``): bad pixels, commissioning data, neighbours and S/N (0-4), detector persistence (9-13), the
+#: radial-velocity combination of the visits (16-23) and the MTP flux bits (24-25). Other bits are not named.
+STARFLAG_BITS = {name: 1 << bit for name, bit in (
+    ("bad_pixels", 0), ("commissioning", 1), ("bright_neighbor", 2), ("very_bright_neighbor", 3), ("low_snr", 4),
+    ("persist_high", 9), ("persist_med", 10), ("persist_low", 11), ("persist_jump_pos", 12),
+    ("persist_jump_neg", 13), ("suspect_rv_combination", 16), ("suspect_broad_lines", 17),
+    ("bad_rv_combination", 18), ("rv_reject", 19), ("rv_suspect", 20), ("multiple_suspect", 21),
+    ("rv_failure", 22), ("suspect_rotation", 23), ("mtpflux_lt_75", 24), ("mtpflux_lt_50", 25))}
+
+
+def starflag_names(starflag) -> tuple[str, ...]:
+    """Names of the :data:`STARFLAG_BITS` set in a STARFLAG value (none for None, a file without one)."""
+    return tuple(name for name, bit in STARFLAG_BITS.items() if (starflag or 0) & bit)
 
 
 #: APOGEE_PIXMASK bits 0-7 and 14 (BADPIX ... NOSKY, NOT_ENOUGH_PSF): pixels treated as bad by default.

@@ -48,6 +48,7 @@ from ..core.labels import (
     BAD_RESULT_FLAGS,
     LABELS,
     RESULT_FLAGS,
+    STARFLAG_BITS,
     is_bad,
     is_flagged,
     label_pairs,
@@ -307,7 +308,9 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
         "chi2": FloatField(null=True, help_text="Chi-square over the pixels used"),
         "reduced_chi2": FloatField(null=True, help_text="chi2 / dof"),
         "dof": IntegerField(null=True, help_text="Degrees of freedom"),
-        "starflag": BigIntegerField(null=True, help_text="The file's STARFLAG for this spectrum (APOGEE_STARFLAG)"),
+        # a BIGINT like before, now with a flag per named bit; NULL for a file without STARFLAG
+        "starflag": bit_field(null=True, default=None, help_text="The file's STARFLAG for this spectrum "
+                                                                  "(APOGEE_STARFLAG; see flag_starflag_* fields)"),
         "vscatter": FloatField(null=True, help_text="The file's VSCATTER: scatter of the star's visit velocities "
                                                     "(km/s)"),
     })
@@ -319,6 +322,8 @@ def make_result_model(name="ThePayne", bases=(BaseModel,), source_model=Source, 
                                                                         "(see flag_at_bound_* fields)")
     for label, value in AT_BOUND_BITS.items():  # not `name`: that is the class's
         attrs[f"flag_at_bound_{label}"] = at_bound.flag(value)
+    for flag_name, value in STARFLAG_BITS.items():
+        attrs[f"flag_starflag_{flag_name}"] = attrs["starflag"].flag(value)
     meta_attrs = {"table_name": table_name,
                   "indexes": ((("spectrum_pk", "model_sha256", "tag"), True),)}
     meta_attrs.update(meta or {})

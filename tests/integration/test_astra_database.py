@@ -266,6 +266,12 @@ def test_astra_init_gives_an_earlier_versions_table_the_new_columns(backend, tmp
     insert_rows([result(spectrum_pk=spectrum.pk, model_sha256="new", tag="after", engine="torch:cuda", starflag=3)],
                 database)
     assert result.get(result.tag == "after").engine == "torch:cuda"
+    # STARFLAG's named bits, in Python and in SQL; a NULL starflag (a file without one) has none
+    after = result.get(result.tag == "after")
+    assert (after.flag_starflag_bad_pixels, after.flag_starflag_commissioning, after.flag_starflag_low_snr) == (
+        True, True, False)
+    assert [r.tag for r in result.select().where(result.flag_starflag_commissioning)] == ["after"]
+    assert not old.flag_starflag_bad_pixels and result.select().where(~result.flag_starflag_low_snr).count() == 1
     assert prepare_astra_database(result, inputs).added_columns == []
     if schema:
         database.execute_sql(f'DROP SCHEMA "{schema}" CASCADE')

@@ -7,7 +7,14 @@ import pytest
 from astropy.io import fits
 
 from astra_thepayne.core.fitting import PayneFitter
-from astra_thepayne.core.labels import AT_BOUND_BITS, BAD_RESULT_FLAGS, LABEL_NAMES, RESULT_FLAGS, flag_result
+from astra_thepayne.core.labels import (
+    AT_BOUND_BITS,
+    BAD_RESULT_FLAGS,
+    LABEL_NAMES,
+    RESULT_FLAGS,
+    flag_result,
+    starflag_names,
+)
 from astra_thepayne.core.synthetic import synthetic_spectrum
 from astra_thepayne.core.wavelength import MODEL_SEGMENTS
 from astra_thepayne.db.models import ThePayne, row_to_fields
@@ -75,6 +82,8 @@ def test_starflag_and_vscatter_of_the_file_reach_the_result(toy_emulator, apogee
     spectra = read_spectra(path)
     results = PayneFitter(toy_emulator, bank_cache_dir=False).fit_batch(spectra[:3])
     assert [r.starflag for r in results] == [(1 << 17) | (1 << 2), 0, 1 << 17]
+    assert starflag_names(results[0].starflag) == ("bright_neighbor", "suspect_broad_lines")
+    assert starflag_names(None) == () and ThePayne(starflag=None).flag_starflag_bright_neighbor is False
     assert all(r.vscatter == pytest.approx(0.18421091) for r in results)
     row = row_to_fields(results[0].as_row())
     assert (row["starflag"], row["vscatter"]) == ((1 << 17) | (1 << 2), pytest.approx(0.18421091))
