@@ -1,6 +1,6 @@
 """Where things are: the model file, the database URL and the output folder, in the order the documentation gives:
 docs/models.md (the model), README.md's "Commands" section (the database) and docs/catalogue.md, "With peewee" (the
-intermediate pickles)."""
+intermediate pickles); and which engine fits (docs/scaling.md)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import ConfigurationError
 
-__all__ = ["resolve_model_path", "resolve_database_url", "output_dir", "DEFAULT_DATABASE_URL"]
+__all__ = ["resolve_model_path", "resolve_database_url", "resolve_device", "output_dir", "DEFAULT_DATABASE_URL"]
 
 DEFAULT_DATABASE_URL = "sqlite:///thepayne.db"
 
@@ -44,6 +44,22 @@ def resolve_model_path(model=None) -> str:
         f"no Payne model found (looked at {'; '.join(looked)}): pass --model PATH, set THEPAYNE_MODEL, "
         "or use --model demo for the bundled demonstration network"
     )
+
+
+def resolve_device(device=None) -> str:
+    """The engine that fits: ``device`` if given, else ``$THEPAYNE_DEVICE``, else ``"numpy"`` (the CPU engine); or a
+    PyTorch device, ``cpu``, ``cuda`` or ``cuda:N``. The variable is how Astra 0.8's ``astra run``, which passes a
+    task no options, picks a GPU. Raises :class:`ConfigurationError` for anything else, naming where it came from."""
+    given = device is not None and str(device).strip() != ""
+    value = str(device if given else os.environ.get("THEPAYNE_DEVICE") or "numpy").strip().lower()
+    if value == "numpy":
+        return value
+    from .accel.torch_fit import parse_device
+
+    try:
+        return parse_device(value)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc}{'' if given else ' (from $THEPAYNE_DEVICE)'}") from None
 
 
 def resolve_database_url(url=None) -> str:

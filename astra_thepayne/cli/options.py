@@ -56,7 +56,8 @@ def fit_options(function=None, *, forwarded=False):
                      help="Visits: LITTROW_GHOST pixels get weight 0, as in the DRP's RV code."),
         click.option("--error-floor", type=click.FloatRange(min=0), **({"default": 0.005} | numeric),
                      help="Smallest error of a normalised pixel, in units of the continuum (S/N <= 200); 0 = none."),
-        click.option("--device", callback=_check_device, **({"default": "numpy"} | numeric),
+        click.option("--device", callback=_check_device, envvar="THEPAYNE_DEVICE", show_envvar=True,
+                     **({"default": "numpy"} | numeric),
                      help="Where the fits run: numpy (the CPU engine), or a PyTorch device, cpu, cuda or cuda:N "
                           "(batched fits; needs torch; see docs/scaling.md)."),
     ]):

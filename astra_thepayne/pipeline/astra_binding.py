@@ -78,7 +78,7 @@ def _astra_task(astra, result):
     def _the_payne_astra(spectra, model_path=None, mask_path=None, continuum_pixels_path=None,
                          opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="",
                          processes=1, sky_lines="inflate", persistence=True, littrow_ghost=True,
-                         error_floor=0.005, device="numpy", page=None, limit=None,
+                         error_floor=0.005, device=None, page=None, limit=None,
                          **options):
         # `astra execute --page/--limit` also passes page= and limit= to the task. The `decorator` package
         # checks a call against this signature before Astra's `task` sees it, so Astra's own options

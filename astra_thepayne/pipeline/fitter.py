@@ -27,11 +27,12 @@ def _as_float(value, name):
 
 
 def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
-                v_rad_tolerance=0.0, pixel_weights=None, device="numpy"):
+                v_rad_tolerance=0.0, pixel_weights=None, device=None):
     """Load the network and build a :class:`~astra_thepayne.core.fitting.PayneFitter` (shared by task and CLI).
 
     ``device`` other than ``"numpy"`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``) wraps it in an
-    :class:`~astra_thepayne.accel.DeviceFitter`: the local fits run in batches on that PyTorch device.
+    :class:`~astra_thepayne.accel.DeviceFitter`: the local fits run in batches on that PyTorch device; None means
+    ``$THEPAYNE_DEVICE``, else numpy (:func:`astra_thepayne.config.resolve_device`).
 
     ``model_path`` may be a path, ``"demo"``, None (the documented lookup) or an already loaded
     :class:`~astra_thepayne.core.emulator.PayneEmulator`. ``pixel_weights`` is a
@@ -42,7 +43,7 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
     none). Without them: no mask, continuum pixels derived from the network. One log line says what was used
     (``fitter.setup``).
     """
-    from ..config import resolve_model_path
+    from ..config import resolve_device, resolve_model_path
     from ..core.emulator import PayneEmulator
     from ..core.fitting import PayneFitter, load_pixel_array
 
@@ -66,7 +67,7 @@ def load_fitter(model_path=None, mask_path=None, continuum_pixels_path=None, opt
                          v_rad_tolerance=_as_float(v_rad_tolerance or 0.0, "v_rad_tolerance"),
                          pixel_weights=pixel_weights)
     fitter.setup = f"model mask: {mask_said}; continuum pixels: {continuum_said}; {fitter.pixel_weights.describe()}"
-    device = str(device or "numpy").strip().lower()
+    device = resolve_device(device)
     if device != "numpy":
         from ..accel import device_fitter
 

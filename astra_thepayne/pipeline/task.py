@@ -203,7 +203,7 @@ def _describe(item):
 
 def fit_rows(spectra, model=ThePayne, model_path=None, mask_path=None, continuum_pixels_path=None,
              opt_tolerance=5e-4, v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, fitter=None,
-             pixel_weights=None, device="numpy"):
+             pixel_weights=None, device=None):
     """The task body: yield ``...`` once set up, then one unsaved ``model`` row per input spectrum, in order.
 
     Parameters are those of :func:`the_payne`; ``model`` is the result model class (this package's
@@ -322,7 +322,7 @@ def _written(held, model, keep):
 
 def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=None, opt_tolerance=5e-4,
               v_rad_tolerance=0.0, initial_labels=None, tag="", processes=1, sky_lines="inflate", persistence=True,
-              littrow_ghost=True, error_floor=0.005, device="numpy") -> Iterable[ThePayne]:  # type: ignore[valid-type]
+              littrow_ghost=True, error_floor=0.005, device=None) -> Iterable[ThePayne]:  # type: ignore[valid-type]
     """Fit The Payne to spectra; yield one :class:`~astra_thepayne.db.models.ThePayne` per spectrum, in order.
 
     Parameters
@@ -353,9 +353,10 @@ def the_payne(spectra, model_path=None, mask_path=None, continuum_pixels_path=No
         The pipelines' pixel-weight rules (:mod:`astra_thepayne.core.pixel_weights`): SIG_SKYLINE pixels ``"inflate"``
         (errors x100, as ASPCAP; default), ``"mask"`` (as The_Payne) or ``"none"``; apVisit persistence inflation
         (default on); LITTROW_GHOST masked in visits (default on); fractional error floor (default 0.005, 0 = none).
-    device : str
-        ``"numpy"`` (default: the numpy engine), or a PyTorch device (``"cpu"``, ``"cuda"``, ``"cuda:N"``) on which
-        the local fits run in batches (:mod:`astra_thepayne.accel`; needs ``torch``).
+    device : str, optional
+        ``"numpy"`` (the numpy engine), or a PyTorch device (``"cpu"``, ``"cuda"``, ``"cuda:N"``) on which the local
+        fits run in batches (:mod:`astra_thepayne.accel`; needs ``torch``). Default: ``$THEPAYNE_DEVICE``, else
+        ``"numpy"`` (Astra 0.8's ``astra run`` passes no options: the variable picks the GPU there).
 
     Yields
     ------
