@@ -4,11 +4,13 @@ intermediate pickles); and which engine fits (docs/scaling.md)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import ConfigurationError
 
-__all__ = ["resolve_model_path", "resolve_database_url", "resolve_device", "output_dir", "DEFAULT_DATABASE_URL"]
+__all__ = ["resolve_model_path", "resolve_database_url", "resolve_device", "parse_device", "output_dir",
+           "DEFAULT_DATABASE_URL"]
 
 DEFAULT_DATABASE_URL = "sqlite:///thepayne.db"
 
@@ -46,6 +48,19 @@ def resolve_model_path(model=None) -> str:
     )
 
 
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
+
+
+def parse_device(device: str) -> str:
+    """A PyTorch device name, validated (``cpu``, ``cuda``, ``cuda:N``); raises :class:`ConfigurationError`. The
+    name's syntax only: nothing here imports torch."""
+    name = str(device).strip().lower()
+    if not _DEVICE.match(name):
+        raise ConfigurationError(f"device {device!r}: expected 'numpy' (the default engine), 'cpu', 'cuda' or "
+                                 f"'cuda:N'")
+    return name
+
+
 def resolve_device(device=None) -> str:
     """The engine that fits: ``device`` if given, else ``$THEPAYNE_DEVICE``, else ``"numpy"`` (the CPU engine); or a
     PyTorch device, ``cpu``, ``cuda`` or ``cuda:N``. The variable is how Astra 0.8's ``astra run``, which passes a
@@ -54,8 +69,6 @@ def resolve_device(device=None) -> str:
     value = str(device if given else os.environ.get("THEPAYNE_DEVICE") or "numpy").strip().lower()
     if value == "numpy":
         return value
-    from .accel.torch_fit import parse_device
-
     try:
         return parse_device(value)
     except ConfigurationError as exc:

@@ -39,12 +39,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import time
 from collections import deque
 
 import numpy as np
 
+from ..config import parse_device
 from ..core.emulator import LEAKY_SLOPE
 from ..core.fitting import BATCH_SIZE, Candidate, PayneFitter, batches, floor_confirmed
 from ..core.problem import SHIFT_DEGREE, Shift, bspline_kernel
@@ -60,20 +60,10 @@ log = logging.getLogger(__name__)
 #: products to run at matrix speed; on a CPU a stack larger than the caches is slower per spectrum (kurucz5, one
 #: thread: 70 ms per spectrum in batches of 16, 77 ms in batches of 64; benchmarks/device_fit.py).
 DEFAULT_DEVICE_BATCH = {"cpu": 16, "cuda": 2048}
-_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]{1,2})?)$")
 _MAX_ITERATIONS = 200
 _INITIAL_DAMPING = 1e-3  # relative to the mean diagonal of J^T J: the first step is nearly Gauss-Newton
 _MAX_DAMPING = 1e12  # relative damping at which a member is taken to sit on a kink: steps no longer lower chi2
 _AT_BOUND_MARGIN = 1e-9
-
-
-def parse_device(device: str) -> str:
-    """The device name, validated (``cpu``, ``cuda``, ``cuda:N``); raises :class:`ConfigurationError`."""
-    name = str(device).strip().lower()
-    if not _DEVICE.match(name):
-        raise ConfigurationError(f"device {device!r}: expected 'numpy' (the default engine), 'cpu', 'cuda' or "
-                                 f"'cuda:N'")
-    return name
 
 
 def _torch():
