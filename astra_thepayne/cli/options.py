@@ -13,7 +13,7 @@ __all__ = ["fit_options", "single_process_hint"]
 def _check_device(ctx, param, value):
     if value is None or str(value).strip().lower() == "numpy":
         return value
-    from ..accel.torch_fit import parse_device
+    from ..config import parse_device
     from ..errors import ConfigurationError
 
     try:

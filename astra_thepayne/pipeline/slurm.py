@@ -114,7 +114,7 @@ _FIELD_SYNTAX = {
 
 def _check_device(device, gres, procs_per_node) -> str:
     """A ``thepayne run --device`` for every process of a job, checked against the GPUs the job asks for."""
-    from ..accel.torch_fit import parse_device  # the name's syntax only: torch is imported by a fit, not here
+    from ..config import parse_device  # the name's syntax only
 
     if not isinstance(device, str):
         raise ConfigurationError(f"device {device!r}: expected text such as 'cuda'")
